@@ -1,0 +1,263 @@
+//! [`ImageFile`]: a host file read with positioned I/O (`pread`), so one handle serves many
+//! threads, and whose errors always name the file and the offset.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::blockdev::ExtentKind;
+use crate::error::{Error, Result};
+
+/// An open host file: an image, a VMDK extent, a backing file.
+#[derive(Debug)]
+pub struct ImageFile {
+    path: Arc<Path>,
+    file: File,
+    len: u64,
+    writable: bool,
+}
+
+impl ImageFile {
+    /// Opens `path` read-only.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, false)
+    }
+
+    /// Opens `path`, for writing too when `writable`.
+    pub fn open_with(path: &Path, writable: bool) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                op: "open",
+                offset: 0,
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            op: "stat",
+            offset: 0,
+            source,
+        })?;
+        if meta.is_dir() {
+            return Err(Error::InvalidArgument {
+                path: path.to_path_buf(),
+                reason: "is a directory".into(),
+            });
+        }
+        let len = if meta.file_type().is_file() {
+            meta.len()
+        } else {
+            block_device_len(&file).map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                op: "size query",
+                offset: 0,
+                source,
+            })?
+        };
+        Ok(ImageFile {
+            path: Arc::from(path),
+            file,
+            len,
+            writable,
+        })
+    }
+
+    /// The path the file was opened by.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The path, shared, for [`crate::HostLocation`]s.
+    pub fn shared_path(&self) -> &Arc<Path> {
+        &self.path
+    }
+
+    /// Length of the file when it was opened.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for an empty file.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// True when opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The underlying handle.
+    pub fn as_file(&self) -> &File {
+        &self.file
+    }
+
+    /// Reads exactly `buf.len()` bytes at `off`. A read past the end of the file is a corruption
+    /// of `structure` (the image points outside itself), not an I/O error.
+    pub fn read_exact_at(&self, buf: &mut [u8], off: u64, structure: &'static str) -> Result<()> {
+        let end = off.checked_add(buf.len() as u64);
+        if end.is_none_or(|end| end > self.len) {
+            return Err(Error::Corrupt {
+                path: self.path.to_path_buf(),
+                structure,
+                offset: off,
+                reason: format!(
+                    "{} bytes needed but the file ends at {:#x}",
+                    buf.len(),
+                    self.len
+                ),
+            });
+        }
+        self.file.read_exact_at(buf, off).map_err(|source| self.io_error("read", off, source))
+    }
+
+    /// Reads up to `buf.len()` bytes at `off`; bytes past the end of the file read as zeros.
+    /// For flat extents and raw files, whose logical end may pass the physical one.
+    pub fn read_zero_padded(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let avail = self.len.saturating_sub(off).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(avail);
+        if !head.is_empty() {
+            self.file.read_exact_at(head, off).map_err(|source| self.io_error("read", off, source))?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+
+    /// Reads a whole structure of `len` bytes (bounded by the caller) into a new vector.
+    pub fn read_vec(&self, off: u64, len: usize, structure: &'static str) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_exact_at(&mut buf, off, structure)?;
+        Ok(buf)
+    }
+
+    /// Writes all of `buf` at `off`.
+    pub fn write_all_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.file.write_all_at(buf, off).map_err(|source| self.io_error("write", off, source))
+    }
+
+    /// `fdatasync`.
+    pub fn sync_data(&self) -> Result<()> {
+        self.file.sync_data().map_err(|source| self.io_error("sync", 0, source))
+    }
+
+    /// Bytes the file occupies on the host (allocated blocks), as `du` reports.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+
+    /// Whether the bytes at `off` are data or a hole of the host file system, and for how long
+    /// (at most `max` bytes). Files on systems without SEEK_DATA report everything as data.
+    pub fn allocation_at(&self, off: u64, max: u64) -> Result<(ExtentKind, u64)> {
+        if off >= self.len {
+            return Ok((ExtentKind::Zero, max));
+        }
+        let fd = self.file.as_raw_fd();
+        let Ok(off_t) = libc::off_t::try_from(off) else {
+            return Ok((ExtentKind::Data, max));
+        };
+        // SAFETY: lseek on a descriptor we own; it only moves the file position, which this type
+        // never uses (all reads and writes are positioned).
+        let data = unsafe { libc::lseek(fd, off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                // No data after `off`: a hole up to the end of the file.
+                Some(libc::ENXIO) => Ok((ExtentKind::Zero, (self.len - off).min(max))),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((ExtentKind::Data, max)),
+                _ => Err(self.io_error("SEEK_DATA", off, err)),
+            };
+        }
+        let data = data as u64;
+        if data > off {
+            return Ok((ExtentKind::Zero, (data - off).min(max)));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            let err = io::Error::last_os_error();
+            return Err(self.io_error("SEEK_HOLE", off, err));
+        }
+        let hole = (hole as u64).min(self.len);
+        Ok((ExtentKind::Data, hole.saturating_sub(off).max(1).min(max)))
+    }
+
+    fn io_error(&self, op: &'static str, offset: u64, source: io::Error) -> Error {
+        Error::Io {
+            path: self.path.to_path_buf(),
+            op,
+            offset,
+            source,
+        }
+    }
+}
+
+fn block_device_len(file: &File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file;
+    let len = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(len)
+}
+
+/// Bytes allocated on the host by all of `files`.
+pub fn allocated_bytes_of(files: &[PathBuf]) -> u64 {
+    files
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmnest-file-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn read_past_end_is_a_corruption_naming_file_and_offset() {
+        let path = temp_file("short.img", &[1, 2, 3, 4]);
+        let f = ImageFile::open(&path).unwrap();
+        let mut buf = [0u8; 4];
+        let err = f.read_exact_at(&mut buf, 2, "grain table").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("short.img"), "{msg}");
+        assert!(msg.contains("corrupt grain table at offset 0x2"), "{msg}");
+    }
+
+    #[test]
+    fn zero_padded_read_fills_past_the_end() {
+        let path = temp_file("pad.img", &[7, 7]);
+        let f = ImageFile::open(&path).unwrap();
+        let mut buf = [9u8; 4];
+        f.read_zero_padded(&mut buf, 1).unwrap();
+        assert_eq!(buf, [7, 0, 0, 0]);
+    }
+
+    #[test]
+    fn sparse_file_reports_holes_and_data() {
+        let path = temp_file("sparse.img", &[]);
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(4 << 20).unwrap();
+        file.write_all_at(&[1u8; 4096], 2 << 20).unwrap();
+        drop(file);
+        let f = ImageFile::open(&path).unwrap();
+        let (kind, len) = f.allocation_at(0, 4 << 20).unwrap();
+        assert_eq!((kind, len), (ExtentKind::Zero, 2 << 20));
+        let (kind, len) = f.allocation_at(2 << 20, 4 << 20).unwrap();
+        assert_eq!(kind, ExtentKind::Data);
+        assert!(len >= 4096);
+    }
+}
