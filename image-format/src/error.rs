@@ -24,12 +24,24 @@ impl fmt::Display for Prefix<'_> {
     }
 }
 
+/// `read at offset 0x200`, or just `open` for operations on the whole file.
+struct IoAt<'a>(&'a str, u64);
+
+impl fmt::Display for IoAt<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            "open" | "stat" | "size query" | "resolve directory" | "sync" => f.write_str(self.0),
+            op => write!(f, "{op} at offset {:#x}", self.1),
+        }
+    }
+}
+
 /// Everything that can go wrong while opening, reading or checking an image.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The operating system failed an I/O request.
-    #[error("{}{op} at offset {offset:#x}", Prefix(path))]
+    #[error("{}{}", Prefix(path), IoAt(op, *offset))]
     Io {
         path: PathBuf,
         op: &'static str,
@@ -147,7 +159,8 @@ mod tests {
 
     #[test]
     fn corrupt_error_names_file_structure_and_offset() {
-        let err = Error::corrupt("L1 table", 0x30000, "entry beyond end of file").in_file(Path::new("a.qcow2"));
+        let err = Error::corrupt("L1 table", 0x30000, "entry beyond end of file")
+            .in_file(Path::new("a.qcow2"));
         assert_eq!(
             err.to_string(),
             "a.qcow2: corrupt L1 table at offset 0x30000: entry beyond end of file"

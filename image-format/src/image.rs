@@ -32,7 +32,12 @@ pub trait Image: BlockDevice {
 }
 
 /// A description of one image of a chain, for `vmnest info`.
+///
+/// Serialized with qemu-img's key names where the meaning is the same (`virtual-size`,
+/// `actual-size`, `cluster-size`, `dirty-flag`, `backing-filename`, ...), so scripts written for
+/// `qemu-img info --output=json` read it unchanged.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
 pub struct ImageInfo {
     /// The path the image was opened by.
     pub filename: PathBuf,
@@ -49,12 +54,16 @@ pub struct ImageInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_size: Option<u64>,
     /// The image says it was not closed cleanly (qcow2 dirty bit, VHDX log to replay).
+    #[serde(rename = "dirty-flag")]
     pub dirty: bool,
     /// The backing/parent file as the image records it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_filename: Option<String>,
     /// The backing file's format, as recorded or probed.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        rename = "backing-filename-format"
+    )]
     pub backing_format: Option<String>,
     /// Every host file the image consists of (descriptor and extents for VMDK).
     pub files: Vec<PathBuf>,
@@ -87,6 +96,7 @@ impl ImageInfo {
 
 /// An internal snapshot of a qcow2 image.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
 pub struct SnapshotInfo {
     pub id: String,
     pub name: String,
@@ -112,6 +122,7 @@ pub struct CheckProblem {
 
 /// The outcome of [`Image::check`].
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
 pub struct CheckReport {
     /// Corruptions: the image may read wrong data.
     pub corruptions: Vec<CheckProblem>,

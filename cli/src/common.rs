@@ -1,0 +1,90 @@
+//! Options and output helpers shared by the subcommands.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Result;
+use image_format::{Image, OpenOptions};
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// For people.
+    #[default]
+    Human,
+    /// For scripts.
+    Json,
+}
+
+/// Options for opening an image, common to every subcommand that reads one.
+#[derive(Clone, Debug, clap::Args)]
+pub struct OpenArgs {
+    /// Follow backing, parent and extent paths that lead out of the image's directory.
+    #[arg(long)]
+    pub allow_external_paths: bool,
+    /// Cap on the number of images in a backing chain.
+    #[arg(long, default_value_t = image_format::registry::DEFAULT_MAX_CHAIN_DEPTH)]
+    pub max_chain_depth: usize,
+}
+
+/// Opens `path` read-only, with `format` if given, else probing.
+pub fn open_image(path: &Path, format: Option<&str>, args: &OpenArgs) -> Result<Arc<dyn Image>> {
+    let options = OpenOptions {
+        format: format.map(str::to_string),
+        writable: false,
+        allow_external_paths: args.allow_external_paths,
+        max_chain_depth: args.max_chain_depth,
+        open_backing: true,
+    };
+    Ok(image_format::open(path, &options)?)
+}
+
+/// `1.5 MiB`, as qemu-img prints sizes.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let text = format!("{value:.3}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    format!("{text} {}", UNITS[unit])
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// A path for display.
+pub fn shown(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// The chain of images from `top` down through its backing files.
+pub fn chain(top: &Arc<dyn Image>) -> Vec<Arc<dyn Image>> {
+    let mut out = vec![Arc::clone(top)];
+    while let Some(next) = out.last().and_then(|i| i.backing()).cloned() {
+        out.push(next);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes_read_like_qemu_img() {
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(1 << 20), "1 MiB");
+        assert_eq!(human_size(1536 << 10), "1.5 MiB");
+        assert_eq!(human_size(136365211648), "127 GiB");
+    }
+}
