@@ -1,1 +1,5 @@
-//! The integration suite: one binary, one module per area.
+//! The integration suite: one binary, one module per area. Peers (qemu-img, libyal's readers)
+//! are oracles; a missing peer fails the test.
+
+mod cli;
+mod raw;

@@ -21,15 +21,50 @@ fn target_profile_dir() -> PathBuf {
 }
 
 /// A `Command` running the `vmnest` binary built alongside the tests (`cargo test --workspace`
-/// builds it).
+/// builds it). Fails when the binary is older than the sources it is built from, so a test never
+/// runs a stale binary.
 pub fn vmnest() -> Command {
     let bin = target_profile_dir().join("vmnest");
-    assert!(
-        bin.exists(),
-        "{} not built: run the tests with `cargo test --workspace`",
-        bin.display()
-    );
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} not built: run `cargo test --workspace`", bin.display()));
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root");
+    for dir in [
+        "cli/src",
+        "image-format/src",
+        "convert/src",
+        "dedup-store/src",
+        "fuse-mount/src",
+    ] {
+        if let Some(newer) = newest_file(&repo.join(dir)).filter(|(t, _)| *t > built) {
+            panic!(
+                "{} is older than {}: run `cargo test --workspace` (or `cargo build`)",
+                bin.display(),
+                newer.1.display()
+            );
+        }
+    }
     Command::new(bin)
+}
+
+fn newest_file(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest_file(&path)
+        } else {
+            entry.metadata().ok()?.modified().ok().map(|t| (t, path))
+        };
+        if let Some(c) = candidate
+            && newest.as_ref().is_none_or(|n| c.0 > n.0)
+        {
+            newest = Some(c);
+        }
+    }
+    newest
 }
 
 /// Runs `cmd`, asserting it exits 0; returns stdout.
