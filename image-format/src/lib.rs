@@ -16,6 +16,7 @@ pub mod compare;
 pub mod error;
 pub mod file;
 pub mod image;
+pub mod parallels;
 pub mod raw;
 pub mod registry;
 
@@ -26,7 +27,10 @@ pub use registry::{Driver, OpenOptions, Registry};
 
 /// A registry with every driver of this crate.
 pub fn default_registry() -> Registry {
-    Registry::new(vec![Box::new(raw::RawDriver)])
+    Registry::new(vec![
+        Box::new(parallels::ParallelsDriver),
+        Box::new(raw::RawDriver),
+    ])
 }
 
 /// Opens `path` with the default registry.

@@ -2,4 +2,5 @@
 //! are oracles; a missing peer fails the test.
 
 mod cli;
+mod parallels;
 mod raw;

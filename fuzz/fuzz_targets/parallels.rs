@@ -1,0 +1,3 @@
+#![no_main]
+//! Parallels header and BAT.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vmnest_fuzz::exercise("parallels", data));

@@ -1,0 +1,49 @@
+//! What every image fuzz target does with its input: write it to a file, open it with one driver
+//! named explicitly, and, if it opens, describe it, check it, and read and map a few ranges.
+//! Errors are expected; panics, hangs and unbounded allocations are findings.
+
+use std::io::Write;
+
+use image_format::{OpenOptions, blockdev::for_each_extent};
+
+/// Feeds `data` to the driver of `format` as an image file.
+pub fn exercise(format: &str, data: &[u8]) {
+    let Ok(mut file) = tempfile_in_tmp() else { return };
+    if file.1.write_all(data).is_err() {
+        return;
+    }
+    let options = OpenOptions {
+        format: Some(format.to_string()),
+        ..Default::default()
+    };
+    let opened = image_format::open(&file.0, &options);
+    if let Ok(image) = opened {
+        let _ = image.info();
+        let _ = image.check();
+        let size = image.size();
+        let mut buf = vec![0u8; 64 * 1024];
+        for off in [0, size / 2, size.saturating_sub(buf.len() as u64)] {
+            let n = (size - off.min(size)).min(buf.len() as u64) as usize;
+            let _ = image.read_at(&mut buf[..n], off);
+        }
+        let mut extents = 0;
+        let _ = for_each_extent(image.as_ref(), 0, size, |_, _| {
+            extents += 1;
+            // Bound the walk: a fuzzed table may describe millions of extents.
+            if extents > 10_000 {
+                Err(image_format::Error::unsupported("extent walk capped by the fuzzer"))
+            } else {
+                Ok(())
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&file.0);
+}
+
+fn tempfile_in_tmp() -> std::io::Result<(std::path::PathBuf, std::fs::File)> {
+    let dir = std::env::temp_dir().join(format!("vmnest-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("input.img");
+    let file = std::fs::File::create(&path)?;
+    Ok((path, file))
+}
