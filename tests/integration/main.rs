@@ -2,5 +2,6 @@
 //! are oracles; a missing peer fails the test.
 
 mod cli;
+mod conformance;
 mod parallels;
 mod raw;

@@ -300,3 +300,108 @@ pub fn vmnest_info(path: &Path) -> serde_json::Value {
     let out = run_ok(vmnest().args(["info", "--output", "json"]).arg(path));
     serde_json::from_str(&out).expect("vmnest info json")
 }
+
+/// The conformance checks every [`BlockDevice`] must pass, whatever its format, against the
+/// guest bytes it should hold (`reference`, as read by a peer):
+/// exact reads at aligned and unaligned offsets and lengths, zero-length reads, errors past the
+/// end, `block_status` extents that tile the disk and never call non-zero bytes zero, answers
+/// bounded by the requested length, and the same bytes when four threads read at once.
+pub fn conformance(dev: &dyn BlockDevice, reference: &[u8]) {
+    use image_format::blockdev::for_each_extent;
+    let size = dev.size();
+    assert_eq!(size, reference.len() as u64, "size");
+
+    // Reads of many shapes: sector-aligned, odd, crossing 64 KiB and 2 MiB boundaries, at the end.
+    let mut shapes: Vec<(u64, usize)> =
+        vec![(0, 0), (0, 1), (0, 512), (size - 1, 1), (size - 512, 512)];
+    let mut x = 0x1234_5678_9abc_def1u64;
+    for _ in 0..200 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let off = x % size;
+        let len = ((x >> 32) % (3 << 20)).min(size - off) as usize;
+        shapes.push((off, len));
+    }
+    for boundary in [65536u64, 2 << 20, 4 << 20] {
+        if boundary + 100 < size {
+            shapes.push((boundary - 100, 200));
+        }
+    }
+    for &(off, len) in &shapes {
+        let mut buf = vec![0xeeu8; len];
+        dev.read_at(&mut buf, off)
+            .unwrap_or_else(|e| panic!("read {len} at {off:#x}: {e}"));
+        let want = &reference[off as usize..off as usize + len];
+        if let Some(i) = image_format::bytes::first_difference(&buf, want) {
+            panic!("read {len} at {off:#x}: differs at {:#x}", off + i as u64);
+        }
+    }
+
+    // Past the end: an error, never a short read.
+    let mut buf = [0u8; 512];
+    assert!(
+        dev.read_at(&mut buf, size - 256).is_err(),
+        "read across the end must fail"
+    );
+    assert!(
+        dev.read_at(&mut buf[..1], size).is_err(),
+        "read at the end must fail"
+    );
+    assert!(
+        dev.block_status(size, 1).is_err(),
+        "block_status past the end must fail"
+    );
+
+    // Extents tile the disk; zero and unallocated extents hold only zero bytes.
+    let mut next = 0u64;
+    for_each_extent(dev, 0, size, |start, e| {
+        assert_eq!(start, next, "extents must tile the disk");
+        let bytes = &reference[start as usize..(start + e.len) as usize];
+        if e.kind.reads_as_zero()
+            && let Some(i) = image_format::bytes::first_nonzero(bytes)
+        {
+            panic!(
+                "{:?} extent at {start:#x} holds data at {:#x}",
+                e.kind,
+                start + i as u64
+            );
+        }
+        next = start + e.len;
+        Ok(())
+    })
+    .expect("block_status walk");
+    assert_eq!(next, size, "extents must cover the disk");
+
+    // Answers never exceed the request.
+    for &(off, len) in shapes.iter().filter(|(_, l)| *l > 0).take(50) {
+        let e = dev.block_status(off, len as u64).expect("block_status");
+        assert!(
+            e.len >= 1 && e.len <= len as u64,
+            "extent of {} for a request of {len}",
+            e.len
+        );
+    }
+
+    // Four threads at once read what one thread reads.
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let shapes = &shapes;
+            s.spawn(move || {
+                for &(off, len) in shapes.iter().skip(t as usize).step_by(4) {
+                    let mut buf = vec![0u8; len];
+                    dev.read_at(&mut buf, off).expect("concurrent read");
+                    assert!(
+                        buf == reference[off as usize..off as usize + len],
+                        "concurrent read at {off:#x}"
+                    );
+                }
+            });
+        }
+    });
+}
+
+/// Reads a raw file into memory (test images are tens of MiB).
+pub fn read_raw(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}

@@ -1,0 +1,54 @@
+//! One conformance suite for every format driver: the same checks (see
+//! `vmnest_tests::conformance`), only the image differs. Each image is written by qemu-img from
+//! the same patterned raw disk, and qemu-img's own reading of it is the reference.
+
+use std::path::{Path, PathBuf};
+
+use vmnest_tests::*;
+
+/// Converts the pattern to `format` with qemu-img `options`, returns the image and the reference
+/// bytes (qemu-img's raw conversion of the image, which may be padded to the format's size rules).
+fn make(name: &str, format: &str, options: &[&str]) -> (PathBuf, Vec<u8>) {
+    let dir = scratch(&format!("conformance-{name}"));
+    let raw = dir.join("src.raw");
+    write_pattern_raw(&raw, PATTERN_SIZE, 21);
+    let img = dir.join(format!("img.{format}"));
+    let mut args = vec!["convert", "-f", "raw", "-O", format];
+    args.extend_from_slice(options);
+    args.push(raw.to_str().unwrap());
+    args.push(img.to_str().unwrap());
+    qemu_img(&args);
+    let back = dir.join("back.raw");
+    qemu_img(&[
+        "convert",
+        "-f",
+        format,
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        back.to_str().unwrap(),
+    ]);
+    (img, read_raw(&back))
+}
+
+fn check(name: &str, format: &str, options: &[&str]) {
+    let (img, reference) = make(name, format, options);
+    conformance(open(&img).as_ref(), &reference);
+}
+
+fn check_file(path: &Path) {
+    conformance(open(path).as_ref(), &read_raw(path));
+}
+
+#[test]
+fn raw_conforms() {
+    let dir = scratch("conformance-raw");
+    let raw = dir.join("p.raw");
+    write_pattern_raw(&raw, PATTERN_SIZE, 21);
+    check_file(&raw);
+}
+
+#[test]
+fn parallels_conforms() {
+    check("parallels", "parallels", &[]);
+}
