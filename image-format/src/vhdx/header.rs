@@ -217,7 +217,7 @@ pub fn parse_header(buf: &[u8], offset: u64) -> Result<Header> {
             format!("log length {:#x} is not a multiple of 1 MiB", h.log_length),
         ));
     }
-    if h.log_offset % MIB != 0 || (h.log_length != 0 && h.log_offset < MIB) {
+    if !h.log_offset.is_multiple_of(MIB) || (h.log_length != 0 && h.log_offset < MIB) {
         return Err(f.error(
             72,
             format!(

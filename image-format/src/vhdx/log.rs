@@ -217,7 +217,10 @@ pub struct Replay {
 /// holds no valid sequence (nothing to replay).
 pub fn replay(log: &[u8], log_guid: Guid, log_offset: u64) -> Result<Option<Replay>> {
     let err = |reason: String| Error::corrupt("log", log_offset, reason);
-    if log.is_empty() || log.len() % LOG_SECTOR != 0 || log.len() > MAX_LOG_LENGTH as usize {
+    if log.is_empty()
+        || !log.len().is_multiple_of(LOG_SECTOR)
+        || log.len() > MAX_LOG_LENGTH as usize
+    {
         return Err(err(format!(
             "log of {} bytes is not a non-empty multiple of 4 KiB up to {MAX_LOG_LENGTH} bytes",
             log.len()

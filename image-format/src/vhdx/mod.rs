@@ -363,17 +363,6 @@ impl VhdxImage {
         }
         Ok(run)
     }
-
-    /// True when every payload block is fully present.
-    fn all_present(&self) -> bool {
-        (0..self.geo.data_blocks).all(|b| {
-            let i = self.geo.payload_index(b) as usize;
-            self.bat
-                .entries
-                .get(i)
-                .is_some_and(|e| bat::state(*e) == bat::PAYLOAD_BLOCK_FULLY_PRESENT)
-        })
-    }
 }
 
 /// Replays the log of a dirty image in memory; returns the file view and what was replayed.
@@ -717,7 +706,9 @@ impl Image for VhdxImage {
         let mut info = ImageInfo::new(path.clone(), "vhdx", self.size(), vec![path]);
         let subformat = if self.params.has_parent {
             "differencing"
-        } else if self.params.leave_blocks_allocated && self.all_present() {
+        } else if self.params.leave_blocks_allocated {
+            // The spec's mark of a fixed disk. Not "every block present": qemu-img convert -o
+            // subformat=fixed marks all-zero blocks PAYLOAD_BLOCK_ZERO in its fixed images.
             "fixed"
         } else {
             "dynamic"
@@ -776,7 +767,7 @@ impl Image for VhdxImage {
         for (i, &entry) in self.bat.entries.iter().enumerate() {
             let i = i as u64;
             let at = self.bat.offset + i * 8;
-            let is_bitmap = (i + 1) % (self.geo.chunk_ratio + 1) == 0;
+            let is_bitmap = (i + 1).is_multiple_of(self.geo.chunk_ratio + 1);
             let st = bat::state(entry);
             let off = bat::file_offset(entry);
             let mut bad = |msg: String| {
