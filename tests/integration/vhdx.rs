@@ -680,3 +680,45 @@ fn sample_disk2vhd_matches_qemu_raw_conversion() {
     nonzero_bytes_covered(&raw, &our_data(img.as_ref()));
     assert!(img.check().unwrap().corruptions.is_empty());
 }
+
+#[test]
+fn damaged_header_and_region_copies_are_survived_and_reported_by_check() {
+    let dir = scratch("vhdx-bad-copy");
+    let (raw, vhdx) = convert(&dir, "subformat=dynamic");
+    let f = std::fs::OpenOptions::new().write(true).open(&vhdx).unwrap();
+    f.write_all_at(&[0xee], 0x10000 + 200).unwrap(); // header 1, reserved area
+    f.write_all_at(&[0xee], 0x30000 + 2000).unwrap(); // region table 1, past its entries
+    drop(f);
+    let img = open(&vhdx);
+    assert_eq!(hash_device(img.as_ref()), hash_file(&raw));
+    let report = img.check().unwrap();
+    let at: Vec<(String, Option<u64>)> = report
+        .corruptions
+        .iter()
+        .map(|p| (p.structure.clone(), p.offset))
+        .collect();
+    assert!(at.contains(&("header".into(), Some(0x10000))), "{at:?}");
+    assert!(
+        at.contains(&("region table".into(), Some(0x30000))),
+        "{at:?}"
+    );
+    assert_eq!(report.exit_code(), 2);
+}
+
+#[test]
+fn both_headers_damaged_is_an_error_naming_file_and_offsets() {
+    let dir = scratch("vhdx-bad-headers");
+    let (_, vhdx) = convert(&dir, "subformat=dynamic");
+    let f = std::fs::OpenOptions::new().write(true).open(&vhdx).unwrap();
+    f.write_all_at(&[0xee], 0x10000 + 200).unwrap();
+    f.write_all_at(&[0xee], 0x20000 + 200).unwrap();
+    drop(f);
+    let err = open_err(&vhdx, &OpenOptions::default()).to_string();
+    assert!(
+        err.contains("img.vhdx")
+            && err.contains("header")
+            && err.contains("0x10000")
+            && err.contains("0x20000"),
+        "{err}"
+    );
+}

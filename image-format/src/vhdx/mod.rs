@@ -72,6 +72,32 @@ const MAX_STATUS_BLOCKS: u32 = 4096;
 /// Cap on the problems one check reports per kind.
 const MAX_CHECK_PROBLEMS: usize = 1000;
 
+/// A used range of the file, for the overlap check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Area {
+    Headers,
+    Log,
+    BatRegion,
+    MetadataRegion,
+    /// A payload block, by BAT index.
+    Payload(u64),
+    /// A sector bitmap block, by BAT index.
+    Bitmap(u64),
+}
+
+impl std::fmt::Display for Area {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Area::Headers => write!(f, "header section"),
+            Area::Log => write!(f, "log"),
+            Area::BatRegion => write!(f, "BAT region"),
+            Area::MetadataRegion => write!(f, "metadata region"),
+            Area::Payload(i) => write!(f, "payload block (BAT entry {i})"),
+            Area::Bitmap(i) => write!(f, "sector bitmap block (BAT entry {i})"),
+        }
+    }
+}
+
 /// The VHDX format driver.
 #[derive(Debug, Default)]
 pub struct VhdxDriver;
@@ -416,7 +442,9 @@ fn replay_log(file: ImageFile, header: &Header) -> Result<(LoggedFile, Option<Re
     Ok((LoggedFile::replayed(file, replay), Some(info)))
 }
 
-/// Reads both region table copies and resolves the first valid one.
+/// Reads both region table copies (through the log overlay) and resolves the first valid one.
+/// Regions must lie inside the file as it is on disk, not as a log might extend it, so a
+/// crafted LastFileOffset cannot make the BAT read allocate more than the file holds.
 fn read_regions(file: &LoggedFile) -> Result<Regions> {
     let mut errors = Vec::new();
     for off in header::REGION_TABLE_OFFSETS {
@@ -424,7 +452,7 @@ fn read_regions(file: &LoggedFile) -> Result<Regions> {
             .read_vec(off, header::REGION_TABLE_SIZE, "region table")
             .and_then(|b| header::parse_region_table(&b, off));
         match parsed {
-            Ok(entries) => return header::resolve_regions(&entries, off, file.len()),
+            Ok(entries) => return header::resolve_regions(&entries, off, file.file().len()),
             Err(e) => errors.push(e.to_string()),
         }
     }
@@ -684,7 +712,7 @@ impl VhdxImage {
                 .file
                 .read_vec(off, header::REGION_TABLE_SIZE, "region table")
                 .and_then(|b| header::parse_region_table(&b, off))
-                .and_then(|entries| header::resolve_regions(&entries, off, self.file.len()));
+                .and_then(|entries| header::resolve_regions(&entries, off, self.file.file().len()));
             match r {
                 Err(e) => report.corruption("region table", Some(off), e.to_string()),
                 Ok(r) if r != self.regions => {
@@ -740,28 +768,30 @@ impl Image for VhdxImage {
     fn check(&self) -> Result<CheckReport> {
         let mut report = CheckReport::default();
         self.check_copies(&mut report);
-        let mut areas: Vec<(u64, u64, String)> =
-            vec![(0, header::MIB, "header section".to_string())];
+        // Compact entries (no strings): a check of a large disk lists one per present block.
+        let mut areas: Vec<(u64, u64, Area)> = vec![(0, header::MIB, Area::Headers)];
         if self.header.log_length > 0 {
             areas.push((
                 self.header.log_offset,
                 self.header
                     .log_offset
                     .saturating_add(u64::from(self.header.log_length)),
-                "log".into(),
+                Area::Log,
             ));
         }
         areas.push((
             self.regions.bat.file_offset,
             self.regions.bat.end(),
-            "BAT region".into(),
+            Area::BatRegion,
         ));
         areas.push((
             self.regions.metadata.file_offset,
             self.regions.metadata.end(),
-            "metadata region".into(),
+            Area::MetadataRegion,
         ));
         let file_len = self.file.len();
+        // Present entries are checked against the file, so the list holds at most one area
+        // per BAT entry (at most MAX_BAT_ENTRIES).
         let mut problems = 0usize;
         let mut allocated = 0u64;
         for (i, &entry) in self.bat.entries.iter().enumerate() {
@@ -818,7 +848,12 @@ impl Image for VhdxImage {
                 ));
                 continue;
             }
-            areas.push((off, off + len, format!("{what} (BAT entry {i})")));
+            let area = if is_bitmap {
+                Area::Bitmap(i)
+            } else {
+                Area::Payload(i)
+            };
+            areas.push((off, off + len, area));
         }
         areas.sort();
         let mut reach: Option<(u64, usize)> = None;
