@@ -19,6 +19,7 @@ pub mod image;
 pub mod parallels;
 pub mod raw;
 pub mod registry;
+pub mod vhdx;
 
 pub use blockdev::{BlockDevice, BlockDeviceMut, Caps, Extent, ExtentKind, HostLocation};
 pub use error::{Error, Result};
@@ -30,6 +31,7 @@ pub fn default_registry() -> Registry {
     Registry::new(vec![
         Box::new(parallels::ParallelsDriver),
         Box::new(raw::RawDriver),
+        Box::new(vhdx::VhdxDriver),
     ])
 }
 

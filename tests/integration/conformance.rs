@@ -52,3 +52,13 @@ fn raw_conforms() {
 fn parallels_conforms() {
     check("parallels", "parallels", &[]);
 }
+
+#[test]
+fn vhdx_dynamic_conforms() {
+    check("vhdx-dynamic", "vhdx", &["-o", "subformat=dynamic"]);
+}
+
+#[test]
+fn vhdx_fixed_conforms() {
+    check("vhdx-fixed", "vhdx", &["-o", "subformat=fixed"]);
+}

@@ -5,3 +5,4 @@ mod cli;
 mod conformance;
 mod parallels;
 mod raw;
+mod vhdx;
