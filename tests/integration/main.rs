@@ -1,1 +1,3 @@
 //! The integration suite: one binary, one module per area.
+
+mod vmdk;

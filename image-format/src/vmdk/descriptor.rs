@@ -205,10 +205,8 @@ pub fn parse(bytes: &[u8], base: u64) -> Result<Descriptor> {
             }
             "createType" => desc.create_type = Some(value.to_string()),
             "parentFileNameHint" => desc.parent_hint = Some(value.to_string()),
-            k if k.starts_with("ddb.") => {
-                if desc.ddb.len() < MAX_DDB_ENTRIES {
-                    desc.ddb.push((k.to_string(), value.to_string()));
-                }
+            k if k.starts_with("ddb.") && desc.ddb.len() < MAX_DDB_ENTRIES => {
+                desc.ddb.push((k.to_string(), value.to_string()));
             }
             _ => {}
         }
@@ -292,7 +290,9 @@ fn parse_extent(line: &str, access: Access, at: u64) -> Result<ExtentLine> {
 
 /// How likely `head` (the start of a file) is a text descriptor: 0 (no) to 100.
 pub fn probe_text(head: &[u8]) -> u32 {
+    // Descriptors may be NUL-padded to a sector (qemu writes them so): judge the text before.
     let window = &head[..head.len().min(4096)];
+    let window = &window[..window.iter().position(|&b| b == 0).unwrap_or(window.len())];
     if window.is_empty() {
         return 0;
     }
@@ -426,6 +426,9 @@ mod tests {
             80
         );
         assert_eq!(probe_text(&[0u8; 512]), 0);
+        let mut padded = TWO_GB_SPARSE.as_bytes().to_vec();
+        padded.resize(512, 0);
+        assert_eq!(probe_text(&padded), 90);
         assert_eq!(probe_text(b"hello world\n"), 0);
     }
 }

@@ -201,12 +201,6 @@ pub fn parse_hosted(buf: &[u8], base: u64) -> Result<SparseHeader> {
     let unclean_shutdown = f.u8(72)? != 0;
     let newline = f.array::<4>(73)?;
     let compress_algorithm = f.u16_le(77)?;
-    if flags & FLAG_VALID_NEWLINE_TEST != 0 && newline != *b"\n \r\n" {
-        return Err(f.error(
-            73,
-            "newline test characters damaged (file transferred in text mode?)",
-        ));
-    }
     if flags & FLAG_COMPRESSED != 0 && compress_algorithm != COMPRESSION_DEFLATE {
         return Err(Error::unsupported(format!(
             "compression algorithm {compress_algorithm} (at offset {:#x})",
@@ -229,7 +223,15 @@ pub fn parse_hosted(buf: &[u8], base: u64) -> Result<SparseHeader> {
         unclean_shutdown,
         compress_algorithm,
     };
-    finish_geometry(header, &f, 12, 20, 44)
+    // Geometry first: a size problem says more than a damaged newline test.
+    let header = finish_geometry(header, &f, 12, 20, 44)?;
+    if flags & FLAG_VALID_NEWLINE_TEST != 0 && newline != *b"\n \r\n" {
+        return Err(f.error(
+            73,
+            "newline test characters damaged (file transferred in text mode?)",
+        ));
+    }
+    Ok(header)
 }
 
 /// Parses and validates a COWD header read from byte `base` of its file.

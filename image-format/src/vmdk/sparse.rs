@@ -169,14 +169,14 @@ impl SparseExtent {
         match head {
             GrainMap::Compressed { at, .. } => {
                 let grain_start = off - within;
-                return Ok((
+                Ok((
                     GrainMap::Compressed {
                         at,
                         grain_start,
                         within,
                     },
                     run,
-                ));
+                ))
             }
             GrainMap::Host(host) => {
                 let start = host + within;
