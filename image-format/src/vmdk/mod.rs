@@ -632,3 +632,279 @@ pub(crate) fn extent_path(e: &VmdkExtent) -> Option<&Path> {
         Body::Zero => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::header::tests::hosted_header;
+    use super::header::{FLAG_COMPRESSED, FLAG_MARKERS, FLAG_ZEROED_GRAIN_GTE};
+    use super::*;
+    use crate::registry::OpenOptions;
+    use std::io::Write;
+
+    const G: usize = 4096; // grain bytes in these fixtures (8 sectors)
+
+    fn temp(name: &str, bytes: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmnest-vmdk-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn open_vmdk(path: &Path) -> Result<Arc<dyn Image>> {
+        crate::open(
+            path,
+            &OpenOptions {
+                format: Some("vmdk".into()),
+                ..OpenOptions::default()
+            },
+        )
+    }
+
+    fn put_u32(buf: &mut [u8], at: usize, v: u32) {
+        buf[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// A hosted sparse file: 8 grains of 4 KiB, 4 GTEs per GT (2 tables), no descriptor.
+    /// Sector 1: GD [2, 3]; sector 2: GT0; sector 3: GT1; grains from sector 8.
+    /// GT0 = [grain at 8, grain at 16, unallocated, zeroed]; GT1 = [unallocated, grain at 24,
+    /// grain at 32, unallocated]. Grain k is filled with byte 0x10 + k.
+    fn tiny_sparse(flags: u32) -> Vec<u8> {
+        let mut f = vec![0u8; 40 * 512];
+        let mut h = hosted_header(flags, 64, 1);
+        h[20..28].copy_from_slice(&8u64.to_le_bytes()); // grainSize: 8 sectors
+        h[28..44].fill(0); // no embedded descriptor
+        h[44..48].copy_from_slice(&4u32.to_le_bytes()); // numGTEsPerGT
+        h[48..56].fill(0); // no redundant GD
+        f[..512].copy_from_slice(&h);
+        put_u32(&mut f, 512, 2);
+        put_u32(&mut f, 516, 3);
+        for (i, gte) in [8u32, 16, 0, 1, 0, 24, 32, 0].into_iter().enumerate() {
+            put_u32(&mut f, 1024 + (i / 4) * 512 + (i % 4) * 4, gte);
+        }
+        for (k, sector) in [(0usize, 8usize), (1, 16), (5, 24), (6, 32)] {
+            f[sector * 512..sector * 512 + G].fill(0x10 + k as u8);
+        }
+        f
+    }
+
+    #[test]
+    fn sparse_reads_grains_holes_and_zeroed_grains() {
+        let path = temp("tiny.vmdk", &tiny_sparse(FLAG_ZEROED_GRAIN_GTE));
+        let img = open_vmdk(&path).unwrap();
+        assert_eq!(img.size(), 8 * G as u64);
+        let mut buf = vec![0xffu8; 8 * G];
+        img.read_at(&mut buf, 0).unwrap();
+        for k in 0..8 {
+            let want = match k {
+                0 | 1 | 5 | 6 => 0x10 + k as u8,
+                _ => 0,
+            };
+            assert!(
+                buf[k * G..(k + 1) * G].iter().all(|&b| b == want),
+                "grain {k}"
+            );
+        }
+        // Grains 0 and 1 are contiguous on the host: one run.
+        let e = img.block_status(0, 8 * G as u64).unwrap();
+        assert_eq!((e.kind, e.len), (ExtentKind::Data, 2 * G as u64));
+        assert_eq!(e.host.unwrap().offset, 8 * 512);
+        assert_eq!(
+            img.block_status(2 * G as u64, G as u64).unwrap().kind,
+            ExtentKind::Unallocated
+        );
+        assert_eq!(
+            img.block_status(3 * G as u64, G as u64).unwrap().kind,
+            ExtentKind::Zero
+        );
+        // An unaligned read across a table boundary.
+        let mut small = [0u8; 100];
+        img.read_at(&mut small, 6 * G as u64 - 50).unwrap();
+        assert_eq!(&small[..50], &[0x15; 50]);
+        assert_eq!(&small[50..], &[0x16; 50]);
+        assert!(img.check().unwrap().corruptions.is_empty());
+    }
+
+    #[test]
+    fn gte_one_without_the_zeroed_grain_flag_is_a_pointer_that_check_flags() {
+        let path = temp("nozeroflag.vmdk", &tiny_sparse(0));
+        let img = open_vmdk(&path).unwrap();
+        assert_eq!(
+            img.block_status(3 * G as u64, G as u64).unwrap().kind,
+            ExtentKind::Data
+        );
+        let report = img.check().unwrap();
+        assert!(
+            report
+                .corruptions
+                .iter()
+                .any(|c| c.message.contains("overlaps")),
+            "{report:?}"
+        );
+    }
+
+    #[test]
+    fn grain_past_the_end_of_file_is_an_error_naming_file_and_offset() {
+        let mut f = tiny_sparse(0);
+        put_u32(&mut f, 1024, 1000); // GT0[0] -> sector 1000, past the end
+        let path = temp("pastend.vmdk", &f);
+        let img = open_vmdk(&path).unwrap();
+        let mut buf = vec![0u8; G];
+        let msg = img.read_at(&mut buf, 0).unwrap_err().to_string();
+        assert!(
+            msg.contains("pastend.vmdk") && msg.contains("corrupt grain at offset 0x7d000"),
+            "{msg}"
+        );
+        let report = img.check().unwrap();
+        assert!(
+            report.corruptions.iter().any(|c| c.structure == "grain"),
+            "{report:?}"
+        );
+    }
+
+    #[test]
+    fn two_entries_sharing_a_grain_are_reported_by_check() {
+        let mut f = tiny_sparse(0);
+        put_u32(&mut f, 1536 + 4, 8); // GT1[1] -> the grain GT0[0] uses
+        let path = temp("shared.vmdk", &f);
+        let report = open_vmdk(&path).unwrap().check().unwrap();
+        assert!(
+            report
+                .corruptions
+                .iter()
+                .any(|c| c.message.contains("overlaps")),
+            "{report:?}"
+        );
+    }
+
+    #[test]
+    fn grain_directory_past_the_end_fails_at_open() {
+        let mut f = tiny_sparse(0);
+        f[56..64].copy_from_slice(&(1u64 << 40).to_le_bytes()); // gdOffset far away
+        let path = temp("gdfar.vmdk", &f);
+        let msg = open_vmdk(&path).err().expect("open fails").to_string();
+        assert!(
+            msg.contains("gdfar.vmdk") && msg.contains("grain directory"),
+            "{msg}"
+        );
+    }
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// A stream-optimized file with one compressed grain (grain 1) whose deflate data is
+    /// `stream`; marker at sector 8.
+    fn tiny_stream(stream: &[u8]) -> Vec<u8> {
+        let mut f = tiny_sparse(FLAG_COMPRESSED | FLAG_MARKERS);
+        f[77..79].copy_from_slice(&1u16.to_le_bytes()); // compressAlgorithm: deflate
+        f.truncate(8 * 512);
+        for i in 0..8 {
+            put_u32(
+                &mut f,
+                1024 + (i / 4) * 512 + (i % 4) * 4,
+                if i == 1 { 8 } else { 0 },
+            );
+        }
+        f.extend_from_slice(&8u64.to_le_bytes()); // marker lba: grain 1 = sector 8
+        f.extend_from_slice(&(stream.len() as u32).to_le_bytes());
+        f.extend_from_slice(stream);
+        f.resize(f.len().div_ceil(512) * 512, 0);
+        f
+    }
+
+    #[test]
+    fn compressed_grain_inflates_and_is_marked_compressed() {
+        let grain: Vec<u8> = (0..G).map(|i| (i % 251) as u8).collect();
+        let path = temp("stream.vmdk", &tiny_stream(&zlib(&grain)));
+        let img = open_vmdk(&path).unwrap();
+        let mut buf = vec![0u8; 2 * G];
+        img.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..G], &vec![0u8; G][..]);
+        assert_eq!(&buf[G..], &grain[..]);
+        let mut part = [0u8; 10];
+        img.read_at(&mut part, G as u64 + 300).unwrap();
+        assert_eq!(&part[..], &grain[300..310]);
+        let e = img.block_status(G as u64, G as u64).unwrap();
+        assert!(e.compressed && e.kind == ExtentKind::Data && e.host.is_none());
+        assert_eq!(
+            img.info().unwrap().subformat.as_deref(),
+            Some("streamOptimized")
+        );
+        assert!(img.check().unwrap().corruptions.is_empty());
+    }
+
+    #[test]
+    fn compressed_grain_larger_than_a_grain_is_refused() {
+        let path = temp("bomb.vmdk", &tiny_stream(&zlib(&vec![0u8; 64 * G])));
+        let img = open_vmdk(&path).unwrap();
+        let mut buf = vec![0u8; G];
+        let msg = img.read_at(&mut buf, G as u64).unwrap_err().to_string();
+        assert!(
+            msg.contains("bomb.vmdk") && msg.contains("more than the 4096-byte grain"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn truncated_deflate_stream_is_an_error() {
+        let grain: Vec<u8> = (0..G).map(|i| (i * 7) as u8).collect();
+        let z = zlib(&grain);
+        let path = temp("trunc.vmdk", &tiny_stream(&z[..z.len() / 2]));
+        let img = open_vmdk(&path).unwrap();
+        let mut buf = vec![0u8; G];
+        assert!(img.read_at(&mut buf, G as u64).unwrap_err().is_corruption());
+    }
+
+    #[test]
+    fn opening_for_writing_is_refused() {
+        let path = temp("ro.vmdk", &tiny_sparse(0));
+        let err = crate::open(
+            &path,
+            &OpenOptions {
+                format: Some("vmdk".into()),
+                writable: true,
+                ..OpenOptions::default()
+            },
+        )
+        .err()
+        .expect("open fails");
+        assert!(
+            err.to_string()
+                .contains("writing vmdk is not supported yet"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn descriptor_extent_escaping_the_directory_is_refused() {
+        let path = temp(
+            "escape.vmdk",
+            b"# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"../../etc/passwd\" 0\n",
+        );
+        let err = open_vmdk(&path).err().expect("open fails");
+        assert!(matches!(err, Error::PathOutsideDirectory { .. }), "{err}");
+    }
+
+    #[test]
+    fn zero_and_flat_extents_tile_the_disk() {
+        let flat = temp("tile-flat.bin", &[0x77u8; 1024]);
+        let _ = flat;
+        let path = temp(
+            "tile.vmdk",
+            b"# Disk DescriptorFile\ncreateType=\"custom\"\nRW 2 ZERO\nRW 2 FLAT \"tile-flat.bin\" 0\nRW 4 FLAT \"tile-flat.bin\" 1\n",
+        );
+        let img = open_vmdk(&path).unwrap();
+        assert_eq!(img.size(), 8 * 512);
+        let mut buf = vec![0xffu8; 8 * 512];
+        img.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..1024], &[0u8; 1024][..]);
+        assert_eq!(&buf[1024..2048], &[0x77u8; 1024][..]);
+        // The third extent starts at sector 1 of a 2-sector file: one sector, then zeros.
+        assert_eq!(&buf[2048..2560], &[0x77u8; 512][..]);
+        assert_eq!(&buf[2560..], &[0u8; 1536][..]);
+        assert_eq!(img.block_status(0, 8 * 512).unwrap().kind, ExtentKind::Zero);
+    }
+}
