@@ -20,6 +20,7 @@ pub mod parallels;
 pub mod raw;
 pub mod registry;
 pub mod vhdx;
+pub mod vmdk;
 
 pub use blockdev::{BlockDevice, BlockDeviceMut, Caps, Extent, ExtentKind, HostLocation};
 pub use error::{Error, Result};
@@ -30,6 +31,7 @@ pub use registry::{Driver, OpenOptions, Registry};
 pub fn default_registry() -> Registry {
     Registry::new(vec![
         Box::new(parallels::ParallelsDriver),
+        Box::new(vmdk::VmdkDriver),
         Box::new(raw::RawDriver),
         Box::new(vhdx::VhdxDriver),
     ])

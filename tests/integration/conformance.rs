@@ -62,3 +62,22 @@ fn vhdx_dynamic_conforms() {
 fn vhdx_fixed_conforms() {
     check("vhdx-fixed", "vhdx", &["-o", "subformat=fixed"]);
 }
+
+#[test]
+fn vmdk_monolithic_sparse_conforms() {
+    check("vmdk-sparse", "vmdk", &["-o", "subformat=monolithicSparse"]);
+}
+
+#[test]
+fn vmdk_stream_optimized_conforms() {
+    check("vmdk-stream", "vmdk", &["-o", "subformat=streamOptimized"]);
+}
+
+#[test]
+fn vmdk_two_gb_flat_conforms() {
+    check(
+        "vmdk-2gbflat",
+        "vmdk",
+        &["-o", "subformat=twoGbMaxExtentFlat"],
+    );
+}

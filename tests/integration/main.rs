@@ -6,3 +6,4 @@ mod conformance;
 mod parallels;
 mod raw;
 mod vhdx;
+mod vmdk;
