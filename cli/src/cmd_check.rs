@@ -4,7 +4,7 @@
 use anyhow::Result;
 use image_format::{CheckReport, Error};
 
-use crate::common::{OpenArgs, Output, open_image, print_json, shown};
+use crate::common::{ImageArgs, Output, print_json, shown};
 
 /// Exit code for a format without consistency checks.
 const NOT_SUPPORTED: u8 = 63;
@@ -13,20 +13,12 @@ const CHECK_FAILED: u8 = 1;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image format (probed when absent).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t)]
-    output: Output,
     #[command(flatten)]
-    open: OpenArgs,
-    /// The image.
-    image: std::path::PathBuf,
+    img: ImageArgs,
 }
 
 pub fn run(args: Args) -> Result<u8> {
-    let image = match open_image(&args.image, args.format.as_deref(), &args.open) {
+    let image = match args.img.open() {
         Ok(image) => image,
         Err(err) => {
             // An image too damaged to open is reported as corrupt, as qemu-img check does for
@@ -43,17 +35,17 @@ pub fn run(args: Args) -> Result<u8> {
         Err(Error::Unsupported { .. }) => {
             eprintln!(
                 "vmnest: {}: the {} format does not support checks",
-                shown(&args.image),
+                shown(&args.img.image),
                 image.format()
             );
             return Ok(NOT_SUPPORTED);
         }
         Err(err) => {
-            eprintln!("vmnest: check of {} failed: {err}", shown(&args.image));
+            eprintln!("vmnest: check of {} failed: {err}", shown(&args.img.image));
             return Ok(CHECK_FAILED);
         }
     };
-    match args.output {
+    match args.img.output {
         Output::Json => print_json(&report)?,
         Output::Human => print_human(&report),
     }

@@ -3,27 +3,19 @@
 use anyhow::Result;
 use image_format::ImageInfo;
 
-use crate::common::{OpenArgs, Output, chain, human_size, open_image, print_json, shown};
+use crate::common::{ImageArgs, Output, chain, human_size, print_json, shown};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image format (probed when absent).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t)]
-    output: Output,
     /// Describe every image of the backing chain, not only the top one.
     #[arg(long)]
     backing_chain: bool,
     #[command(flatten)]
-    open: OpenArgs,
-    /// The image.
-    image: std::path::PathBuf,
+    img: ImageArgs,
 }
 
 pub fn run(args: Args) -> Result<u8> {
-    let top = open_image(&args.image, args.format.as_deref(), &args.open)?;
+    let top = args.img.open()?;
     let images = if args.backing_chain {
         chain(&top)
     } else {
@@ -33,7 +25,7 @@ pub fn run(args: Args) -> Result<u8> {
         .iter()
         .map(|i| i.info())
         .collect::<Result<Vec<_>, _>>()?;
-    match args.output {
+    match args.img.output {
         Output::Json if args.backing_chain => print_json(&infos)?,
         Output::Json => print_json(&infos[0])?,
         Output::Human => {

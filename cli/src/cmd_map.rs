@@ -6,20 +6,12 @@ use image_format::blockdev::for_each_extent;
 use image_format::{Extent, ExtentKind};
 use serde::Serialize;
 
-use crate::common::{OpenArgs, Output, open_image, shown};
+use crate::common::{ImageArgs, Output, shown};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image format (probed when absent).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t)]
-    output: Output,
     #[command(flatten)]
-    open: OpenArgs,
-    /// The image.
-    image: std::path::PathBuf,
+    img: ImageArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,8 +46,8 @@ impl Entry {
 }
 
 pub fn run(args: Args) -> Result<u8> {
-    let image = open_image(&args.image, args.format.as_deref(), &args.open)?;
-    match args.output {
+    let image = args.img.open()?;
+    match args.img.output {
         Output::Json => {
             // Streamed: a large fragmented image has millions of extents.
             let mut first = true;

@@ -27,6 +27,28 @@ pub struct OpenArgs {
     pub max_chain_depth: usize,
 }
 
+/// The arguments of a subcommand that reads one image: `[-f FMT] [--output human|json] IMAGE`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ImageArgs {
+    /// Image format (probed when absent).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+    #[command(flatten)]
+    pub open: OpenArgs,
+    /// The image.
+    pub image: std::path::PathBuf,
+}
+
+impl ImageArgs {
+    /// Opens the image read-only.
+    pub fn open(&self) -> Result<Arc<dyn Image>> {
+        open_image(&self.image, self.format.as_deref(), &self.open)
+    }
+}
+
 /// Opens `path` read-only, with `format` if given, else probing.
 pub fn open_image(path: &Path, format: Option<&str>, args: &OpenArgs) -> Result<Arc<dyn Image>> {
     let options = OpenOptions {
