@@ -16,6 +16,7 @@ pub mod compare;
 pub mod error;
 pub mod file;
 pub mod image;
+pub mod qcow2;
 pub mod raw;
 pub mod registry;
 
@@ -26,7 +27,7 @@ pub use registry::{Driver, OpenOptions, Registry};
 
 /// A registry with every driver of this crate.
 pub fn default_registry() -> Registry {
-    Registry::new(vec![Box::new(raw::RawDriver)])
+    Registry::new(vec![Box::new(raw::RawDriver), Box::new(qcow2::Qcow2Driver)])
 }
 
 /// Opens `path` with the default registry.
