@@ -119,7 +119,7 @@ pub fn read_compressed(
         CompressionType::Zlib => inflate_raw(&input, out),
         CompressionType::Zstd => unzstd(&input, out),
     }
-    .map_err(|e| corrupt(e))?;
+    .map_err(&corrupt)?;
     if produced != out.len() {
         return Err(corrupt(format!(
             "decompresses to {produced} bytes, a cluster is {}",

@@ -287,6 +287,26 @@ impl Qcow2Image {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Reads a run of contiguous data clusters from `host`. A last cluster may be cut short by
+    /// the end of the file (qemu writes only the subclusters it uses; the rest reads as zeros,
+    /// as qemu reads it), but a cluster that starts past the end is a corruption.
+    fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
+        let end = host.saturating_add(buf.len() as u64);
+        let last_cluster = end.saturating_sub(1) & !(self.header.cluster_size() - 1);
+        if last_cluster >= self.file.len() {
+            return Err(Error::corrupt(
+                "qcow2 data cluster",
+                last_cluster.max(host),
+                format!(
+                    "cluster lies past the end of the file ({:#x})",
+                    self.file.len()
+                ),
+            )
+            .in_file(self.file.path()));
+        }
+        self.file.read_zero_padded(buf, host)
+    }
+
     /// Fills `buf` (guest offset `off`) from the backing image, or zeros.
     fn read_unallocated(&self, buf: &mut [u8], off: u64) -> Result<()> {
         match &self.backing {
@@ -372,7 +392,7 @@ impl BlockDevice for Qcow2Image {
         let flush = |p: &mut Option<(u64, usize, usize)>, buf: &mut [u8]| -> Result<()> {
             if let Some((host, start, len)) = p.take() {
                 let part = buf.get_mut(start..start + len).unwrap_or_default();
-                self.file.read_exact_at(part, host, "qcow2 data cluster")?;
+                self.read_data(part, host)?;
             }
             Ok(())
         };
