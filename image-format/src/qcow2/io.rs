@@ -185,6 +185,30 @@ mod tests {
     }
 
     #[test]
+    fn compressed_stream_may_end_past_the_file_by_less_than_a_sector() {
+        use std::io::Write;
+        let data = vec![0x5au8; 4096];
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&data).unwrap();
+        let packed = enc.finish().unwrap();
+        let dir = std::env::temp_dir().join(format!("vmnest-qcow2-io-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tail.bin");
+        let mut bytes = vec![0u8; 1000];
+        bytes.extend_from_slice(&packed);
+        std::fs::write(&path, &bytes).unwrap();
+        let file = ImageFile::open(&path).unwrap();
+        // The descriptor counts whole sectors: the last one passes the end of the file.
+        let clen = (1000 + packed.len() as u64).div_ceil(512) * 512 - 1000;
+        let mut out = vec![0u8; 4096];
+        read_compressed(&file, CompressionType::Zlib, 1000, clen, &mut out).unwrap();
+        assert_eq!(out, data);
+        let err =
+            read_compressed(&file, CompressionType::Zlib, 1000, clen + 1024, &mut out).unwrap_err();
+        assert!(err.is_corruption(), "{err}");
+    }
+
+    #[test]
     fn garbage_is_not_a_cluster() {
         let mut out = vec![0u8; 4096];
         let produced = inflate_raw(&[0xff; 64], &mut out).unwrap_or(0);

@@ -547,7 +547,6 @@ impl Image for Qcow2Image {
     }
 }
 
-// Keep the compression type reachable for writers and tests.
 impl Qcow2Image {
     /// How compressed clusters of this image are compressed.
     pub fn compression_type(&self) -> CompressionType {
