@@ -29,7 +29,7 @@ use crate::image::CheckReport;
 
 use super::Qcow2Image;
 use super::io::read_table;
-use super::map::{COPIED, Cluster, L2_COMPRESSED, OFFSET_MASK, decode_l2};
+use super::map::{COPIED, Cluster, OFFSET_MASK, decode_l2};
 
 /// Cap on the host clusters a check tracks (two counters each): larger files are refused.
 pub const MAX_CHECK_CLUSTERS: u64 = 1 << 24;
@@ -101,6 +101,48 @@ impl Counter<'_> {
     }
 }
 
+/// Counts the L2 tables one L1 table names. `stored_of` is given for the active L1 only, whose
+/// copied flags must agree with the stored refcounts.
+fn count_l1(
+    c: &mut Counter<'_>,
+    l2_refs: &mut HashMap<u64, (u32, u32)>,
+    l1_off: u64,
+    table: &[u64],
+    stored_of: Option<&dyn Fn(u64) -> u64>,
+) {
+    let cs = c.cs;
+    for (i, &entry) in table.iter().enumerate() {
+        let off = entry & OFFSET_MASK;
+        let at = l1_off + i as u64 * 8;
+        if off == 0 {
+            continue;
+        }
+        if off & (cs - 1) != 0 {
+            c.corruption(
+                "qcow2 L1 table",
+                Some(at),
+                format!("L2 table offset {off:#x} is not cluster-aligned"),
+            );
+            continue;
+        }
+        c.add("qcow2 L2 table", off, cs, META, 1);
+        let e = l2_refs.entry(off).or_insert((0, 0));
+        e.0 = e.0.saturating_add(1);
+        if let Some(stored_of) = stored_of {
+            e.1 = e.1.saturating_add(1);
+            let rc = stored_of(off);
+            let copied = entry & COPIED != 0;
+            if (rc == 1) != copied {
+                c.corruption(
+                    "qcow2 L1 table",
+                    Some(at),
+                    format!("copied flag {copied} but the L2 table's refcount is {rc}"),
+                );
+            }
+        }
+    }
+}
+
 /// Decodes refcount entry `i` of a refcount block of `bits`-wide entries.
 fn refcount_at(block: &[u8], i: usize, bits: u32) -> u64 {
     let bytes = |n: usize| block.get(i * n..i * n + n);
@@ -160,9 +202,17 @@ pub(super) fn check(img: &Qcow2Image) -> Result<CheckReport> {
     }
 
     // L2 tables named by the active L1 and every snapshot's L1: (all references, active ones).
+    // Snapshot L1 tables are read one at a time and dropped.
+    let stored_of = |off: u64| stored.get((off / cs) as usize).copied().unwrap_or(0);
     let mut l2_refs: HashMap<u64, (u32, u32)> = HashMap::new();
+    count_l1(
+        &mut c,
+        &mut l2_refs,
+        h.l1_table_offset,
+        &img.l1,
+        Some(&stored_of),
+    );
     let mut walked = 0u64;
-    let mut l1s: Vec<(u64, Vec<u64>, bool)> = vec![(h.l1_table_offset, img.l1.clone(), true)];
     for s in &img.snapshots {
         walked = walked.saturating_add(u64::from(s.l1_size));
         if walked > MAX_CHECK_L1_ENTRIES {
@@ -171,20 +221,15 @@ pub(super) fn check(img: &Qcow2Image) -> Result<CheckReport> {
                     .in_file(img.file.path()),
             );
         }
-        c.add(
-            "qcow2 snapshot L1 table",
-            s.l1_table_offset,
-            u64::from(s.l1_size) * 8,
-            META,
-            1,
-        );
+        let len = u64::from(s.l1_size) * 8;
+        c.add("qcow2 snapshot L1 table", s.l1_table_offset, len, META, 1);
         match read_table(
             &img.file,
             s.l1_table_offset,
-            s.l1_size as usize * 8,
+            len as usize,
             "qcow2 snapshot L1 table",
         ) {
-            Ok(t) => l1s.push((s.l1_table_offset, t, false)),
+            Ok(t) => count_l1(&mut c, &mut l2_refs, s.l1_table_offset, &t, None),
             Err(e) => c.corruption(
                 "qcow2 snapshot L1 table",
                 Some(s.l1_table_offset),
@@ -192,37 +237,10 @@ pub(super) fn check(img: &Qcow2Image) -> Result<CheckReport> {
             ),
         }
     }
-    let mut active_l2_flags: Vec<(u64, u64, bool)> = Vec::new();
-    for (l1_off, table, active) in &l1s {
-        for (i, &entry) in table.iter().enumerate() {
-            let off = entry & OFFSET_MASK;
-            let at = l1_off + i as u64 * 8;
-            if off == 0 {
-                continue;
-            }
-            if off & (cs - 1) != 0 {
-                c.corruption(
-                    "qcow2 L1 table",
-                    Some(at),
-                    format!("L2 table offset {off:#x} is not cluster-aligned"),
-                );
-                continue;
-            }
-            c.add("qcow2 L2 table", off, cs, META, 1);
-            let e = l2_refs.entry(off).or_insert((0, 0));
-            e.0 = e.0.saturating_add(1);
-            if *active {
-                e.1 = e.1.saturating_add(1);
-                active_l2_flags.push((at, off, entry & COPIED != 0));
-            }
-        }
-    }
-    drop(l1s);
 
     // Each distinct L2 table once.
     let g = img.geometry;
     let mut allocated = 0u64;
-    let mut copied_checks: Vec<(u64, u64, bool, bool)> = Vec::new(); // (entry at, host, copied, compressed)
     let mut tables: Vec<(u64, (u32, u32))> = l2_refs.into_iter().collect();
     tables.sort_unstable();
     for (off, (total, active)) in tables {
@@ -283,36 +301,22 @@ pub(super) fn check(img: &Qcow2Image) -> Result<CheckReport> {
                 c.add("qcow2 data cluster", host, cs, DATA, total);
                 if active > 0 {
                     allocated += u64::from(active);
-                    copied_checks.push((at, host, entry & COPIED != 0, entry & L2_COMPRESSED != 0));
+                    // qemu's OFLAG_COPIED rule: set exactly when the refcount is one.
+                    let rc = stored_of(host);
+                    let copied = entry & COPIED != 0;
+                    if (rc == 1) != copied {
+                        c.corruption(
+                            "qcow2 L2 table",
+                            Some(at),
+                            format!("copied flag {copied} but the data cluster's refcount is {rc}"),
+                        );
+                    }
                 }
             }
         }
     }
 
     bitmap_references(img, &mut c);
-
-    // Copied flags of the active tables against the stored refcounts (qemu's OFLAG_COPIED).
-    let stored_of = |off: u64| stored.get((off / cs) as usize).copied().unwrap_or(0);
-    for (at, l2, copied) in active_l2_flags {
-        let rc = stored_of(l2);
-        if (rc == 1) != copied {
-            c.corruption(
-                "qcow2 L1 table",
-                Some(at),
-                format!("copied flag {copied} but the L2 table's refcount is {rc}"),
-            );
-        }
-    }
-    for (at, host, copied, _) in copied_checks {
-        let rc = stored_of(host);
-        if (rc == 1) != copied {
-            c.corruption(
-                "qcow2 L2 table",
-                Some(at),
-                format!("copied flag {copied} but the data cluster's refcount is {rc}"),
-            );
-        }
-    }
 
     // Compare.
     let mut highest = None;
