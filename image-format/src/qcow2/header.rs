@@ -73,6 +73,9 @@ pub const EXT_CRYPTO: u32 = 0x0537_be77;
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 /// Bytes of one feature name table entry: type, bit, 46-byte name.
 const FEATURE_NAME_ENTRY: usize = 48;
+/// Cap on the data of one known header extension (the feature name table of all 192
+/// possible bits is 9 KiB; names are short). Unknown extensions are skipped, never read.
+pub const MAX_HEADER_EXTENSION_LEN: usize = 64 << 10;
 /// Fixed part of a snapshot table entry.
 pub const SNAPSHOT_FIXED_LEN: usize = 40;
 /// Fixed part of a bitmap directory entry.
@@ -358,6 +361,18 @@ pub fn parse_extensions(cluster0: &[u8], start: usize, limit: usize) -> Result<E
             return Err(f.error(
                 at,
                 format!("extension {kind:#x} of {len} bytes overruns the header area"),
+            ));
+        }
+        let known = matches!(
+            kind,
+            EXT_BACKING_FORMAT | EXT_DATA_FILE | EXT_FEATURE_NAMES | EXT_BITMAPS | EXT_CRYPTO
+        );
+        if known && len > MAX_HEADER_EXTENSION_LEN {
+            return Err(f.error(
+                at,
+                format!(
+                    "extension {kind:#x} of {len} bytes exceeds the cap {MAX_HEADER_EXTENSION_LEN}"
+                ),
             ));
         }
         let data = f.slice(data_at, len)?;
