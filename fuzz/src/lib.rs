@@ -1,5 +1,5 @@
 //! What every image fuzz target does with its input: write it to a file, open it with one driver
-//! named explicitly, and, if it opens, describe it, check it, and read and map a few ranges.
+//! named explicitly (backing files not followed), and, if it opens, describe it, check it, and read and map a few ranges.
 //! Errors are expected; panics, hangs and unbounded allocations are findings.
 
 use std::io::Write;
@@ -12,8 +12,10 @@ pub fn exercise(format: &str, data: &[u8]) {
     if file.1.write_all(data).is_err() {
         return;
     }
+    // Backing files are not followed, so a run never depends on other files.
     let options = OpenOptions {
         format: Some(format.to_string()),
+        open_backing: false,
         ..Default::default()
     };
     let opened = image_format::open(&file.0, &options);

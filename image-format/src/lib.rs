@@ -17,6 +17,7 @@ pub mod error;
 pub mod file;
 pub mod image;
 pub mod parallels;
+pub mod qcow2;
 pub mod raw;
 pub mod registry;
 pub mod vhdx;
@@ -32,6 +33,7 @@ pub fn default_registry() -> Registry {
     Registry::new(vec![
         Box::new(parallels::ParallelsDriver),
         Box::new(vmdk::VmdkDriver),
+        Box::new(qcow2::Qcow2Driver),
         Box::new(raw::RawDriver),
         Box::new(vhdx::VhdxDriver),
     ])

@@ -81,3 +81,35 @@ fn vmdk_two_gb_flat_conforms() {
         &["-o", "subformat=twoGbMaxExtentFlat"],
     );
 }
+
+#[test]
+fn qcow2_v3_conforms() {
+    check("qcow2-v3", "qcow2", &[]);
+}
+
+#[test]
+fn qcow2_v2_small_clusters_conforms() {
+    check(
+        "qcow2-v2",
+        "qcow2",
+        &["-o", "compat=0.10,cluster_size=4096"],
+    );
+}
+
+#[test]
+fn qcow2_zstd_compressed_conforms() {
+    check(
+        "qcow2-zstd",
+        "qcow2",
+        &["-c", "-o", "compression_type=zstd"],
+    );
+}
+
+#[test]
+fn qcow2_extended_l2_conforms() {
+    check(
+        "qcow2-el2",
+        "qcow2",
+        &["-o", "extended_l2=on,cluster_size=128k"],
+    );
+}

@@ -4,6 +4,7 @@
 mod cli;
 mod conformance;
 mod parallels;
+mod qcow2;
 mod raw;
 mod vhdx;
 mod vmdk;

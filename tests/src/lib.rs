@@ -222,8 +222,9 @@ pub const PATTERN_SIZE: u64 = (20 << 20) + 7 * 512;
 
 /// Writes a sparse raw image of `size` bytes (a multiple of 512, at least 8 MiB) holding, in
 /// order: data at 0, a hole, data starting mid-cluster, a run of written zeros, a hole, data
-/// crossing a 64 KiB cluster boundary, a run of written zeros that ends the file's first 16 MiB
-/// region, and data in the last sectors.
+/// crossing a 64 KiB cluster boundary, a run of written zeros, and data in the last sectors; images
+/// of 16 MiB or more also get 1 MiB of compressible text starting 3 MiB before the end (so
+/// compressed formats really compress something).
 pub fn write_pattern_raw(path: &Path, size: u64, seed: u64) {
     use std::os::unix::fs::FileExt;
     assert!(size.is_multiple_of(512) && size >= 8 << 20);
@@ -243,6 +244,12 @@ pub fn write_pattern_raw(path: &Path, size: u64, seed: u64) {
     put(5 << 20, 512, false);
     put((5 << 20) + 65536 - 512, 1024, false);
     put(6 << 20, 2 << 20, true);
+    let text: Vec<u8> = (0..1usize << 20)
+        .map(|i| b"vmnest compressible test line 0123456789\n"[i % 41] ^ (seed as u8 & 1))
+        .collect();
+    if size >= 16 << 20 {
+        f.write_all_at(&text, size - (3 << 20)).expect("write text");
+    }
     put(size - 3 * 512, 3 * 512, false);
 }
 
