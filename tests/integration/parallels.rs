@@ -5,15 +5,7 @@ use vmnest_tests::*;
 /// Guest content of a sample as qemu-img reads it, hashed.
 fn qemu_raw_hash(path: &std::path::Path, dir: &std::path::Path) -> String {
     let raw = dir.join("qemu.raw");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "parallels",
-        "-O",
-        "raw",
-        path.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
+    qemu_to_raw(path, "parallels", &raw);
     hash_file(&raw)
 }
 

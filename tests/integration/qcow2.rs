@@ -5,28 +5,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use image_format::blockdev::for_each_extent;
-use image_format::{BlockDevice, Error, ExtentKind, OpenOptions};
+use image_format::{Error, ExtentKind, OpenOptions};
 use vmnest_tests::{
-    PATTERN_SIZE, hash_device, hash_file, open, qemu_img, qemu_info, qemu_map_data, require,
-    run_ok, sample, scratch, write_pattern_raw,
+    PATTERN_SIZE, data_ranges, hash_device, hash_file, open, qemu_img, qemu_info, qemu_map_data,
+    require, run_ok, sample, scratch, write_pattern_raw,
 };
-
-/// Data ranges of our reader, merged, like `qemu_map_data`.
-fn our_data(dev: &dyn BlockDevice) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for_each_extent(dev, 0, dev.size(), |start, e| {
-        if e.kind == ExtentKind::Data {
-            match out.last_mut() {
-                Some(last) if last.1 == start => last.1 = start + e.len,
-                _ => out.push((start, start + e.len)),
-            }
-        }
-        Ok(())
-    })
-    .expect("block_status walk");
-    out
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
@@ -87,7 +70,7 @@ fn assert_like_qemu(img: &Path, content: &Path) {
         "guest content"
     );
     assert_eq!(
-        our_data(ours.as_ref()),
+        data_ranges(ours.as_ref()),
         qemu_map_data(img, "qcow2"),
         "data ranges"
     );
@@ -459,7 +442,7 @@ fn sample_like_qemu(rel: &str, virtual_size: u64) {
     let oracle = dir.join("oracle.raw");
     qemu_img(&["convert", "-O", "raw", s(&img), s(&oracle)]);
     assert_eq!(hash_device(ours.as_ref()), hash_file(&oracle));
-    assert_eq!(our_data(ours.as_ref()), qemu_map_data(&img, "qcow2"));
+    assert_eq!(data_ranges(ours.as_ref()), qemu_map_data(&img, "qcow2"));
     let report = ours.check().unwrap();
     assert!(report.corruptions.is_empty(), "{report:#?}");
 }

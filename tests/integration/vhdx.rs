@@ -12,28 +12,11 @@
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use image_format::blockdev::for_each_extent;
 use image_format::vhdx::guid::Guid;
 use image_format::{BlockDevice, Error, ExtentKind, OpenOptions};
 use vmnest_tests::*;
 
 const MIB: u64 = 1 << 20;
-
-/// Our data ranges `[start, end)`, merged.
-fn our_data(dev: &dyn BlockDevice) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for_each_extent(dev, 0, dev.size(), |start, e| {
-        if e.kind == ExtentKind::Data {
-            match out.last_mut() {
-                Some(last) if last.1 == start => last.1 = start + e.len,
-                _ => out.push((start, start + e.len)),
-            }
-        }
-        Ok(())
-    })
-    .unwrap();
-    out
-}
 
 /// Non-zero bytes of a file lie inside `ranges`.
 fn nonzero_bytes_covered(raw: &Path, ranges: &[(u64, u64)]) {
@@ -58,7 +41,7 @@ fn check_against_qemu(vhdx: &Path, raw: &Path, block_size: u64) {
     assert_eq!(img.size(), qemu_size);
     assert_eq!(img.size(), std::fs::metadata(raw).unwrap().len());
     assert_eq!(hash_device(img.as_ref()), hash_file(raw));
-    let ours = our_data(img.as_ref());
+    let ours = data_ranges(img.as_ref());
     let qemu = qemu_map_data(vhdx, "vhdx");
     assert_eq!(
         qemu,
@@ -119,7 +102,10 @@ fn qemu_fixed_vhdx_matches_raw() {
     assert_eq!(img.info().unwrap().subformat.as_deref(), Some("fixed"));
     // qemu-img convert marks the all-zero block 8M..16M of the source PAYLOAD_BLOCK_ZERO even
     // in a fixed image; the other blocks are present.
-    assert_eq!(our_data(img.as_ref()), vec![(0, bs), (2 * bs, img.size())]);
+    assert_eq!(
+        data_ranges(img.as_ref()),
+        vec![(0, bs), (2 * bs, img.size())]
+    );
     assert_eq!(img.block_status(bs, bs).unwrap().kind, ExtentKind::Zero);
 }
 
@@ -370,7 +356,7 @@ fn hand_built_4k_sector_vhdx_reads_its_blocks() {
         4096
     );
     assert_eq!(hash_device(img.as_ref()), hash_file(&raw));
-    assert_eq!(our_data(img.as_ref()), vec![(0, MIB), (6 * MIB, size)]);
+    assert_eq!(data_ranges(img.as_ref()), vec![(0, MIB), (6 * MIB, size)]);
     let st = img.block_status(2 * MIB, MIB).unwrap();
     assert_eq!((st.kind, st.len), (ExtentKind::Zero, MIB));
     assert!(img.check().unwrap().corruptions.is_empty());
@@ -384,15 +370,7 @@ fn hand_built_4k_sector_vhdx_reads_its_blocks() {
     }
     .write(&path512);
     let qraw = dir.join("qemu.raw");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "vhdx",
-        "-O",
-        "raw",
-        path512.to_str().unwrap(),
-        qraw.to_str().unwrap(),
-    ]);
+    qemu_to_raw(&path512, "vhdx", &qraw);
     assert_eq!(hash_file(&qraw), hash_file(&raw));
     assert_eq!(
         qemu_info(&path512, "vhdx")["virtual-size"].as_u64(),
@@ -564,7 +542,7 @@ fn sample_hyperv_dynamic_1g_holds_its_pattern() {
     img.read_at(&mut b, 66 * MIB - 1).unwrap();
     assert_eq!(b, [0x96, 0]);
     // Data in the first three 32 MiB blocks only.
-    assert_eq!(our_data(img.as_ref()), vec![(0, 96 * MIB)]);
+    assert_eq!(data_ranges(img.as_ref()), vec![(0, 96 * MIB)]);
     let st = img.block_status(96 * MIB, (1 << 30) - 96 * MIB).unwrap();
     assert!(st.kind.reads_as_zero());
     assert!(img.check().unwrap().corruptions.is_empty());
@@ -601,7 +579,7 @@ fn sample_dirty_log_is_replayed_in_memory_without_touching_the_file() {
     let mut b = [0u8; 2];
     img.read_at(&mut b, 18 * MIB - 1).unwrap();
     assert_eq!(b, [0xa5, 0]);
-    assert_eq!(our_data(img.as_ref()), vec![(0, 18 * MIB)]);
+    assert_eq!(data_ranges(img.as_ref()), vec![(0, 18 * MIB)]);
     assert!(
         img.block_status(18 * MIB, img.size() - 18 * MIB)
             .unwrap()
@@ -614,15 +592,7 @@ fn sample_dirty_log_is_replayed_in_memory_without_touching_the_file() {
     std::fs::copy(&path, &copy).unwrap();
     qemu_img(&["check", "-r", "all", "-f", "vhdx", copy.to_str().unwrap()]);
     let raw = dir.join("replayed.raw");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "vhdx",
-        "-O",
-        "raw",
-        copy.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
+    qemu_to_raw(&copy, "vhdx", &raw);
     let qemu_ranges = qemu_map_data(&raw, "raw");
     let raw_file = std::fs::File::open(&raw).unwrap();
     for (s, e) in qemu_ranges {
@@ -667,17 +637,9 @@ fn sample_disk2vhd_matches_qemu_raw_conversion() {
     );
     let dir = scratch("vhdx-d2v");
     let raw = dir.join("d2v.raw");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "vhdx",
-        "-O",
-        "raw",
-        path.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
+    qemu_to_raw(&path, "vhdx", &raw);
     assert_eq!(hash_device(img.as_ref()), hash_file(&raw));
-    nonzero_bytes_covered(&raw, &our_data(img.as_ref()));
+    nonzero_bytes_covered(&raw, &data_ranges(img.as_ref()));
     assert!(img.check().unwrap().corruptions.is_empty());
 }
 

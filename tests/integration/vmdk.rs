@@ -5,11 +5,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use image_format::blockdev::for_each_extent;
 use image_format::{BlockDevice, Error, ExtentKind, Image, OpenOptions};
 use vmnest_tests::{
     PATTERN_SIZE, hash_device, hash_file, open, pattern_bytes, qemu_img, qemu_info, qemu_map_data,
-    require, run_ok, sample, scratch, write_pattern_raw,
+    qemu_to_raw, ranges_of, require, run_ok, sample, scratch, write_pattern_raw,
 };
 
 /// The error opening `path` gives (the test fails if it opens).
@@ -22,22 +21,6 @@ fn open_err(path: &Path) -> Error {
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
-}
-
-/// Merged `[start, end)` ranges of our extents whose kind is in `kinds`.
-fn our_ranges(dev: &dyn BlockDevice, kinds: &[ExtentKind]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for_each_extent(dev, 0, dev.size(), |start, e| {
-        if kinds.contains(&e.kind) {
-            match out.last_mut() {
-                Some(last) if last.1 == start => last.1 = start + e.len,
-                _ => out.push((start, start + e.len)),
-            }
-        }
-        Ok(())
-    })
-    .expect("block_status walk");
-    out
 }
 
 /// Merged ranges of `qemu-img map` entries for which `pick(data, zero)` holds.
@@ -65,12 +48,12 @@ fn qemu_ranges(path: &Path, pick: impl Fn(bool, bool) -> bool) -> Vec<(u64, u64)
 /// no data as zero, both reduce to qemu's plain data ranges).
 fn assert_map_like_qemu(dev: &dyn BlockDevice, path: &Path) {
     assert_eq!(
-        our_ranges(dev, &[ExtentKind::Data]),
+        ranges_of(dev, &[ExtentKind::Data]),
         qemu_ranges(path, |data, zero| data && !zero),
         "data ranges"
     );
     assert_eq!(
-        our_ranges(dev, &[ExtentKind::Data, ExtentKind::Zero]),
+        ranges_of(dev, &[ExtentKind::Data, ExtentKind::Zero]),
         qemu_map_data(path, "vmdk"),
         "data-or-zero ranges"
     );
@@ -189,7 +172,7 @@ fn vmdk_vmfs_thin_reports_flat_file_holes_like_qemu() {
     assert_eq!(img.size(), PATTERN_SIZE);
     assert_eq!(hash_device(img.as_ref()), hash_file(&raw));
     assert_eq!(
-        our_ranges(img.as_ref(), &[ExtentKind::Data]),
+        ranges_of(img.as_ref(), &[ExtentKind::Data]),
         qemu_map_data(&raw, "raw")
     );
     assert_eq!(img.info().unwrap().subformat.as_deref(), Some("vmfsThin"));
@@ -338,7 +321,7 @@ fn vmdk_rs_reference_hash() -> String {
     let src = vmdk_rs_sample("monolithicSparse.vmdk");
     let dir = scratch("vmdk-rs-reference");
     let raw = dir.join("ref.raw");
-    qemu_img(&["convert", "-f", "vmdk", "-O", "raw", s(&src), s(&raw)]);
+    qemu_to_raw(&src, "vmdk", &raw);
     hash_file(&raw)
 }
 
@@ -350,7 +333,7 @@ fn assert_vmdk_rs_sample(path: &Path, expect_size: u64) -> std::sync::Arc<dyn Im
         path.file_stem().unwrap().to_string_lossy()
     ));
     let raw = dir.join("q.raw");
-    qemu_img(&["convert", "-f", "vmdk", "-O", "raw", s(path), s(&raw)]);
+    qemu_to_raw(path, "vmdk", &raw);
     assert_eq!(hash_device(img.as_ref()), hash_file(&raw));
     assert!(img.check().unwrap().corruptions.is_empty());
     img
@@ -443,7 +426,7 @@ fn vmdk_sample_forensic_plaso_image() {
     assert_eq!(img.size(), 200 * 512);
     let dir = scratch("vmdk-plaso");
     let raw = dir.join("q.raw");
-    qemu_img(&["convert", "-f", "vmdk", "-O", "raw", s(&path), s(&raw)]);
+    qemu_to_raw(&path, "vmdk", &raw);
     assert_eq!(hash_device(img.as_ref()), hash_file(&raw));
     assert_map_like_qemu(img.as_ref(), &path);
 }
@@ -459,10 +442,10 @@ fn vmdk_sample_iotest_version3_stream_with_gd_at_end() {
     );
     // 16 GiB is mostly unallocated: compare the data ranges, then the data itself, with qemu.
     assert_map_like_qemu(img.as_ref(), &path);
-    let ranges = our_ranges(img.as_ref(), &[ExtentKind::Data]);
+    let ranges = ranges_of(img.as_ref(), &[ExtentKind::Data]);
     let dir = scratch("vmdk-iotest-version3");
     let raw = dir.join("q.raw");
-    qemu_img(&["convert", "-f", "vmdk", "-O", "raw", s(&path), s(&raw)]);
+    qemu_to_raw(&path, "vmdk", &raw);
     let f = std::fs::File::open(&raw).unwrap();
     for (start, end) in ranges {
         let mut ours = vec![0u8; (end - start) as usize];

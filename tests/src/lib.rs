@@ -253,6 +253,40 @@ pub fn write_pattern_raw(path: &Path, size: u64, seed: u64) {
     put(size - 3 * 512, 3 * 512, false);
 }
 
+/// Merged `[start, end)` ranges of `dev` whose extents are of one of `kinds`, from `block_status`.
+pub fn ranges_of(dev: &dyn BlockDevice, kinds: &[image_format::ExtentKind]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    image_format::blockdev::for_each_extent(dev, 0, dev.size(), |start, e| {
+        if kinds.contains(&e.kind) {
+            match out.last_mut() {
+                Some(last) if last.1 == start => last.1 = start + e.len,
+                _ => out.push((start, start + e.len)),
+            }
+        }
+        Ok(())
+    })
+    .expect("block_status walk");
+    out
+}
+
+/// Merged data ranges of `dev`, as the library reports them (compare with [`qemu_map_data`]).
+pub fn data_ranges(dev: &dyn BlockDevice) -> Vec<(u64, u64)> {
+    ranges_of(dev, &[image_format::ExtentKind::Data])
+}
+
+/// `qemu-img convert -f FORMAT -O raw IMAGE OUT`: the guest content as qemu reads it.
+pub fn qemu_to_raw(image: &Path, format: &str, out: &Path) {
+    qemu_img(&[
+        "convert",
+        "-f",
+        format,
+        "-O",
+        "raw",
+        image.to_str().expect("utf-8 path"),
+        out.to_str().expect("utf-8 path"),
+    ]);
+}
+
 /// Data ranges `[start, end)` of an image as `qemu-img map --output=json` reports them
 /// (entries with `"data": true`), merged.
 pub fn qemu_map_data(path: &Path, format: &str) -> Vec<(u64, u64)> {
