@@ -178,14 +178,22 @@ pub trait BlockDeviceMut: BlockDevice {
 pub fn check_range(off: u64, len: u64, size: u64) -> Result<()> {
     match off.checked_add(len) {
         Some(end) if end <= size => Ok(()),
-        _ => Err(Error::OutOfRange { offset: off, len, size }),
+        _ => Err(Error::OutOfRange {
+            offset: off,
+            len,
+            size,
+        }),
     }
 }
 
 /// Checks the arguments of a `block_status` call: in range and non-empty.
 pub fn check_status_range(off: u64, len: u64, size: u64) -> Result<()> {
     if len == 0 {
-        return Err(Error::OutOfRange { offset: off, len, size });
+        return Err(Error::OutOfRange {
+            offset: off,
+            len,
+            size,
+        });
     }
     check_range(off, len, size)
 }
@@ -207,7 +215,10 @@ pub fn for_each_extent(
         if ext.len == 0 || ext.len > end - pos {
             return Err(Error::InvalidArgument {
                 path: Default::default(),
-                reason: format!("block_status at {pos:#x} returned an extent of {} bytes", ext.len),
+                reason: format!(
+                    "block_status at {pos:#x} returned an extent of {} bytes",
+                    ext.len
+                ),
             });
         }
         let next = pos + ext.len;
@@ -265,7 +276,9 @@ pub fn backing_status(backing: &dyn BlockDevice, off: u64, len: u64) -> Result<E
         ext.depth = 1;
         return Ok(ext);
     }
-    Ok(backing.block_status(off, len.min(size - off))?.one_level_down())
+    Ok(backing
+        .block_status(off, len.min(size - off))?
+        .one_level_down())
 }
 
 #[cfg(test)]
@@ -290,7 +303,11 @@ mod tests {
             check_status_range(off, len, 100)?;
             // 10-byte pieces: data below 50, zero above, each reported separately.
             let piece = (10 - off % 10).min(len);
-            let kind = if off < 50 { ExtentKind::Data } else { ExtentKind::Zero };
+            let kind = if off < 50 {
+                ExtentKind::Data
+            } else {
+                ExtentKind::Zero
+            };
             Ok(Extent::new(kind, piece))
         }
     }
@@ -303,7 +320,10 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(seen, vec![(5, 45, ExtentKind::Data), (50, 45, ExtentKind::Zero)]);
+        assert_eq!(
+            seen,
+            vec![(5, 45, ExtentKind::Data), (50, 45, ExtentKind::Zero)]
+        );
     }
 
     #[test]

@@ -26,7 +26,11 @@ macro_rules! getter {
 impl<'a> Fields<'a> {
     /// `buf` holds `structure`, read from byte `base` of its file.
     pub fn new(buf: &'a [u8], structure: &'static str, base: u64) -> Self {
-        Fields { buf, structure, base }
+        Fields {
+            buf,
+            structure,
+            base,
+        }
     }
 
     /// The whole buffer.
@@ -48,7 +52,12 @@ impl<'a> Fields<'a> {
     pub fn slice(&self, at: usize, len: usize) -> Result<&'a [u8]> {
         at.checked_add(len)
             .and_then(|end| self.buf.get(at..end))
-            .ok_or_else(|| self.error(at, format!("{len} bytes needed, {} present", self.buf.len())))
+            .ok_or_else(|| {
+                self.error(
+                    at,
+                    format!("{len} bytes needed, {} present", self.buf.len()),
+                )
+            })
     }
 
     /// A fixed-size array at `at`.
@@ -88,7 +97,10 @@ mod tests {
     fn short_buffer_is_an_error_with_the_absolute_offset() {
         let f = Fields::new(&[0; 4], "footer", 0x1000);
         let err = f.u64_le(2).unwrap_err().to_string();
-        assert_eq!(err, "corrupt footer at offset 0x1002: 8 bytes needed, 4 present");
+        assert_eq!(
+            err,
+            "corrupt footer at offset 0x1002: 8 bytes needed, 4 present"
+        );
     }
 
     #[test]
@@ -101,7 +113,8 @@ mod tests {
 /// True when every byte of `buf` is zero. Checks 4 KiB at a time so a non-zero page ends the
 /// scan early while each page's loop vectorizes.
 pub fn is_zero(buf: &[u8]) -> bool {
-    buf.chunks(4096).all(|page| page.iter().fold(0u8, |acc, &b| acc | b) == 0)
+    buf.chunks(4096)
+        .all(|page| page.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 /// Index of the first byte where `a` and `b` differ (same lengths), checking 4 KiB at a time.

@@ -64,14 +64,23 @@ pub fn compare(
 ) -> Result<Comparison> {
     let (size_a, size_b) = (a.size(), b.size());
     if options.strict && size_a != size_b {
-        return Ok(Comparison::SizeMismatch { a: size_a, b: size_b });
+        return Ok(Comparison::SizeMismatch {
+            a: size_a,
+            b: size_b,
+        });
     }
     let total = size_a.max(size_b);
     std::thread::scope(|scope| {
         let (req_a, res_a) = reader(scope, a);
         let (req_b, res_b) = reader(scope, b);
         let mut in_flight: VecDeque<Segment> = VecDeque::new();
-        let mut planner = Planner { a, b, pos: 0, total, pending: None };
+        let mut planner = Planner {
+            a,
+            b,
+            pos: 0,
+            total,
+            pending: None,
+        };
         let outcome = loop {
             while in_flight.len() < DEPTH {
                 let Some(seg) = planner.next()? else { break };
@@ -86,15 +95,25 @@ pub fn compare(
             let Some(seg) = in_flight.pop_front() else {
                 break Comparison::Identical;
             };
-            let buf_a = if seg.read_a { Some(recv(&res_a)?) } else { None };
-            let buf_b = if seg.read_b { Some(recv(&res_b)?) } else { None };
+            let buf_a = if seg.read_a {
+                Some(recv(&res_a)?)
+            } else {
+                None
+            };
+            let buf_b = if seg.read_b {
+                Some(recv(&res_b)?)
+            } else {
+                None
+            };
             let diff = match (&buf_a, &buf_b) {
                 (Some(x), Some(y)) => first_difference(x, y),
                 (Some(x), None) | (None, Some(x)) => first_nonzero(x),
                 (None, None) => None,
             };
             if let Some(i) = diff {
-                break Comparison::Differ { offset: seg.off + i as u64 };
+                break Comparison::Differ {
+                    offset: seg.off + i as u64,
+                };
             }
             progress.progress(seg.off + seg.len, total);
         };
@@ -160,8 +179,16 @@ impl Planner<'_> {
             let limit = (self.total - self.pos).min(1 << 30);
             let ((za, ea), (zb, eb)) = match self.pending {
                 Some(((za, ea), (zb, eb))) => {
-                    let sa = if ea > self.pos { (za, ea) } else { Self::side(self.a, self.pos, limit)? };
-                    let sb = if eb > self.pos { (zb, eb) } else { Self::side(self.b, self.pos, limit)? };
+                    let sa = if ea > self.pos {
+                        (za, ea)
+                    } else {
+                        Self::side(self.a, self.pos, limit)?
+                    };
+                    let sb = if eb > self.pos {
+                        (zb, eb)
+                    } else {
+                        Self::side(self.b, self.pos, limit)?
+                    };
                     (sa, sb)
                 }
                 None => (
@@ -176,7 +203,12 @@ impl Planner<'_> {
                 continue;
             }
             let len = (end - self.pos).min(CHUNK);
-            let seg = Segment { off: self.pos, len, read_a: !za, read_b: !zb };
+            let seg = Segment {
+                off: self.pos,
+                len,
+                read_a: !za,
+                read_b: !zb,
+            };
             self.pos += len;
             return Ok(Some(seg));
         }
@@ -229,14 +261,21 @@ mod tests {
     }
 
     fn mem(size: u64, at: u64, data: &[u8]) -> Mem {
-        Mem { size, at, data: data.to_vec() }
+        Mem {
+            size,
+            at,
+            data: data.to_vec(),
+        }
     }
 
     #[test]
     fn same_content_in_different_places_of_allocation_is_identical() {
         let a = mem(20 << 20, 9 << 20, &[0, 0, 5, 6]);
         let b = mem(20 << 20, (9 << 20) + 2, &[5, 6, 0, 0, 0]);
-        assert_eq!(compare(&a, &b, CompareOptions::default(), &()).unwrap(), Comparison::Identical);
+        assert_eq!(
+            compare(&a, &b, CompareOptions::default(), &()).unwrap(),
+            Comparison::Identical
+        );
     }
 
     #[test]
@@ -245,7 +284,9 @@ mod tests {
         let b = mem(20 << 20, 9 << 20, &[1, 2, 4]);
         assert_eq!(
             compare(&a, &b, CompareOptions::default(), &()).unwrap(),
-            Comparison::Differ { offset: (9 << 20) + 2 }
+            Comparison::Differ {
+                offset: (9 << 20) + 2
+            }
         );
     }
 
@@ -255,7 +296,9 @@ mod tests {
         let b = mem(8 << 20, 5 << 20, &[0, 0, 0, 7]);
         assert_eq!(
             compare(&a, &b, CompareOptions::default(), &()).unwrap(),
-            Comparison::Differ { offset: (5 << 20) + 3 }
+            Comparison::Differ {
+                offset: (5 << 20) + 3
+            }
         );
     }
 
@@ -263,10 +306,16 @@ mod tests {
     fn larger_device_with_zero_tail_is_identical_unless_strict() {
         let a = mem(1 << 20, 0, &[3; 100]);
         let b = mem(2 << 20, 0, &[3; 100]);
-        assert_eq!(compare(&a, &b, CompareOptions::default(), &()).unwrap(), Comparison::Identical);
+        assert_eq!(
+            compare(&a, &b, CompareOptions::default(), &()).unwrap(),
+            Comparison::Identical
+        );
         assert_eq!(
             compare(&a, &b, CompareOptions { strict: true }, &()).unwrap(),
-            Comparison::SizeMismatch { a: 1 << 20, b: 2 << 20 }
+            Comparison::SizeMismatch {
+                a: 1 << 20,
+                b: 2 << 20
+            }
         );
     }
 
@@ -276,7 +325,9 @@ mod tests {
         let b = mem(2 << 20, (1 << 20) + 10, &[9]);
         assert_eq!(
             compare(&a, &b, CompareOptions::default(), &()).unwrap(),
-            Comparison::Differ { offset: (1 << 20) + 10 }
+            Comparison::Differ {
+                offset: (1 << 20) + 10
+            }
         );
     }
 }

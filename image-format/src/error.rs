@@ -147,7 +147,8 @@ mod tests {
 
     #[test]
     fn corrupt_error_names_file_structure_and_offset() {
-        let err = Error::corrupt("L1 table", 0x30000, "entry beyond end of file").in_file(Path::new("a.qcow2"));
+        let err = Error::corrupt("L1 table", 0x30000, "entry beyond end of file")
+            .in_file(Path::new("a.qcow2"));
         assert_eq!(
             err.to_string(),
             "a.qcow2: corrupt L1 table at offset 0x30000: entry beyond end of file"

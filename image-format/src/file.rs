@@ -114,7 +114,9 @@ impl ImageFile {
                 ),
             });
         }
-        self.file.read_exact_at(buf, off).map_err(|source| self.io_error("read", off, source))
+        self.file
+            .read_exact_at(buf, off)
+            .map_err(|source| self.io_error("read", off, source))
     }
 
     /// Reads up to `buf.len()` bytes at `off`; bytes past the end of the file read as zeros.
@@ -123,7 +125,9 @@ impl ImageFile {
         let avail = self.len.saturating_sub(off).min(buf.len() as u64) as usize;
         let (head, tail) = buf.split_at_mut(avail);
         if !head.is_empty() {
-            self.file.read_exact_at(head, off).map_err(|source| self.io_error("read", off, source))?;
+            self.file
+                .read_exact_at(head, off)
+                .map_err(|source| self.io_error("read", off, source))?;
         }
         tail.fill(0);
         Ok(())
@@ -138,12 +142,16 @@ impl ImageFile {
 
     /// Writes all of `buf` at `off`.
     pub fn write_all_at(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.file.write_all_at(buf, off).map_err(|source| self.io_error("write", off, source))
+        self.file
+            .write_all_at(buf, off)
+            .map_err(|source| self.io_error("write", off, source))
     }
 
     /// `fdatasync`.
     pub fn sync_data(&self) -> Result<()> {
-        self.file.sync_data().map_err(|source| self.io_error("sync", 0, source))
+        self.file
+            .sync_data()
+            .map_err(|source| self.io_error("sync", 0, source))
     }
 
     /// Bytes the file occupies on the host (allocated blocks), as `du` reports.

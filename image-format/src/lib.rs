@@ -18,6 +18,7 @@ pub mod file;
 pub mod image;
 pub mod raw;
 pub mod registry;
+pub mod vhd;
 
 pub use blockdev::{BlockDevice, BlockDeviceMut, Caps, Extent, ExtentKind, HostLocation};
 pub use error::{Error, Result};
@@ -26,7 +27,7 @@ pub use registry::{Driver, OpenOptions, Registry};
 
 /// A registry with every driver of this crate.
 pub fn default_registry() -> Registry {
-    Registry::new(vec![Box::new(raw::RawDriver)])
+    Registry::new(vec![Box::new(raw::RawDriver), Box::new(vhd::VhdDriver)])
 }
 
 /// Opens `path` with the default registry.

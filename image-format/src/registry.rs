@@ -111,7 +111,12 @@ impl OpenContext<'_> {
     /// Resolves a path that the image records (`what` names it in errors: "backing file",
     /// "parent", "extent"), enforcing the directory rule.
     pub fn resolve_related(&self, what: &'static str, recorded: &str) -> Result<PathBuf> {
-        resolve_related_path(self.path(), what, recorded, self.options.allow_external_paths)
+        resolve_related_path(
+            self.path(),
+            what,
+            recorded,
+            self.options.allow_external_paths,
+        )
     }
 
     /// Opens the backing file the image records, read-only, probing its format unless
@@ -214,7 +219,9 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.drivers.iter().map(|d| d.name())).finish()
+        f.debug_list()
+            .entries(self.drivers.iter().map(|d| d.name()))
+            .finish()
     }
 }
 
@@ -314,8 +321,8 @@ mod tests {
     use super::*;
 
     fn scratch_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir()
-            .join(format!("vmnest-registry-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("vmnest-registry-{}-{name}", std::process::id()));
         std::fs::create_dir_all(dir.join("sub")).unwrap();
         dir
     }

@@ -34,7 +34,9 @@ pub fn vmnest() -> Command {
 
 /// Runs `cmd`, asserting it exits 0; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed with {}\nstdout: {}\nstderr: {}",
@@ -47,7 +49,8 @@ pub fn run_ok(cmd: &mut Command) -> String {
 
 /// Runs `cmd` and returns its output whatever the exit status.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// The path of a peer tool; fails the test (naming the Debian package) when it is missing.
@@ -88,8 +91,13 @@ pub fn sample_images_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("VMNEST_SAMPLE_IMAGES") {
         return PathBuf::from(dir);
     }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root");
-    let dir = repo.parent().expect("repo parent").join("shared/sample_images");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root");
+    let dir = repo
+        .parent()
+        .expect("repo parent")
+        .join("shared/sample_images");
     assert!(
         dir.is_dir(),
         "sample images not found at {} (set VMNEST_SAMPLE_IMAGES)",
@@ -108,7 +116,11 @@ pub fn sample(rel: &str) -> PathBuf {
     let sub = Path::new(rel).parent().unwrap_or(Path::new(""));
     let dir = cache.join(sub);
     std::fs::create_dir_all(&dir).expect("sample cache dir");
-    let name = src.file_name().expect("file name").to_string_lossy().into_owned();
+    let name = src
+        .file_name()
+        .expect("file name")
+        .to_string_lossy()
+        .into_owned();
     if let Some(stem) = name.strip_suffix(".bz2") {
         let out = dir.join(stem);
         if !out.exists() {
@@ -202,7 +214,13 @@ pub fn write_pattern_raw(path: &Path, size: u64, seed: u64) {
 /// Data ranges `[start, end)` of an image as `qemu-img map --output=json` reports them
 /// (entries with `"data": true`), merged.
 pub fn qemu_map_data(path: &Path, format: &str) -> Vec<(u64, u64)> {
-    let out = qemu_img(&["map", "--output=json", "-f", format, path.to_str().expect("utf-8 path")]);
+    let out = qemu_img(&[
+        "map",
+        "--output=json",
+        "-f",
+        format,
+        path.to_str().expect("utf-8 path"),
+    ]);
     data_ranges_from_json(&out)
 }
 
@@ -232,7 +250,13 @@ pub fn data_ranges_from_json(json: &str) -> Vec<(u64, u64)> {
 
 /// `qemu-img info --output=json` of an image, parsed.
 pub fn qemu_info(path: &Path, format: &str) -> serde_json::Value {
-    let out = qemu_img(&["info", "--output=json", "-f", format, path.to_str().expect("utf-8 path")]);
+    let out = qemu_img(&[
+        "info",
+        "--output=json",
+        "-f",
+        format,
+        path.to_str().expect("utf-8 path"),
+    ]);
     serde_json::from_str(&out).expect("qemu-img info json")
 }
 
