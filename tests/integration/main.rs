@@ -1,1 +1,2 @@
 //! The integration suite: one binary, one module per area.
+mod vhd;

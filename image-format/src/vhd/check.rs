@@ -28,7 +28,7 @@ pub(super) fn check(image: &VhdImage) -> CheckReport {
     let mut report = CheckReport::default();
     let file_len = image.file.len();
     check_footers(image, &mut report);
-    if image.footer.current_size % SECTOR != 0 {
+    if !image.footer.current_size.is_multiple_of(SECTOR) {
         report.corruption(
             "VHD footer",
             Some(image.copies[image.chosen].offset + 48),

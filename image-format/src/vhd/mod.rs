@@ -429,6 +429,15 @@ fn open_parent(
             "differencing disk without a usable parent locator or parent name",
         ));
     }
+    if !ctx.options.open_backing {
+        // The chain is recorded, not opened: no file system lookups.
+        let cand = &candidates[0];
+        return Ok(Parent {
+            image: None,
+            recorded: cand.recorded.clone(),
+            source: cand.source.clone(),
+        });
+    }
     let mut found = None;
     let mut first_path = None;
     for cand in &candidates {
@@ -449,13 +458,6 @@ fn open_parent(
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no parent candidate exists"),
         });
     };
-    if !ctx.options.open_backing {
-        return Ok(Parent {
-            image: None,
-            recorded: cand.recorded.clone(),
-            source: cand.source.clone(),
-        });
-    }
     check_parent_identity(ctx, &path, header)?;
     let image = ctx.open_backing(&cand.relative, Some("vpc"))?;
     Ok(Parent {
