@@ -601,3 +601,29 @@ fn sample_dfvfs_image_differential_with_bad_checksums_is_refused() {
         "{msg}"
     );
 }
+
+#[test]
+fn table_past_the_end_of_the_file_is_rejected_before_it_is_read() {
+    let dir = scratch("vhd-bat-past-eof");
+    let path = dir.join("image.vhd");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=dynamic",
+        path.to_str().unwrap(),
+        "64M",
+    ]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[512 + 16..512 + 24].copy_from_slice(&0x10_0000u64.to_be_bytes()); // table offset: 1 MiB
+    let sum = vhd_checksum(&bytes[512..1536], 36);
+    bytes[512 + 36..512 + 40].copy_from_slice(&sum.to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let msg = open_vpc(&path).err().expect("must not open").to_string();
+    assert!(
+        msg.contains("image.vhd: corrupt VHD block allocation table at offset 0x100000"),
+        "{msg}"
+    );
+}

@@ -315,6 +315,22 @@ impl VhdImage {
             let table_len = usize::try_from(header.table_bytes()).map_err(|_| {
                 Error::corrupt("VHD dynamic header", header_offset + 28, "table too large")
             })?;
+            // Judge the table's extent before allocating for it.
+            if header
+                .table_offset
+                .checked_add(header.table_bytes())
+                .is_none_or(|end| end > file.len())
+            {
+                return Err(Error::corrupt(
+                    "VHD block allocation table",
+                    header.table_offset,
+                    format!(
+                        "{} bytes of table needed but the file ends at {:#x}",
+                        header.table_bytes(),
+                        file.len()
+                    ),
+                ));
+            }
             let raw_bat =
                 file.read_vec(header.table_offset, table_len, "VHD block allocation table")?;
             let map = BlockMap::new(
@@ -544,5 +560,115 @@ impl Image for VhdImage {
 
     fn backing(&self) -> Option<&Arc<dyn Image>> {
         self.parent.as_ref().and_then(|p| p.image.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vhd::header::tests::footer_bytes;
+
+    fn copy(place: Place, offset: u64, bytes: [u8; FOOTER_SIZE]) -> FooterCopy {
+        FooterCopy {
+            place,
+            offset,
+            bytes,
+            parsed: has_footer_cookie(&bytes).then(|| parse_footer(&bytes, offset)),
+        }
+    }
+
+    fn corrupted(mut bytes: [u8; FOOTER_SIZE]) -> [u8; FOOTER_SIZE] {
+        bytes[48] ^= 1; // current size changed after checksumming
+        bytes
+    }
+
+    fn dynamic() -> [u8; FOOTER_SIZE] {
+        footer_bytes(3, b"qemu", 104448, (3, 4, 17))
+    }
+
+    #[test]
+    fn footer_at_the_end_is_preferred() {
+        let copies = [
+            copy(Place::End, 0x5000, dynamic()),
+            copy(Place::Start, 0, dynamic()),
+        ];
+        assert_eq!(choose_footer(&copies, 0x5200).unwrap(), 0);
+    }
+
+    #[test]
+    fn bad_footer_at_the_end_falls_back_to_the_valid_copy_at_zero() {
+        let copies = [
+            copy(Place::End, 0x5000, corrupted(dynamic())),
+            copy(Place::Start, 0, dynamic()),
+        ];
+        assert_eq!(choose_footer(&copies, 0x5200).unwrap(), 1);
+    }
+
+    #[test]
+    fn both_footer_copies_bad_is_an_error_naming_the_end_copy() {
+        let copies = [
+            copy(Place::End, 0x5000, corrupted(dynamic())),
+            copy(Place::Start, 0, corrupted(dynamic())),
+        ];
+        let err = choose_footer(&copies, 0x5200).unwrap_err().to_string();
+        assert!(
+            err.contains("corrupt VHD footer at offset 0x5040: checksum"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn copy_at_zero_of_a_fixed_disk_is_not_trusted() {
+        let fixed = footer_bytes(2, b"qemu", 104448, (3, 4, 17));
+        let copies = [
+            copy(Place::End, 0x5000, [0; FOOTER_SIZE]),
+            copy(Place::Start, 0, fixed),
+        ];
+        let err = choose_footer(&copies, 0x5200).unwrap_err().to_string();
+        assert!(err.contains("describes a fixed disk"), "{err}");
+    }
+
+    #[test]
+    fn no_cookie_anywhere_is_an_error() {
+        let copies = [
+            copy(Place::End, 0x5000, [0; FOOTER_SIZE]),
+            copy(Place::Start, 0, [0; FOOTER_SIZE]),
+        ];
+        let err = choose_footer(&copies, 0x5200).unwrap_err().to_string();
+        assert!(err.contains("no \"conectix\" cookie"), "{err}");
+    }
+
+    #[test]
+    fn valid_copy_wins_over_one_checksummed_without_its_unique_id() {
+        let mut stamped = dynamic();
+        stamped[68..84].fill(0);
+        let sum = header::checksum(&stamped, 64);
+        stamped[64..68].copy_from_slice(&sum.to_be_bytes());
+        stamped[68..84].fill(0x77);
+        let copies = [
+            copy(Place::End, 0x5000, stamped),
+            copy(Place::Start, 0, dynamic()),
+        ];
+        assert_eq!(choose_footer(&copies, 0x5200).unwrap(), 1);
+    }
+
+    #[test]
+    fn probe_scores_a_valid_footer_at_the_end_highest() {
+        let mut tail = vec![0u8; 1024];
+        tail[512..].copy_from_slice(&footer_bytes(2, b"win ", 512, (1, 1, 1)));
+        let probe = Probe {
+            head: &[0; 512],
+            tail: &tail,
+            file_len: 1024,
+        };
+        assert_eq!(VhdDriver.probe(&probe), 100);
+        let broken = corrupted(footer_bytes(2, b"win ", 512, (1, 1, 1)));
+        tail[512..].copy_from_slice(&broken);
+        let probe = Probe {
+            head: &[0; 512],
+            tail: &tail,
+            file_len: 1024,
+        };
+        assert_eq!(VhdDriver.probe(&probe), 60);
     }
 }
