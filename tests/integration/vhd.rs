@@ -222,6 +222,18 @@ fn parent_facts(parent: &Path) -> ParentFacts {
 /// end    footer
 /// ```
 fn write_child(path: &Path, p: &ParentFacts, parent_uuid: [u8; 16], block: u32, sectors: &[u32]) {
+    write_child_with_locator(path, p, parent_uuid, block, sectors, r".\parent.vhd");
+}
+
+/// [`write_child`] with another W2ru locator path.
+fn write_child_with_locator(
+    path: &Path,
+    p: &ParentFacts,
+    parent_uuid: [u8; 16],
+    block: u32,
+    sectors: &[u32],
+    w2ru: &str,
+) {
     // Footer: the parent's, as a differencing disk with its own identity.
     let mut footer = p.footer;
     footer[16..24].copy_from_slice(&512u64.to_be_bytes()); // data offset: dynamic header
@@ -235,10 +247,7 @@ fn write_child(path: &Path, p: &ParentFacts, parent_uuid: [u8; 16], block: u32, 
     let locator_offset = 1536 + bat_bytes;
     let block_offset = locator_offset + 512;
     let bitmap_bytes = ((p.block_size as usize / 512).div_ceil(8)).div_ceil(512) * 512;
-    let locator: Vec<u8> = r".\parent.vhd"
-        .encode_utf16()
-        .flat_map(|u| u.to_le_bytes())
-        .collect();
+    let locator: Vec<u8> = w2ru.encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
 
     // Dynamic header.
     let mut header = [0u8; 1024];
@@ -625,5 +634,35 @@ fn table_past_the_end_of_the_file_is_rejected_before_it_is_read() {
     assert!(
         msg.contains("image.vhd: corrupt VHD block allocation table at offset 0x100000"),
         "{msg}"
+    );
+}
+
+#[test]
+fn differencing_child_whose_relative_locator_leaves_the_directory_uses_its_parent_name() {
+    // Files gathered into one directory: the W2ru locator still says ..\vms\parent.vhd; the
+    // parent name finds parent.vhd beside the child (and its identity is checked).
+    let dir = scratch("vhd-diff-gathered");
+    let parent_path = make_parent(&dir);
+    let facts = parent_facts(&parent_path);
+    let child_path = dir.join("child.vhd");
+    write_child_with_locator(
+        &child_path,
+        &facts,
+        facts.unique_id,
+        0,
+        &MARKED,
+        r"..\vms\parent.vhd",
+    );
+    let child = open_vpc(&child_path).unwrap();
+    let info = child.info().unwrap();
+    assert_eq!(info.backing_filename.as_deref(), Some("parent.vhd"));
+    assert_eq!(info.format_specific["parent-source"], "parent name");
+
+    // Without the parent beside it, the error is about the preferred (outside) candidate.
+    std::fs::remove_file(&parent_path).unwrap();
+    let err = open_vpc(&child_path).err().expect("must not open");
+    assert!(
+        matches!(err, Error::PathOutsideDirectory { what: "parent", .. }),
+        "{err}"
     );
 }

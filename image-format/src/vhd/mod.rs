@@ -40,7 +40,9 @@
 //! * **Parents.** Located through the parent locators, relative ones first (W2ru, Wi2r), then
 //!   absolute ones (W2ku, Wi2k: only their file name is used, beside the child), then the
 //!   header's parent name; see [`header::parent_path_to_relative`]. The first candidate that
-//!   exists is opened through the registry (directory rule, chain depth cap). A parent whose
+//!   exists inside the image's directory is opened through the registry (directory rule, chain
+//!   depth cap); a relative locator leading out of the directory is passed over for the next
+//!   candidate (files gathered in one directory still open), and reported if nothing is found. A parent whose
 //!   footer unique id differs from the one the child records is [`Error::ParentMismatch`]; no
 //!   parent at all is [`Error::MissingFile`] naming the preferred candidate. A missing parent is
 //!   never read as zeros (qemu does that).
@@ -454,25 +456,37 @@ fn open_parent(
             source: cand.source.clone(),
         });
     }
+    // The first candidate that exists inside the directory wins. When none does, the error is
+    // about the preferred candidate: outside the directory (and not allowed), or missing.
     let mut found = None;
-    let mut first_path = None;
+    let mut first_failure: Option<Error> = None;
     for cand in &candidates {
-        // A path leading out of the directory is an error, not a reason to try the next one.
-        let path = ctx.resolve_related("parent", &cand.relative)?;
+        let path = match ctx.resolve_related("parent", &cand.relative) {
+            Ok(path) => path,
+            Err(err) => {
+                first_failure.get_or_insert(err);
+                continue;
+            }
+        };
         if std::fs::metadata(&path).is_ok() {
             found = Some((cand, path));
             break;
         }
-        first_path.get_or_insert(path);
-    }
-    let Some((cand, path)) = found else {
-        let target = first_path.unwrap_or_default();
-        return Err(Error::MissingFile {
+        first_failure.get_or_insert_with(|| Error::MissingFile {
             path: ctx.path().to_path_buf(),
             what: "parent",
-            target,
+            target: path,
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no parent candidate exists"),
         });
+    }
+    let Some((cand, path)) = found else {
+        return Err(first_failure.unwrap_or_else(|| {
+            Error::corrupt(
+                "VHD dynamic header",
+                header_offset + 64,
+                "no parent candidate",
+            )
+        }));
     };
     check_parent_identity(ctx, &path, header)?;
     let image = ctx.open_backing(&cand.relative, Some("vpc"))?;
