@@ -530,6 +530,21 @@ fn sample_fat_differential_without_parent_is_an_error_naming_the_parent() {
     assert_eq!(info.format_specific["parent-source"], "W2ru locator");
     let mut buf = vec![0u8; 4096];
     assert!(image.read_at(&mut buf, 3 << 20).is_err());
+
+    // Its one allocated block (BAT[0] = sector 0x9f) has a bitmap whose byte 16 is 0x02: with
+    // bits taken most significant first that marks sector 134, the first sector of the block
+    // holding data. Marked sectors read from the child; the sector before it needs the parent.
+    let marked = image.block_status(134 * 512, 512).unwrap();
+    assert_eq!((marked.kind, marked.depth), (ExtentKind::Data, 0));
+    assert_eq!(marked.host.unwrap().offset, 0x9f * 512 + 512 + 134 * 512);
+    let mut sector = [0u8; 512];
+    image.read_at(&mut sector, 134 * 512).unwrap();
+    assert!(sector.iter().any(|&b| b != 0));
+    assert_eq!(
+        image.block_status(133 * 512, 512).unwrap().kind,
+        ExtentKind::Unallocated
+    );
+    assert!(image.read_at(&mut sector, 133 * 512).is_err());
 }
 
 /// A copy of `src` in `dir` with both footer copies' checksums recomputed, so that qemu-img
