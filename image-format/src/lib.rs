@@ -20,6 +20,7 @@ pub mod parallels;
 pub mod qcow2;
 pub mod raw;
 pub mod registry;
+pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
@@ -30,12 +31,14 @@ pub use registry::{Driver, OpenOptions, Registry};
 
 /// A registry with every driver of this crate.
 pub fn default_registry() -> Registry {
+    // Order breaks ties between equal probe scores: the first registered wins.
     Registry::new(vec![
-        Box::new(parallels::ParallelsDriver),
-        Box::new(vmdk::VmdkDriver),
         Box::new(qcow2::Qcow2Driver),
-        Box::new(raw::RawDriver),
         Box::new(vhdx::VhdxDriver),
+        Box::new(vmdk::VmdkDriver),
+        Box::new(vhd::VhdDriver),
+        Box::new(parallels::ParallelsDriver),
+        Box::new(raw::RawDriver),
     ])
 }
 

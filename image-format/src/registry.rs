@@ -4,7 +4,8 @@
 //!
 //! Every driver scores the first [`PROBE_HEAD`] bytes and the last [`PROBE_TAIL`] bytes of a file
 //! (VHD keeps its footer at the end) from 0 (not mine) to 100 (magic and checksum agree). The
-//! highest score wins; raw scores 1, so it wins only when nothing else claims the file.
+//! highest score wins, the first registered on a tie; raw scores 1, so it wins only when nothing
+//! else claims the file.
 //!
 //! # Safety rules for opening
 //!
@@ -255,14 +256,17 @@ impl Registry {
             tail: &tail,
             file_len: file.len(),
         };
-        self.drivers
-            .iter()
-            .map(|d| (d.as_ref(), d.probe(&probe)))
-            .filter(|(_, score)| *score > 0)
-            .max_by_key(|(_, score)| *score)
-            .ok_or_else(|| Error::UnknownFormat {
-                path: file.path().to_path_buf(),
-            })
+        let mut best: Option<(&dyn Driver, u32)> = None;
+        for driver in &self.drivers {
+            let score = driver.probe(&probe);
+            // Strictly greater: on a tie the driver registered first keeps the file.
+            if score > 0 && best.is_none_or(|(_, s)| score > s) {
+                best = Some((driver.as_ref(), score));
+            }
+        }
+        best.ok_or_else(|| Error::UnknownFormat {
+            path: file.path().to_path_buf(),
+        })
     }
 
     /// Opens the image at `path` and its backing chain.

@@ -113,3 +113,17 @@ fn qcow2_extended_l2_conforms() {
         &["-o", "extended_l2=on,cluster_size=128k"],
     );
 }
+
+#[test]
+fn vhd_dynamic_conforms() {
+    check(
+        "vhd-dynamic",
+        "vpc",
+        &["-o", "subformat=dynamic,force_size=on"],
+    );
+}
+
+#[test]
+fn vhd_fixed_conforms() {
+    check("vhd-fixed", "vpc", &["-o", "subformat=fixed"]);
+}

@@ -6,5 +6,6 @@ mod conformance;
 mod parallels;
 mod qcow2;
 mod raw;
+mod vhd;
 mod vhdx;
 mod vmdk;
