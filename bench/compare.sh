@@ -25,7 +25,7 @@ if [ ! -f "$work/disk.vmdk" ] || [ "$(stat -c %s "$raw" 2>/dev/null || echo 0)" 
   step=96
   for ((mb = 0; mb + 36 <= size_gib * 1024; mb += step)); do
     head -c 24M /dev/urandom | dd of="$raw" bs=1M seek=$mb conv=notrunc,sparse status=none
-    yes "vmnest benchmark line $mb" | head -c 8M | dd of="$raw" bs=1M seek=$((mb + 24)) conv=notrunc status=none
+    (yes "vmnest benchmark line $mb" || true) | head -c 8M | dd of="$raw" bs=1M seek=$((mb + 24)) conv=notrunc status=none
     head -c 4M /dev/zero | dd of="$raw" bs=1M seek=$((mb + 32)) conv=notrunc status=none
   done
   qemu-img convert -f raw -O qcow2 "$raw" "$work/disk.qcow2"

@@ -377,6 +377,21 @@ fn qcow2_check_finds_a_zeroed_refcount() {
         qemu_check(&img)["corruptions"].as_u64().map(|n| n > 0),
         Some(true)
     );
+    assert_check_exit_like_qemu(&img, 2);
+}
+
+/// `vmnest check` exits with `code`, and so does `qemu-img check`.
+fn assert_check_exit_like_qemu(img: &Path, code: i32) {
+    let ours = vmnest_tests::run(vmnest_tests::vmnest().arg("check").arg(img));
+    assert_eq!(
+        ours.status.code(),
+        Some(code),
+        "{}",
+        String::from_utf8_lossy(&ours.stdout)
+    );
+    let qemu =
+        vmnest_tests::run(std::process::Command::new(require("qemu-img")).args(["check", s(img)]));
+    assert_eq!(qemu.status.code(), Some(code));
 }
 
 #[test]
@@ -427,6 +442,7 @@ fn qcow2_leaked_cluster_is_a_leak_not_a_corruption() {
         report.leaks.len() as u64,
         qemu_check(&img)["leaks"].as_u64().unwrap()
     );
+    assert_check_exit_like_qemu(&img, 3);
 }
 
 fn sample_like_qemu(rel: &str, virtual_size: u64) {
