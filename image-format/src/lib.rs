@@ -13,6 +13,7 @@
 pub mod blockdev;
 pub mod bytes;
 pub mod compare;
+pub mod create;
 pub mod error;
 pub mod file;
 pub mod image;
@@ -25,6 +26,7 @@ pub mod vhdx;
 pub mod vmdk;
 
 pub use blockdev::{BlockDevice, BlockDeviceMut, Caps, Extent, ExtentKind, HostLocation};
+pub use create::{CreateOptions, ImageWriter, Prepared, Unit, WriteOrder};
 pub use error::{Error, Result};
 pub use image::{CheckProblem, CheckReport, Image, ImageInfo, SnapshotInfo};
 pub use registry::{Driver, OpenOptions, Registry};

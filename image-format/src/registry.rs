@@ -19,6 +19,7 @@
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+use crate::create::{CreateOptions, ImageWriter};
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
 use crate::image::Image;
@@ -53,6 +54,15 @@ pub trait Driver: Send + Sync {
     fn probe(&self, probe: &Probe<'_>) -> u32;
     /// Opens the image that `ctx` names.
     fn open(&self, ctx: &OpenContext<'_>) -> Result<Arc<dyn Image>>;
+    /// Starts writing a new image at `path` (see [`crate::create`]). Formats without a writer
+    /// return [`Error::Unsupported`].
+    fn create(&self, path: &Path, options: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+        let _ = options;
+        Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            what: format!("creating {} images", self.name()),
+        })
+    }
 }
 
 /// How to open an image.
@@ -267,6 +277,23 @@ impl Registry {
         best.ok_or_else(|| Error::UnknownFormat {
             path: file.path().to_path_buf(),
         })
+    }
+
+    /// Starts writing a new `format` image at `path`.
+    pub fn create(
+        &self,
+        format: &str,
+        path: &Path,
+        options: &CreateOptions,
+    ) -> Result<Box<dyn ImageWriter>> {
+        let driver = self.driver(format).ok_or_else(|| Error::InvalidArgument {
+            path: path.to_path_buf(),
+            reason: format!(
+                "unknown format {format:?} (known: {})",
+                self.formats().join(", ")
+            ),
+        })?;
+        driver.create(path, options).map_err(|e| e.in_file(path))
     }
 
     /// Opens the image at `path` and its backing chain.

@@ -1,9 +1,12 @@
-//! Raw images: the guest bytes as they are, holes kept sparse (SEEK_DATA/SEEK_HOLE).
+//! Raw images: the guest bytes as they are, holes kept sparse (SEEK_DATA/SEEK_HOLE), read and
+//! written.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::blockdev::{BlockDevice, Caps, Extent, ExtentKind, check_range, check_status_range};
-use crate::error::Result;
+use crate::create::{CreateOptions, ImageWriter, Prepared, TempOutput, WriteOrder};
+use crate::error::{Error, Result};
 use crate::file::ImageFile;
 use crate::image::{Image, ImageInfo};
 use crate::registry::{Driver, OpenContext, Probe};
@@ -25,6 +28,62 @@ impl Driver for RawDriver {
     fn open(&self, ctx: &OpenContext<'_>) -> Result<Arc<dyn Image>> {
         let file = ImageFile::open_with(ctx.path(), ctx.writable())?;
         Ok(Arc::new(RawImage::new(file)))
+    }
+
+    fn create(&self, path: &Path, options: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+        options.reader("raw").finish()?;
+        if options.backing.is_some() {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                what: "a backing file for a raw image".into(),
+            });
+        }
+        let out = TempOutput::create(path)?;
+        out.set_len(options.size)?;
+        Ok(Box::new(RawWriter {
+            out,
+            size: options.size,
+        }))
+    }
+}
+
+/// Writes a new raw image: data where the engine commits it, holes everywhere else.
+#[derive(Debug)]
+pub struct RawWriter {
+    out: TempOutput,
+    size: u64,
+}
+
+impl ImageWriter for RawWriter {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn cluster_size(&self) -> u64 {
+        // The file system block: the smallest hole a sparse file can keep.
+        4096
+    }
+
+    fn order(&self) -> WriteOrder {
+        WriteOrder::Any
+    }
+
+    fn commit(&self, prepared: Prepared) -> Result<()> {
+        let mut off = prepared.off;
+        for unit in &prepared.units {
+            self.out.file().write_all_at(&unit.bytes, off)?;
+            off += unit.bytes.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, _off: u64, _len: u64) -> Result<()> {
+        // A new raw file is all holes: uncommitted ranges already read as zeros.
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.out.commit()
     }
 }
 
