@@ -3,6 +3,7 @@
 
 mod cli;
 mod conformance;
+mod convert;
 mod parallels;
 mod qcow2;
 mod raw;

@@ -446,3 +446,24 @@ pub fn conformance(dev: &dyn BlockDevice, reference: &[u8]) {
 pub fn read_raw(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
+
+/// Converts the image at `src` (format probed) into a new `format` image at `dst` with the
+/// library (registry writer + copy engine); `options` is `-o`'s `key=value,...` text.
+pub fn write_image(src: &Path, format: &str, options: &str, dst: &Path) -> convert::ConvertStats {
+    let source = open(src);
+    let mut create = image_format::CreateOptions {
+        size: source.size(),
+        ..Default::default()
+    };
+    create.parse_options(options).expect("options");
+    let writer = image_format::default_registry()
+        .create(format, dst, &create)
+        .unwrap_or_else(|e| panic!("create {format} {}: {e}", dst.display()));
+    convert::convert(
+        source.as_ref(),
+        writer,
+        &convert::ConvertOptions::default(),
+        &(),
+    )
+    .unwrap_or_else(|e| panic!("convert {} to {format}: {e}", src.display()))
+}
