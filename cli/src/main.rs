@@ -3,9 +3,11 @@
 
 mod cmd_check;
 mod cmd_compare;
+mod cmd_convert;
 mod cmd_info;
 mod cmd_map;
 mod common;
+mod presets;
 
 use std::process::ExitCode;
 
@@ -28,6 +30,10 @@ enum Command {
     Check(cmd_check::Args),
     /// Show which ranges of the guest disk hold data, read as zeros, or are unallocated.
     Map(cmd_map::Args),
+    /// Convert an image to another format (or the same one with other options).
+    Convert(Box<cmd_convert::ConvertArgs>),
+    /// Create a new, empty image (or an overlay on a backing file).
+    Create(cmd_convert::CreateArgs),
     /// Compare the guest content of two images of any formats; exit 0 identical, 1 different,
     /// 2 error.
     Compare(cmd_compare::Args),
@@ -40,6 +46,8 @@ fn main() -> ExitCode {
         Command::Check(args) => (cmd_check::run(args), 1),
         Command::Map(args) => (cmd_map::run(args), 1),
         Command::Compare(args) => (cmd_compare::run(args), 2),
+        Command::Convert(args) => (cmd_convert::run_convert(*args), 1),
+        Command::Create(args) => (cmd_convert::run_create(args), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code),

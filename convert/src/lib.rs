@@ -521,15 +521,16 @@ impl Planner<'_> {
             let mut probe = c_end;
             while probe < stop {
                 let (z, e) = self.src_status(probe)?;
-                if z && e >= stop {
-                    break;
-                }
                 if z {
-                    // A zero gap: stop at the cluster containing its start if it spans whole clusters.
-                    let gap_end = (e / self.cluster) * self.cluster;
+                    // A zero gap that covers at least one whole cluster ends the window.
                     let gap_start = probe.div_ceil(self.cluster) * self.cluster;
-                    if gap_end > gap_start {
-                        stop = gap_start.max(c_end);
+                    let gap_end = if e >= stop {
+                        stop
+                    } else {
+                        e / self.cluster * self.cluster
+                    };
+                    if gap_end > gap_start || e >= stop {
+                        stop = gap_start.clamp(c_end, stop);
                         break;
                     }
                 }
@@ -551,5 +552,278 @@ impl Planner<'_> {
         };
         self.seq += 1;
         job
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image_format::blockdev::{Caps, Extent, ExtentKind, check_range, check_status_range};
+
+    /// A device in memory whose `block_status` reports the listed data ranges, zero elsewhere.
+    struct Mem {
+        bytes: Vec<u8>,
+        data: Vec<(u64, u64)>,
+        fail_at: Option<u64>,
+    }
+
+    impl Mem {
+        fn new(size: usize, data: &[(u64, u64)], seed: u8) -> Mem {
+            let mut bytes = vec![0u8; size];
+            for &(s, e) in data {
+                for (i, b) in bytes[s as usize..e as usize].iter_mut().enumerate() {
+                    *b = (i as u8).wrapping_mul(31).wrapping_add(seed) | 1;
+                }
+            }
+            Mem {
+                bytes,
+                data: data.to_vec(),
+                fail_at: None,
+            }
+        }
+    }
+
+    impl BlockDevice for Mem {
+        fn size(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        fn caps(&self) -> Caps {
+            Caps::EXTENTS
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+            check_range(off, buf.len() as u64, self.size())?;
+            if let Some(f) = self.fail_at
+                && off <= f
+                && f < off + buf.len() as u64
+            {
+                return Err(Error::corrupt("test data", f, "injected read failure"));
+            }
+            buf.copy_from_slice(&self.bytes[off as usize..off as usize + buf.len()]);
+            Ok(())
+        }
+        fn block_status(&self, off: u64, len: u64) -> Result<Extent> {
+            check_status_range(off, len, self.size())?;
+            for &(s, e) in &self.data {
+                if off < s {
+                    return Ok(Extent::new(ExtentKind::Zero, (s - off).min(len)));
+                }
+                if off < e {
+                    return Ok(Extent::new(ExtentKind::Data, (e - off).min(len)));
+                }
+            }
+            Ok(Extent::new(ExtentKind::Unallocated, len))
+        }
+    }
+
+    #[derive(Default)]
+    struct Record {
+        image: Vec<u8>,
+        commits: Vec<(u64, u64)>,
+        zeroes: Vec<(u64, u64)>,
+        finished: bool,
+    }
+
+    /// A writer into memory that records what the engine asked of it.
+    struct MemWriter {
+        size: u64,
+        cluster: u64,
+        order: WriteOrder,
+        rec: Arc<Mutex<Record>>,
+    }
+
+    impl ImageWriter for MemWriter {
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn cluster_size(&self) -> u64 {
+            self.cluster
+        }
+        fn order(&self) -> WriteOrder {
+            self.order
+        }
+        fn commit(&self, p: Prepared) -> Result<()> {
+            let mut r = self.rec.lock().unwrap();
+            let bytes = &p.units[0].bytes;
+            assert_eq!(bytes.len() as u64, p.len);
+            assert_eq!(
+                p.off % self.cluster,
+                0,
+                "commit at {:#x} not cluster-aligned",
+                p.off
+            );
+            let end = p.off + p.len;
+            assert!(
+                end.is_multiple_of(self.cluster) || end == self.size,
+                "commit end {end:#x} unaligned"
+            );
+            r.image[p.off as usize..end as usize].copy_from_slice(bytes);
+            r.commits.push((p.off, p.len));
+            Ok(())
+        }
+        fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+            let mut r = self.rec.lock().unwrap();
+            r.image[off as usize..(off + len) as usize].fill(0);
+            r.zeroes.push((off, len));
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<()> {
+            self.rec.lock().unwrap().finished = true;
+            Ok(())
+        }
+    }
+
+    fn writer(
+        size: u64,
+        cluster: u64,
+        order: WriteOrder,
+        fill: u8,
+    ) -> (Box<MemWriter>, Arc<Mutex<Record>>) {
+        let rec = Arc::new(Mutex::new(Record {
+            image: vec![fill; size as usize],
+            ..Default::default()
+        }));
+        (
+            Box::new(MemWriter {
+                size,
+                cluster,
+                order,
+                rec: Arc::clone(&rec),
+            }),
+            rec,
+        )
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    fn layout() -> Vec<(u64, u64)> {
+        vec![
+            (0, 5000),
+            (70_000, 70_001),
+            (MIB + 512, 3 * MIB),
+            (7 * MIB - 10, 7 * MIB + 4096 + 512),
+        ]
+    }
+
+    #[test]
+    fn copies_data_skips_zeros_in_any_order() {
+        let src = Mem::new((7 * MIB + 4096 + 512) as usize, &layout(), 3);
+        let (w, rec) = writer(src.size(), 65536, WriteOrder::Any, 0);
+        let stats = convert(&src, w, &ConvertOptions::default(), &()).unwrap();
+        let r = rec.lock().unwrap();
+        assert!(r.finished);
+        assert!(r.image == src.bytes, "content differs");
+        assert!(r.zeroes.is_empty());
+        // Nothing committed for the 4 MiB of zeros between the data ranges.
+        assert!(
+            r.commits
+                .iter()
+                .all(|&(o, l)| o + l <= 3 * MIB + 65536 || o >= 7 * MIB - 65536)
+        );
+        assert_eq!(stats.bytes_written + stats.bytes_zero, src.size());
+    }
+
+    #[test]
+    fn ascending_writers_get_ascending_commits() {
+        let src = Mem::new((7 * MIB + 4096 + 512) as usize, &layout(), 5);
+        let (w, rec) = writer(src.size(), 4096, WriteOrder::Ascending, 0);
+        let opts = ConvertOptions {
+            threads: Some(4),
+            ..Default::default()
+        };
+        convert(&src, w, &opts, &()).unwrap();
+        let r = rec.lock().unwrap();
+        assert!(r.image == src.bytes);
+        assert!(
+            r.commits.windows(2).all(|p| p[0].0 + p[0].1 <= p[1].0),
+            "{:?}",
+            r.commits
+        );
+    }
+
+    #[test]
+    fn zero_filled_data_clusters_are_not_committed() {
+        let mut src = Mem::new((2 * MIB) as usize, &[(0, 2 * MIB)], 1);
+        src.bytes[..MIB as usize].fill(0); // reported as data, but zeros
+        let (w, rec) = writer(src.size(), 65536, WriteOrder::Any, 0);
+        let stats = convert(&src, w, &ConvertOptions::default(), &()).unwrap();
+        assert_eq!(stats.bytes_written, MIB);
+        assert!(rec.lock().unwrap().commits.iter().all(|&(o, _)| o >= MIB));
+    }
+
+    #[test]
+    fn overlay_stores_only_what_differs_from_the_backing() {
+        let base = Mem::new((4 * MIB) as usize, &[(0, 4 * MIB)], 9);
+        let mut top = Mem::new((4 * MIB) as usize, &[(0, 4 * MIB)], 9);
+        top.bytes[100] ^= 0xff; // one changed byte in cluster 0
+        top.bytes[(2 * MIB) as usize..(2 * MIB + 65536) as usize].fill(0); // zeroed cluster over data
+        let (w, rec) = writer(top.size(), 65536, WriteOrder::Any, 0);
+        let opts = ConvertOptions {
+            backing: Some(Arc::new(base)),
+            ..Default::default()
+        };
+        let stats = convert(&top, w, &opts, &()).unwrap();
+        let r = rec.lock().unwrap();
+        assert_eq!(r.commits, vec![(0, 65536)]);
+        assert_eq!(r.zeroes, vec![(2 * MIB, 65536)]);
+        assert_eq!(stats.bytes_same_as_backing, 4 * MIB - 2 * 65536);
+    }
+
+    #[test]
+    fn overlay_writes_zeros_where_only_the_backing_has_data() {
+        let base = Mem::new((2 * MIB) as usize, &[(MIB, MIB + 4096)], 4);
+        let top = Mem::new((2 * MIB) as usize, &[], 0);
+        let (w, rec) = writer(top.size(), 65536, WriteOrder::Any, 0);
+        let opts = ConvertOptions {
+            backing: Some(Arc::new(base)),
+            ..Default::default()
+        };
+        convert(&top, w, &opts, &()).unwrap();
+        assert_eq!(rec.lock().unwrap().zeroes, vec![(MIB, 65536)]);
+    }
+
+    #[test]
+    fn target_not_zero_gets_zeros_written_over_every_hole() {
+        let src = Mem::new((3 * MIB) as usize, &[(MIB, MIB + 10)], 2);
+        let (w, rec) = writer(src.size(), 65536, WriteOrder::Any, 0xee);
+        let opts = ConvertOptions {
+            target_not_zero: true,
+            ..Default::default()
+        };
+        convert(&src, w, &opts, &()).unwrap();
+        assert!(rec.lock().unwrap().image == src.bytes, "old bytes survived");
+    }
+
+    #[test]
+    fn read_error_stops_and_never_finishes() {
+        let mut src = Mem::new((8 * MIB) as usize, &[(0, 8 * MIB)], 6);
+        src.fail_at = Some(5 * MIB + 7);
+        for order in [WriteOrder::Any, WriteOrder::Ascending] {
+            let (w, rec) = writer(src.size(), 65536, order, 0);
+            let err = convert(&src, w, &ConvertOptions::default(), &()).unwrap_err();
+            assert!(err.to_string().contains("offset 0x500007"), "{err}");
+            assert!(!rec.lock().unwrap().finished);
+        }
+    }
+
+    #[test]
+    fn larger_target_gets_the_padded_last_cluster() {
+        let src = Mem::new(65536 + 1000, &[(0, 65536 + 1000)], 8);
+        let (w, rec) = writer(3 * 65536, 65536, WriteOrder::Any, 0);
+        convert(&src, w, &ConvertOptions::default(), &()).unwrap();
+        let r = rec.lock().unwrap();
+        assert!(r.image[..src.bytes.len()] == src.bytes[..]);
+        let last = r.commits.last().unwrap();
+        assert_eq!(
+            last.0 + last.1,
+            2 * 65536,
+            "the last cluster is committed whole"
+        );
+    }
+
+    #[test]
+    fn smaller_target_is_refused() {
+        let src = Mem::new(8192, &[], 0);
+        let (w, _) = writer(4096, 4096, WriteOrder::Any, 0);
+        assert!(convert(&src, w, &ConvertOptions::default(), &()).is_err());
     }
 }

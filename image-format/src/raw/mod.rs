@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::blockdev::{BlockDevice, Caps, Extent, ExtentKind, check_range, check_status_range};
+use crate::blockdev::{
+    BlockDevice, BlockDeviceMut, Caps, Extent, ExtentKind, check_range, check_status_range,
+};
 use crate::create::{CreateOptions, ImageWriter, Prepared, TempOutput, WriteOrder};
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
@@ -106,7 +108,12 @@ impl BlockDevice for RawImage {
     }
 
     fn caps(&self) -> Caps {
-        Caps::EXTENTS | Caps::MULTI_CONN
+        let base = Caps::EXTENTS | Caps::MULTI_CONN;
+        if self.file.is_writable() {
+            base | Caps::WRITE | Caps::FLUSH | Caps::WRITE_ZEROES
+        } else {
+            base
+        }
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
@@ -121,6 +128,50 @@ impl BlockDevice for RawImage {
             ExtentKind::Data => Extent::data_at(run, self.file.shared_path(), off),
             other => Extent::new(other, run),
         })
+    }
+}
+
+impl BlockDeviceMut for RawImage {
+    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        check_range(off, buf.len() as u64, self.size())?;
+        self.writable_file()?.write_all_at(buf, off)
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+        check_range(off, len, self.size())?;
+        let file = self.writable_file()?;
+        // Write zeros in bounded pieces (a block device or a file system without hole punching
+        // must still end up reading zeros).
+        const PIECE: u64 = 1 << 20;
+        let zeros = vec![0u8; PIECE.min(len) as usize];
+        let mut pos = off;
+        while pos < off + len {
+            let n = (off + len - pos).min(PIECE);
+            file.write_all_at(&zeros[..n as usize], pos)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, off: u64, len: u64) -> Result<()> {
+        self.write_zeroes(off, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.writable_file()?.sync_data()
+    }
+}
+
+impl RawImage {
+    fn writable_file(&self) -> Result<&ImageFile> {
+        if self.file.is_writable() {
+            Ok(&self.file)
+        } else {
+            Err(Error::ReadOnly {
+                path: self.file.path().to_path_buf(),
+                reason: "image opened read-only".into(),
+            })
+        }
     }
 }
 
