@@ -32,3 +32,133 @@ fn raw_writer_keeps_holes_and_content() {
         data_ranges(open(&q).as_ref())
     );
 }
+
+/// A qcow2 copy of the pattern whose first L2 entry points past the end of the file, so reading
+/// it fails partway through a conversion.
+fn broken_qcow2(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::FileExt;
+    let raw = dir.join("p.raw");
+    write_pattern_raw(&raw, PATTERN_SIZE, 71);
+    let img = dir.join("broken.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, 40).unwrap(); // l1_table_offset
+    let l1 = u64::from_be_bytes(b);
+    f.read_exact_at(&mut b, l1).unwrap();
+    let l2 = u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00;
+    // Entry 40 (2.5 MiB into the disk) -> far past the end of the file.
+    f.write_all_at(&((1u64 << 63) | (1 << 40)).to_be_bytes(), l2 + 40 * 8)
+        .unwrap();
+    img
+}
+
+#[test]
+fn failed_conversion_leaves_no_file_and_names_the_offset() {
+    let dir = scratch("convert-fail");
+    let src = broken_qcow2(&dir);
+    let dst = dir.join("out.raw");
+    let out = run(vmnest().args(["convert", "-O", "raw"]).arg(&src).arg(&dst));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broken.qcow2") && err.contains("offset 0x10000000000"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "only the sources may remain: {left:?}");
+}
+
+#[test]
+fn existing_destination_needs_force_and_unknown_options_are_named() {
+    let dir = scratch("convert-existing");
+    let src = dir.join("p.raw");
+    write_pattern_raw(&src, 8 << 20, 72);
+    let dst = dir.join("out.raw");
+    std::fs::write(&dst, b"precious").unwrap();
+    let out = run(vmnest().args(["convert", "-O", "raw"]).arg(&src).arg(&dst));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert_eq!(std::fs::read(&dst).unwrap(), b"precious");
+    let out = run(vmnest()
+        .args(["convert", "-O", "raw", "-o", "colour=blue", "--force"])
+        .arg(&src)
+        .arg(&dst));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"colour\""));
+    assert_eq!(std::fs::read(&dst).unwrap(), b"precious");
+    run_ok(
+        vmnest()
+            .args(["convert", "-O", "raw", "--force"])
+            .arg(&src)
+            .arg(&dst),
+    );
+    assert_eq!(hash_file(&dst), hash_file(&src));
+}
+
+#[test]
+fn convert_into_an_existing_raw_overwrites_old_data_unless_target_is_zero() {
+    let dir = scratch("convert-n");
+    let src = dir.join("p.raw");
+    write_pattern_raw(&src, 8 << 20, 73);
+    let dst = dir.join("dev.raw");
+    std::fs::write(&dst, vec![0xabu8; 8 << 20]).unwrap();
+    run_ok(
+        vmnest()
+            .args(["convert", "-O", "raw", "-n"])
+            .arg(&src)
+            .arg(&dst),
+    );
+    assert_eq!(hash_file(&dst), hash_file(&src));
+    // --target-is-zero trusts the target: old bytes in holes stay (as qemu-img does).
+    std::fs::write(&dst, vec![0xabu8; 8 << 20]).unwrap();
+    run_ok(
+        vmnest()
+            .args(["convert", "-O", "raw", "-n", "--target-is-zero"])
+            .arg(&src)
+            .arg(&dst),
+    );
+    assert_ne!(hash_file(&dst), hash_file(&src));
+}
+
+#[test]
+fn disk_full_is_reported_with_the_file_and_leaves_nothing() {
+    let dir = scratch("convert-full");
+    let src = dir.join("p.raw");
+    write_pattern_raw(&src, PATTERN_SIZE, 74);
+    let mnt = dir.join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run_ok(
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&mnt),
+    );
+    let out = run(vmnest()
+        .args(["convert", "-O", "raw"])
+        .arg(&src)
+        .arg(mnt.join("out.raw")));
+    let left = std::fs::read_dir(&mnt).unwrap().count();
+    run_ok(std::process::Command::new("umount").arg(&mnt));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("out.raw") && err.contains("No space left"),
+        "{err}"
+    );
+    assert_eq!(left, 0, "a partial file was left behind");
+}
