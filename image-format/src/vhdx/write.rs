@@ -127,9 +127,7 @@ pub fn encode_region_table(entries: &[RegionEntry]) -> Vec<u8> {
 pub fn encode_metadata_table(entries: &[MetadataEntry]) -> Vec<u8> {
     let mut b = vec![0u8; header::METADATA_TABLE_SIZE];
     b[0..8].copy_from_slice(header::METADATA_SIGNATURE);
-    let n = entries
-        .len()
-        .min(usize::from(header::MAX_METADATA_ENTRIES));
+    let n = entries.len().min(usize::from(header::MAX_METADATA_ENTRIES));
     b[10..12].copy_from_slice(&(n as u16).to_le_bytes());
     for (i, e) in entries.iter().take(n).enumerate() {
         let at = 32 + 32 * i;
@@ -323,8 +321,7 @@ impl VhdxOptions {
             }
         };
         let logical_sector_size = sector("logical_sector_size", 512)?;
-        let physical_sector_size =
-            sector("physical_sector_size", DEFAULT_PHYSICAL_SECTOR_SIZE)?;
+        let physical_sector_size = sector("physical_sector_size", DEFAULT_PHYSICAL_SECTOR_SIZE)?;
         let log_size = r.size("log_size")?.unwrap_or(DEFAULT_LOG_SIZE);
         if log_size == 0
             || !log_size.is_multiple_of(MIB)
@@ -484,7 +481,10 @@ impl ImageWriter for VhdxWriter {
         let mut off = prepared.off;
         for unit in &prepared.units {
             let len = unit.bytes.len() as u64;
-            if off.checked_add(len).is_none_or(|end| end > self.geo.virtual_size) {
+            if off
+                .checked_add(len)
+                .is_none_or(|end| end > self.geo.virtual_size)
+            {
                 return Err(Error::OutOfRange {
                     offset: off,
                     len,
@@ -572,7 +572,10 @@ mod tests {
     #[test]
     fn header_round_trips_through_the_parser() {
         let h = sample_header(7);
-        assert_eq!(header::parse_header(&encode_header(&h), h.offset).unwrap(), h);
+        assert_eq!(
+            header::parse_header(&encode_header(&h), h.offset).unwrap(),
+            h
+        );
     }
 
     #[test]
@@ -706,7 +709,11 @@ mod tests {
                 log_size: 1 << 20,
             }
         );
-        assert!(opts("subformat=fixed,block_size=1M,log_size=4M").unwrap().fixed);
+        assert!(
+            opts("subformat=fixed,block_size=1M,log_size=4M")
+                .unwrap()
+                .fixed
+        );
         for bad in [
             "block_size=3M",
             "block_size=512M",
