@@ -9,4 +9,5 @@ mod qcow2;
 mod raw;
 mod vhd;
 mod vhdx;
+mod vhdx_write;
 mod vmdk;

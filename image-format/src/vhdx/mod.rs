@@ -1,5 +1,6 @@
 //! VHDX images (Hyper-V's format, Microsoft [MS-VHDX] v1): dynamic, fixed and differencing
-//! disks, read-only, with a dirty metadata log replayed in memory.
+//! disks, read-only, with a dirty metadata log replayed in memory; new dynamic and fixed disks
+//! are written by [`write`].
 //!
 //! # Layout ([MS-VHDX] 2.1)
 //!
@@ -51,6 +52,7 @@ pub mod guid;
 pub mod header;
 pub mod io;
 pub mod log;
+pub mod write;
 
 use std::sync::Arc;
 
@@ -117,6 +119,14 @@ impl Driver for VhdxDriver {
 
     fn open(&self, ctx: &OpenContext<'_>) -> Result<Arc<dyn Image>> {
         Ok(Arc::new(VhdxImage::open(ctx)?))
+    }
+
+    fn create(
+        &self,
+        path: &std::path::Path,
+        options: &crate::create::CreateOptions,
+    ) -> Result<Box<dyn crate::create::ImageWriter>> {
+        write::create(path, options)
     }
 }
 
