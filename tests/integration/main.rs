@@ -8,5 +8,6 @@ mod parallels;
 mod qcow2;
 mod raw;
 mod vhd;
+mod vhd_write;
 mod vhdx;
 mod vmdk;

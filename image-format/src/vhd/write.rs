@@ -19,25 +19,28 @@
 //! # The size rule: creator and geometry
 //!
 //! The footer carries the size twice, as "current size" and as a CHS geometry, and readers
-//! disagree about which one counts. Hyper-V, Azure and libvhdi read the current size. qemu reads
-//! the geometry's size (cylinders × heads × sectors × 512) unless the creator application is one
-//! it knows to mean current size ("win ", "qem2", "d2v ", "tap\0", "CTXS") or the geometry is the
-//! maximum 65535/16/255, which says "too big for CHS". Our reader takes the geometry only for
-//! Virtual PC and Virtual Server ("vpc ", "vs  ") and otherwise the current size (see
-//! [`Footer::size_rule`](super::header::Footer::size_rule)).
+//! disagree about which one counts. Hyper-V, Azure and libvhdi read the current size. qemu
+//! before 10.0 reads the geometry's size (cylinders × heads × sectors × 512) unless the creator
+//! application is one it knows to mean current size ("win ", "qem2", "d2v ", "tap\0", "CTXS")
+//! or the geometry is the maximum 65535/16/255, which says "too big for CHS". qemu 10.0
+//! (February 2025, for Azure's "wa\0\0" exports) inverted the list: the geometry only for
+//! "vpc " and "qemu", the current size for everyone else, and still for the maximum geometry.
+//! Our reader takes the geometry only for Virtual PC and Virtual Server ("vpc ", "vs  ") and
+//! otherwise the current size (see [`Footer::size_rule`](super::header::Footer::size_rule)).
 //!
 //! We identify ourselves truthfully, creator application `"vmns"`, and choose the geometry so
-//! that every one of those readers lands on the same size:
+//! that every one of those readers, old qemu included, lands on the current size:
 //!
 //! * when the geometry the specification's algorithm derives from the size
-//!   ([`chs_geometry`]) addresses exactly that size, it is stored: every reader agrees, and a
+//!   ([`chs_geometry`]) addresses exactly that size, it is stored: the two fields agree, and a
 //!   BIOS sees the disk whole;
-//! * otherwise the maximum geometry 65535/16/255 is stored: the current size is then what qemu
-//!   reads too. Microsoft's Disk2vhd does the same for small disks (qemu's iotest image
+//! * otherwise the maximum geometry 65535/16/255 is stored, which every qemu reads as "use the
+//!   current size". Microsoft's Disk2vhd does the same for small disks (qemu's iotest image
 //!   `d2v-zerofilled.vhd` is a 251 MiB disk with geometry 65535/16/255) and the specification
 //!   itself stores it for every disk past 127 GiB, so Hyper-V and Windows take it. The geometry
 //!   is only a hint for an emulated ATA BIOS; an emulator that sizes the disk by it (Virtual PC)
-//!   would see it as 127 GiB, but such an emulator is not a target of this writer.
+//!   would see it as 127 GiB, but such an emulator is not a target of this writer. Storing the
+//!   rounded-down geometry instead would be read as a smaller disk by qemu before 10.0.
 //!
 //! `force_size=off` never needs the maximum below 127 GiB: the size is the geometry's. Past the
 //! largest CHS size (65535 × 16 × 255 sectors) every disk stores the maximum geometry and its
@@ -250,16 +253,12 @@ pub fn round_up_to_chs(total_sectors: u64) -> (u64, Geometry) {
     }
     // Each step of the algorithm's rounding is below 16 × 255 sectors; the loop ends well
     // before this bound, which only guards against a mistake.
-    let mut n = total_sectors.max(1);
-    for _ in 0..1 << 20 {
-        let g = chs_geometry(n);
-        let got = g.size() / SECTOR;
-        if got >= total_sectors && got > 0 {
-            return (got, g);
-        }
-        n += 1;
-    }
-    (max, CHS_MAX)
+    let first = total_sectors.max(1);
+    (first..first + (1 << 20))
+        .map(chs_geometry)
+        .map(|g| (g.size() / SECTOR, g))
+        .find(|&(got, _)| got >= total_sectors && got > 0)
+        .unwrap_or((max, CHS_MAX))
 }
 
 /// Encodes a footer (its `checksum` and `integrity` fields are ignored: the checksum is
