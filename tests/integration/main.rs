@@ -8,6 +8,7 @@ mod parallels;
 mod qcow2;
 mod raw;
 mod vhd;
+mod vhd_write;
 mod vhdx;
 mod vhdx_write;
 mod vmdk;

@@ -1,5 +1,5 @@
-//! VHD images (qemu's "vpc" driver; alias "vhd"): fixed, dynamic and differencing disks, read
-//! only.
+//! VHD images (qemu's "vpc" driver; alias "vhd"): fixed, dynamic and differencing disks read;
+//! fixed and dynamic disks written ([`write`]).
 //!
 //! Specification: Microsoft, "Virtual Hard Disk Image Format Specification", v1.0, October 2006.
 //!
@@ -15,6 +15,7 @@
 //! * [`map`]: the BAT and the mapping of guest offsets to file offsets ([`map::BlockLocation`]).
 //! * [`io`](self::io): `read_at` / `block_status`, executing that mapping.
 //! * [`check`](self::check): structural checks.
+//! * [`write`]: the writer (`convert -O vpc`): options, the size rule it writes, layout.
 //!
 //! # Decisions
 //!
@@ -60,12 +61,14 @@ mod check;
 pub mod header;
 mod io;
 pub mod map;
+pub mod write;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde_json::json;
 
+use crate::create::{CreateOptions, ImageWriter};
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
 use crate::image::{CheckReport, Image, ImageInfo};
@@ -129,6 +132,10 @@ impl Driver for VhdDriver {
         }
         let file = ImageFile::open(ctx.path())?;
         VhdImage::open(file, ctx).map(|image| Arc::new(image) as Arc<dyn Image>)
+    }
+
+    fn create(&self, path: &Path, options: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+        write::create(path, options)
     }
 }
 
