@@ -6,6 +6,7 @@ mod conformance;
 mod convert;
 mod parallels;
 mod qcow2;
+mod qcow2_write;
 mod raw;
 mod vhd;
 mod vhd_write;

@@ -1,4 +1,4 @@
-//! qcow2 (versions 2 and 3), read-only. Spec: qemu's `docs/interop/qcow2.rst`.
+//! qcow2 (versions 2 and 3): reading, and writing new images (`write.rs`). Spec: qemu's `docs/interop/qcow2.rst`.
 //!
 //! # Design
 //!
@@ -8,6 +8,7 @@
 //!  io.rs      L2 table LRU cache, compressed-cluster decompression
 //!  check.rs   refcount rebuild from every reference, compared with the stored refcounts
 //!  mod.rs     the driver: open (validate, load L1, snapshots, backing), read_at, block_status
+//!  write.rs   the writer of new images: options, allocator, compression, exact refcounts
 //! ```
 //!
 //! At open the header is validated against named caps (L1 entries, refcount table bytes,
@@ -22,13 +23,14 @@
 //! reads fail rather than read zeros.
 //!
 //! Dirty (incompatible bit 0) and corrupt (bit 1) images open read-only: reading needs only the
-//! L1/L2 tables, never the refcounts. Writing is not implemented; the parsed structures keep
-//! everything a writer needs (refcount order, lazy refcounts, feature bits).
+//! L1/L2 tables, never the refcounts. Existing images are never written in place; new ones are
+//! made by [`write::create`] (see its module for the layout).
 
 mod check;
 pub mod header;
 mod io;
 pub mod map;
+pub mod write;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -80,6 +82,14 @@ impl Driver for Qcow2Driver {
         }
         let file = ImageFile::open(ctx.path())?;
         Ok(Arc::new(Qcow2Image::open(file, ctx)?))
+    }
+
+    fn create(
+        &self,
+        path: &std::path::Path,
+        options: &crate::create::CreateOptions,
+    ) -> Result<Box<dyn crate::create::ImageWriter>> {
+        write::create(path, options)
     }
 }
 
