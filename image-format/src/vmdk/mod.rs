@@ -1,4 +1,5 @@
-//! VMDK images (read-only), after VMware's "Virtual Disk Format 5.0" technical note.
+//! VMDK images, after VMware's "Virtual Disk Format 5.0" technical note: read here, written new
+//! (monolithicSparse, streamOptimized, monolithicFlat) by [`write`].
 //!
 //! A VMDK disk is a list of **extents** that tile the guest address space, described by a
 //! **descriptor** (text). The descriptor is either its own file (monolithicFlat,
@@ -40,6 +41,10 @@ pub mod descriptor;
 pub mod header;
 pub mod io;
 pub mod sparse;
+pub mod write;
+pub mod write_flat;
+pub mod write_sparse;
+pub mod write_stream;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -49,6 +54,7 @@ use serde_json::json;
 use crate::blockdev::{
     BlockDevice, Caps, Extent, ExtentKind, backing_status, check_range, check_status_range,
 };
+use crate::create::{CreateOptions, ImageWriter};
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
 use crate::image::{CheckReport, Image, ImageInfo};
@@ -96,6 +102,10 @@ impl Driver for VmdkDriver {
             });
         }
         Ok(Arc::new(VmdkImage::open(ctx)?))
+    }
+
+    fn create(&self, path: &Path, options: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+        write::create(path, options)
     }
 }
 
