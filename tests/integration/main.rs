@@ -10,3 +10,4 @@ mod raw;
 mod vhd;
 mod vhdx;
 mod vmdk;
+mod vmdk_write;

@@ -10,7 +10,7 @@
 //!
 //! Other options: `adapter_type` (`ide`, `lsilogic` (default), `buslogic`, `legacyESX`,
 //! `lsisas`, `pvscsi`), `hwversion` (default `4`) and `cluster_size` (the grain of the sparse
-//! subformats: a power of two from 4 KiB, 64 KiB by default; at most 64 KiB for
+//! subformats: a power of two from 8 KiB, 64 KiB by default; at most 64 KiB for
 //! streamOptimized, since VMware's stream tools refuse larger grains).
 //!
 //! # `ddb.virtualHWVersion`
@@ -47,8 +47,9 @@ pub const GTES_PER_GT: u32 = 512;
 pub const GT_SECTORS: u64 = GTES_PER_GT as u64 * 4 / SECTOR;
 /// Default grain: 64 KiB (128 sectors), what VMware writes.
 pub const DEFAULT_GRAIN: u64 = 64 << 10;
-/// Smallest grain accepted (the spec asks for more than 8 sectors; 4 KiB is 8).
-pub const MIN_GRAIN: u64 = 4 << 10;
+/// Smallest grain accepted: the spec asks for more than 8 sectors (libvmdk refuses 8), so the
+/// smallest power of two is 16 sectors.
+pub const MIN_GRAIN: u64 = 8 << 10;
 /// Largest grain for monolithicSparse.
 pub const MAX_SPARSE_GRAIN: u64 = 1 << 20;
 /// Largest grain for streamOptimized (VMware's stream tools take at most 128 sectors).
@@ -731,6 +732,7 @@ mod tests {
         );
         assert!(err("hwversion=x1").contains("hwversion=x1"));
         assert!(err("cluster_size=12k").contains("power of two"));
+        assert!(err("cluster_size=4k").contains("from 8192"));
         assert!(err("subformat=streamOptimized,cluster_size=128k").contains("cluster_size"));
         assert!(err("subformat=monolithicFlat,cluster_size=64k").contains("no grains"));
         assert!(err("colour=blue").contains("\"colour\""));
