@@ -98,7 +98,7 @@ impl Driver for VmdkDriver {
         if ctx.writable() {
             return Err(Error::ReadOnly {
                 path: ctx.path().to_path_buf(),
-                reason: "writing vmdk is not supported yet".into(),
+                reason: "opening an existing vmdk for writing is not supported (convert writes new ones)".into(),
             });
         }
         Ok(Arc::new(VmdkImage::open(ctx)?))
@@ -889,7 +889,7 @@ mod tests {
         .expect("open fails");
         assert!(
             err.to_string()
-                .contains("writing vmdk is not supported yet"),
+                .contains("opening an existing vmdk for writing is not supported"),
             "{err}"
         );
     }
