@@ -13,3 +13,4 @@ mod vhd_write;
 mod vhdx;
 mod vhdx_write;
 mod vmdk;
+mod vmdk_write;

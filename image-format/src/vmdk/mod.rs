@@ -1,4 +1,5 @@
-//! VMDK images (read-only), after VMware's "Virtual Disk Format 5.0" technical note.
+//! VMDK images, after VMware's "Virtual Disk Format 5.0" technical note: read here, written new
+//! (monolithicSparse, streamOptimized, monolithicFlat) by [`write`].
 //!
 //! A VMDK disk is a list of **extents** that tile the guest address space, described by a
 //! **descriptor** (text). The descriptor is either its own file (monolithicFlat,
@@ -40,6 +41,10 @@ pub mod descriptor;
 pub mod header;
 pub mod io;
 pub mod sparse;
+pub mod write;
+pub mod write_flat;
+pub mod write_sparse;
+pub mod write_stream;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -49,6 +54,7 @@ use serde_json::json;
 use crate::blockdev::{
     BlockDevice, Caps, Extent, ExtentKind, backing_status, check_range, check_status_range,
 };
+use crate::create::{CreateOptions, ImageWriter};
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
 use crate::image::{CheckReport, Image, ImageInfo};
@@ -92,10 +98,14 @@ impl Driver for VmdkDriver {
         if ctx.writable() {
             return Err(Error::ReadOnly {
                 path: ctx.path().to_path_buf(),
-                reason: "writing vmdk is not supported yet".into(),
+                reason: "opening an existing vmdk for writing is not supported (convert writes new ones)".into(),
             });
         }
         Ok(Arc::new(VmdkImage::open(ctx)?))
+    }
+
+    fn create(&self, path: &Path, options: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+        write::create(path, options)
     }
 }
 
@@ -879,7 +889,7 @@ mod tests {
         .expect("open fails");
         assert!(
             err.to_string()
-                .contains("writing vmdk is not supported yet"),
+                .contains("opening an existing vmdk for writing is not supported"),
             "{err}"
         );
     }
