@@ -49,7 +49,7 @@ pub struct ConvertArgs {
     /// Show a progress bar.
     #[arg(short = 'p')]
     progress: bool,
-    /// Worker threads (default: cores + 2).
+    /// Worker threads (default: 4 per core, 4 to 16).
     #[arg(long)]
     threads: Option<usize>,
     /// Summary format.

@@ -15,7 +15,7 @@
 //!   windows of at most [`DEFAULT_WINDOW`] bytes aligned to the target's cluster size. Ranges that
 //!   read as zeros are never read, unless the target is not known to be zero (`convert -n`), in
 //!   which case they become `write_zeroes` calls.
-//! * Each worker reads its window, drops all-zero clusters (a 4 KiB-at-a-time scan), and for an
+//! * Workers (4 per core, 4 to 16) each read a window, drops all-zero clusters (a 4 KiB-at-a-time scan), and for an
 //!   overlay drops clusters equal to the backing's and turns zero clusters over backing data into
 //!   `write_zeroes`. Runs of data clusters are prepared (compressed, for compressing targets) on
 //!   the worker, so compression uses every core.
@@ -127,8 +127,10 @@ pub fn convert(
     let ordered = dst.order() == WriteOrder::Ascending;
     let threads = options.threads.unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        // Uncompressed copies wait on I/O: a few more threads than cores keep the disk busy.
-        cores + 2
+        // Copies wait on I/O (and on the file's write lock): several threads per core keep both
+        // the page cache copies and the disk busy. Measured on 2 cores: 4 threads 0.71 s, 6-8
+        // threads 0.55-0.59 s for a 3 GiB disk with 932 MiB of data.
+        (cores * 4).clamp(4, 16)
     });
     let shared = Shared {
         planner: Mutex::new(Planner {

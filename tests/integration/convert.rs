@@ -162,3 +162,123 @@ fn disk_full_is_reported_with_the_file_and_leaves_nothing() {
     );
     assert_eq!(left, 0, "a partial file was left behind");
 }
+
+/// Source subformats, as qemu-img writes them: (name, qemu-img format, qemu-img options).
+const SOURCES: &[(&str, &str, &[&str])] = &[
+    ("raw", "raw", &[]),
+    ("qcow2-v3", "qcow2", &[]),
+    ("qcow2-v2", "qcow2", &["-o", "compat=0.10"]),
+    ("qcow2-zlib", "qcow2", &["-c"]),
+    (
+        "qcow2-zstd-el2",
+        "qcow2",
+        &["-c", "-o", "compression_type=zstd,extended_l2=on"],
+    ),
+    ("vmdk-sparse", "vmdk", &["-o", "subformat=monolithicSparse"]),
+    ("vmdk-stream", "vmdk", &["-o", "subformat=streamOptimized"]),
+    ("vmdk-flat", "vmdk", &["-o", "subformat=monolithicFlat"]),
+    (
+        "vmdk-2gb-sparse",
+        "vmdk",
+        &["-o", "subformat=twoGbMaxExtentSparse"],
+    ),
+    (
+        "vmdk-2gb-flat",
+        "vmdk",
+        &["-o", "subformat=twoGbMaxExtentFlat"],
+    ),
+    ("vhd-fixed", "vpc", &["-o", "subformat=fixed,force_size=on"]),
+    (
+        "vhd-dynamic",
+        "vpc",
+        &["-o", "subformat=dynamic,force_size=on"],
+    ),
+    ("vhdx-dynamic", "vhdx", &["-o", "subformat=dynamic"]),
+    ("vhdx-fixed", "vhdx", &["-o", "subformat=fixed"]),
+    ("parallels", "parallels", &[]),
+];
+
+/// Target subformats vmnest writes: (name, format, vmnest convert arguments).
+const TARGETS: &[(&str, &str, &[&str])] = &[
+    ("raw", "raw", &[]),
+    ("qcow2-v3", "qcow2", &[]),
+    ("qcow2-v2", "qcow2", &["-o", "compat=0.10"]),
+    ("qcow2-zlib", "qcow2", &["-c"]),
+    (
+        "qcow2-zstd",
+        "qcow2",
+        &["-c", "-o", "compression_type=zstd"],
+    ),
+    ("vmdk-sparse", "vmdk", &["-o", "subformat=monolithicSparse"]),
+    ("vmdk-stream", "vmdk", &["-o", "subformat=streamOptimized"]),
+    ("vmdk-flat", "vmdk", &["-o", "subformat=monolithicFlat"]),
+    ("vhd-fixed", "vpc", &["-o", "subformat=fixed"]),
+    ("vhd-dynamic", "vpc", &["-o", "subformat=dynamic"]),
+    ("vhdx-dynamic", "vhdx", &["-o", "subformat=dynamic"]),
+    ("vhdx-fixed", "vhdx", &["-o", "subformat=fixed"]),
+];
+
+/// Every source subformat into every target subformat with `vmnest convert`: qemu-img compare
+/// says identical, and converting back into the source's own format gives identical content.
+#[test]
+fn every_source_into_every_target_and_back() {
+    let dir = scratch("convert-matrix");
+    let raw = dir.join("pattern.raw");
+    write_pattern_raw(&raw, PATTERN_SIZE, 61);
+    let vm = |args: &[&str], src: &std::path::Path, dst: &std::path::Path| {
+        run_ok(vmnest().arg("convert").args(args).arg(src).arg(dst));
+    };
+    let mut failures = Vec::new();
+    for (sname, sfmt, sopts) in SOURCES {
+        let src = dir.join(format!("src-{sname}.img"));
+        if *sfmt == "raw" {
+            std::fs::copy(&raw, &src).unwrap();
+        } else {
+            let mut a = vec!["convert", "-f", "raw", "-O", sfmt];
+            a.extend_from_slice(sopts);
+            a.extend([raw.to_str().unwrap(), src.to_str().unwrap()]);
+            qemu_img(&a);
+        }
+        for (tname, tfmt, targs) in TARGETS {
+            let dst = dir.join(format!("{sname}--{tname}.img"));
+            let mut a = vec!["-O", tfmt];
+            a.extend_from_slice(targs);
+            vm(&a, &src, &dst);
+            let same = run(std::process::Command::new(require("qemu-img"))
+                .args(["compare", "-q", "-f", sfmt, "-F", tfmt])
+                .arg(&src)
+                .arg(&dst));
+            if same.status.code() != Some(0) {
+                failures.push(format!(
+                    "{sname} -> {tname}: qemu-img compare exit {:?}",
+                    same.status.code()
+                ));
+            }
+            // Back into a format of the source's family (raw for the formats vmnest only reads).
+            let back_args: Vec<&str> = match TARGETS.iter().find(|t| t.0 == *sname) {
+                Some((_, f, a)) => [&["-O", f][..], a].concat(),
+                None => vec!["-O", if *sfmt == "parallels" { "raw" } else { sfmt }],
+            };
+            let back = dir.join(format!("{sname}--{tname}--back.img"));
+            vm(&back_args, &dst, &back);
+            let out = run(vmnest().arg("compare").arg(&raw).arg(&back));
+            if out.status.code() != Some(0) {
+                failures.push(format!(
+                    "{sname} -> {tname} -> back: {}",
+                    String::from_utf8_lossy(&out.stdout).trim()
+                ));
+            }
+            for p in [&dst, &back] {
+                for f in vmnest_info(p)["files"].as_array().unwrap() {
+                    let _ = std::fs::remove_file(f.as_str().unwrap());
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
