@@ -282,3 +282,147 @@ fn every_source_into_every_target_and_back() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn presets_pick_what_each_hypervisor_takes() {
+    let dir = scratch("convert-presets");
+    let src = dir.join("p.raw");
+    write_pattern_raw(&src, PATTERN_SIZE, 81);
+    let cases: &[(&str, &str, &str, Option<&str>)] = &[
+        ("esxi", "vmdk", "vmdk", Some("streamOptimized")),
+        ("azure", "vhd", "vpc", Some("fixed")),
+        ("hyperv", "vhdx", "vhdx", Some("dynamic")),
+        ("openstack", "qcow2", "qcow2", Some("v3")),
+        ("virtualbox", "vmdk", "vmdk", Some("monolithicSparse")),
+    ];
+    for (preset, ext, fmt, sub) in cases {
+        let dst = dir.join(format!("out-{preset}.{ext}"));
+        run_ok(
+            vmnest()
+                .args(["convert", "--for", preset])
+                .arg(&src)
+                .arg(&dst),
+        );
+        let info = vmnest_info(&dst);
+        assert_eq!(info["format"], *fmt, "{preset}");
+        assert_eq!(info["subformat"].as_str(), *sub, "{preset}");
+        let same = run(std::process::Command::new(require("qemu-img"))
+            .args(["compare", "-q", "-f", "raw", "-F", fmt])
+            .arg(&src)
+            .arg(&dst));
+        assert_eq!(same.status.code(), Some(0), "{preset}");
+    }
+    // Azure: a whole number of MiB, the footer's size as qemu-img reads it.
+    let azure = dir.join("out-azure.vhd");
+    let size = qemu_info(&azure, "vpc")["virtual-size"].as_u64().unwrap();
+    assert_eq!(size, PATTERN_SIZE.div_ceil(1 << 20) << 20);
+    // A preset and a different -O disagree.
+    let out = run(vmnest()
+        .args(["convert", "--for", "esxi", "-O", "qcow2"])
+        .arg(&src)
+        .arg(dir.join("x")));
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn overlay_from_the_cli_holds_only_the_changed_clusters() {
+    use std::os::unix::fs::FileExt;
+    let dir = scratch("convert-overlay-cli");
+    let raw = dir.join("gold.raw");
+    write_pattern_raw(&raw, PATTERN_SIZE, 82);
+    let gold = dir.join("gold.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        gold.to_str().unwrap(),
+    ]);
+    let patched = dir.join("patched.raw");
+    std::fs::copy(&raw, &patched).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&patched)
+        .unwrap();
+    f.write_all_at(b"patched", 3 << 20).unwrap();
+    let delta = dir.join("delta.qcow2");
+    let out = run_ok(
+        vmnest()
+            .args([
+                "convert",
+                "-O",
+                "qcow2",
+                "-B",
+                "gold.qcow2",
+                "--output",
+                "json",
+            ])
+            .arg(&patched)
+            .arg(&delta),
+    );
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["bytes-written"], 65536, "{stats}");
+    let map: serde_json::Value = serde_json::from_str(&qemu_img(&[
+        "map",
+        "--output=json",
+        delta.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let top: Vec<_> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .collect();
+    assert_eq!(top.len(), 1, "{top:?}");
+    assert_eq!(top[0]["start"], 3 << 20);
+    let same = run(std::process::Command::new(require("qemu-img"))
+        .args(["compare", "-q", "-f", "raw"])
+        .arg(&patched)
+        .arg(&delta));
+    assert_eq!(same.status.code(), Some(0));
+    assert_eq!(
+        run(std::process::Command::new(require("qemu-img"))
+            .arg("check")
+            .arg(&delta))
+        .status
+        .code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_conversion_killed_midway_leaves_no_destination() {
+    let dir = scratch("convert-kill");
+    let src = dir.join("big.raw");
+    // 256 MiB of compressible data: slow enough (zlib) to be killed in the middle.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&src).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        for i in 0..256u64 {
+            pattern_bytes(&mut buf[..4096], i, 83);
+            for j in 1..256 {
+                buf.copy_within(0..4096, j * 4096);
+            }
+            f.write_all_at(&buf, i << 20).unwrap();
+        }
+    }
+    let dst = dir.join("out.qcow2");
+    let mut child = vmnest()
+        .args(["convert", "-O", "qcow2", "-c", "--threads", "1"])
+        .arg(&src)
+        .arg(&dst)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the conversion finished before it was killed; make the input larger"
+    );
+    assert!(!dst.exists(), "a killed conversion left a destination file");
+}
