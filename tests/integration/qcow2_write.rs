@@ -10,8 +10,8 @@ use std::sync::Arc;
 use image_format::create::BackingSpec;
 use image_format::{BlockDevice, CreateOptions};
 use vmnest_tests::{
-    PATTERN_SIZE, hash_device, hash_file, open, qemu_img, qemu_info, require, run, run_ok, scratch,
-    write_image, write_pattern_raw,
+    PATTERN_SIZE, assert_failed_conversion_leaves_nothing, hash_device, hash_file, open, qemu_img,
+    qemu_info, require, run, run_ok, scratch, write_image, write_pattern_raw,
 };
 
 fn s(p: &Path) -> &str {
@@ -486,48 +486,8 @@ fn qcow2_write_overlay_compressed() {
 
 #[test]
 fn qcow2_write_failure_midway_leaves_no_file() {
-    let dir = scratch("qcow2-write-fail");
-    let raw = source(&dir);
-    let bad = dir.join("bad.qcow2");
-    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&bad)]);
-    // Point the L2 entry of guest cluster 80 (5 MiB, data) past the end of the file.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&bad)
-        .unwrap();
-    let mut w = [0u8; 8];
-    f.read_exact_at(&mut w, 40).unwrap();
-    let l1 = u64::from_be_bytes(w);
-    f.read_exact_at(&mut w, l1).unwrap();
-    let l2 = u64::from_be_bytes(w) & 0x00ff_ffff_ffff_fe00;
-    f.write_all_at(&((1u64 << 63) | (1 << 40)).to_be_bytes(), l2 + 80 * 8)
-        .unwrap();
-    drop(f);
-    let out_dir = dir.join("out");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    for compress in [false, true] {
-        let dst = out_dir.join("dst.qcow2");
-        let source_dev = open(&bad);
-        let create = CreateOptions {
-            size: source_dev.size(),
-            compress,
-            ..Default::default()
-        };
-        let writer = image_format::default_registry()
-            .create("qcow2", &dst, &create)
-            .unwrap();
-        let err = convert::convert(
-            source_dev.as_ref(),
-            writer,
-            &convert::ConvertOptions::default(),
-            &(),
-        )
-        .expect_err("conversion of a corrupt source fails");
-        assert!(err.to_string().contains("bad.qcow2"), "{err}");
-        let left: Vec<_> = std::fs::read_dir(&out_dir).unwrap().collect();
-        assert!(left.is_empty(), "left behind: {left:?}");
-    }
+    assert_failed_conversion_leaves_nothing("qcow2-write-fail", "qcow2", "", false);
+    assert_failed_conversion_leaves_nothing("qcow2-write-fail-c", "qcow2", "", true);
 }
 
 #[test]

@@ -3,12 +3,12 @@
 //! not support vpc, so libvhdi and our reader's `check` stand in for it.
 
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use vmnest_tests::{
-    PATTERN_SIZE, hash_device, hash_file, open, qemu_img, qemu_info, qemu_to_raw, require, run,
-    run_ok, scratch, write_image, write_pattern_raw,
+    PATTERN_SIZE, assert_failed_conversion_leaves_nothing, hash_device, hash_file, open, qemu_img,
+    qemu_info, qemu_to_raw, require, run, run_ok, scratch, write_image, write_pattern_raw,
 };
 
 fn s(p: &Path) -> &str {
@@ -358,52 +358,13 @@ fn vhd_round_trip_through_raw_is_identical() {
 
 #[test]
 fn vhd_failed_conversion_leaves_no_file() {
-    let dir = scratch("vhd-write-fail");
-    let raw = dir.join("src.raw");
-    write_pattern_raw(&raw, PATTERN_SIZE, 0x13);
-    let q = dir.join("src.qcow2");
-    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&q)]);
-    // The first L2 entry points far past the end of the file.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&q)
-        .unwrap();
-    let be = |off: u64| {
-        let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, off).unwrap();
-        u64::from_be_bytes(b)
-    };
-    let l1 = be(40);
-    let l2 = be(l1) & 0x00ff_ffff_ffff_fe00;
-    f.write_all_at(&((1u64 << 63) | (1 << 40)).to_be_bytes(), l2)
-        .unwrap();
-    drop(f);
-    for options in ["", "subformat=fixed"] {
-        let dst = dir.join("out.vhd");
-        let source = open(&q);
-        let mut create = image_format::CreateOptions {
-            size: source.size(),
-            ..Default::default()
-        };
-        create.parse_options(options).unwrap();
-        let writer = image_format::default_registry()
-            .create("vpc", &dst, &create)
-            .unwrap();
-        let result = convert::convert(
-            source.as_ref(),
-            writer,
-            &convert::ConvertOptions::default(),
-            &(),
-        );
-        assert!(result.is_err(), "conversion of a broken qcow2 must fail");
-        let left: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p != &raw && p != &q)
-            .collect();
-        assert!(left.is_empty(), "{options}: left behind {left:?}");
-    }
+    assert_failed_conversion_leaves_nothing("vhd-write-fail", "vpc", "", false);
+    assert_failed_conversion_leaves_nothing(
+        "vhd-write-fail-fixed",
+        "vpc",
+        "subformat=fixed",
+        false,
+    );
 }
 
 #[test]

@@ -360,46 +360,7 @@ fn vhdx_write_size_rounds_up_to_the_logical_sector() {
 
 #[test]
 fn vhdx_write_failed_conversion_leaves_no_file() {
-    let dir = scratch("vhdx-write-fail");
-    let raw = dir.join("src.raw");
-    write_pattern_raw(&raw, 8 << 20, 4);
-    let bad = dir.join("bad.qcow2");
-    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&bad)]);
-    // The first L2 entry points far past the end of the file.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&bad)
-        .unwrap();
-    let be = |off: u64| {
-        let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, off).unwrap();
-        u64::from_be_bytes(b)
-    };
-    let l2 = be(be(40)) & 0x00ff_ffff_ffff_fe00;
-    f.write_all_at(&((1u64 << 63) | (1 << 40)).to_be_bytes(), l2)
-        .unwrap();
-    drop(f);
-    let out_dir = dir.join("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    let dst = out_dir.join("out.vhdx");
-    let source = open(&bad);
-    let create = image_format::CreateOptions {
-        size: source.size(),
-        ..Default::default()
-    };
-    let writer = image_format::default_registry()
-        .create("vhdx", &dst, &create)
-        .unwrap();
-    let err = convert::convert(
-        source.as_ref(),
-        writer,
-        &convert::ConvertOptions::default(),
-        &(),
-    )
-    .expect_err("a source cluster past EOF fails the conversion");
-    assert!(err.to_string().contains("bad.qcow2"), "{err}");
-    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0);
+    assert_failed_conversion_leaves_nothing("vhdx-write-fail", "vhdx", "", false);
 }
 
 #[test]

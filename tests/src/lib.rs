@@ -467,3 +467,76 @@ pub fn write_image(src: &Path, format: &str, options: &str, dst: &Path) -> conve
     )
     .unwrap_or_else(|e| panic!("convert {} to {format}: {e}", src.display()))
 }
+
+/// A qcow2 copy of the test pattern (64 KiB clusters) whose L2 entry for guest cluster `cluster`
+/// points far past the end of the file: a conversion reads the clusters before it, then fails
+/// with an error naming `broken.qcow2` and offset 0x10000000000.
+pub fn broken_qcow2(dir: &Path, cluster: u64) -> PathBuf {
+    use std::os::unix::fs::FileExt;
+    let raw = dir.join("broken-source.raw");
+    write_pattern_raw(&raw, PATTERN_SIZE, 71);
+    let img = dir.join("broken.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&raw).expect("remove raw");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .expect("open qcow2");
+    let be = |off: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, off).expect("read qcow2");
+        u64::from_be_bytes(b)
+    };
+    let l2 = be(be(40)) & 0x00ff_ffff_ffff_fe00; // L1[0] -> the first L2 table
+    f.write_all_at(&((1u64 << 63) | (1 << 40)).to_be_bytes(), l2 + cluster * 8)
+        .expect("patch L2 entry");
+    img
+}
+
+/// Converts a [`broken_qcow2`] into `format` (with `-o options` and `compress`) through the
+/// registry writer and the engine, and asserts the conversion fails naming the source and leaves
+/// no file at all in the output directory (no destination, no temporary).
+pub fn assert_failed_conversion_leaves_nothing(
+    name: &str,
+    format: &str,
+    options: &str,
+    compress: bool,
+) {
+    let dir = scratch(name);
+    let src = broken_qcow2(&dir, 80);
+    let out_dir = dir.join("out");
+    std::fs::create_dir_all(&out_dir).expect("out dir");
+    let source = open(&src);
+    let mut create = image_format::CreateOptions {
+        size: source.size(),
+        compress,
+        ..Default::default()
+    };
+    create.parse_options(options).expect("options");
+    let writer = image_format::default_registry()
+        .create(format, &out_dir.join("dst.img"), &create)
+        .unwrap_or_else(|e| panic!("create {format} {options}: {e}"));
+    let err = convert::convert(
+        source.as_ref(),
+        writer,
+        &convert::ConvertOptions::default(),
+        &(),
+    )
+    .err()
+    .unwrap_or_else(|| panic!("{format} {options}: converting a broken source must fail"));
+    assert!(err.to_string().contains("broken.qcow2"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&out_dir)
+        .expect("read out dir")
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{format} {options}: left behind {left:?}");
+}
