@@ -1,0 +1,45 @@
+//! The error type of the store. Errors about stored bytes name the object (pack, index, map node,
+//! manifest) and the offset in it.
+
+use std::path::PathBuf;
+
+/// Result alias for the store.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The operating system failed an I/O request.
+    #[error("{}: {op}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored object breaks the format's rules, or its checksum does not match.
+    #[error("corrupt {object} at offset {offset:#x}: {reason}")]
+    Corrupt {
+        object: String,
+        offset: u64,
+        reason: String,
+    },
+    /// A chunk the caller asked for is not in the store.
+    #[error("chunk {0} is not in the store")]
+    MissingChunk(crate::chunk::ChunkId),
+    /// A request that makes no sense.
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    /// A corruption of `object` at `offset`.
+    pub fn corrupt(object: impl Into<String>, offset: u64, reason: impl Into<String>) -> Self {
+        Error::Corrupt {
+            object: object.into(),
+            offset,
+            reason: reason.into(),
+        }
+    }
+}
