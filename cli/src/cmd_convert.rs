@@ -46,6 +46,10 @@ pub struct ConvertArgs {
     /// Replace an existing destination.
     #[arg(long)]
     force: bool,
+    /// Do not fsync the finished image (qemu-img's cache=unsafe): faster, but a crash soon after
+    /// can lose it. It is still renamed into place only when complete.
+    #[arg(long)]
+    no_sync: bool,
     /// Show a progress bar.
     #[arg(short = 'p')]
     progress: bool,
@@ -177,6 +181,7 @@ pub fn run_convert(args: ConvertArgs) -> Result<u8> {
         check_destination(&args.dst, args.force)?;
         let mut options = create_options(preset, &args.options, size)?;
         options.compress = args.compress;
+        options.no_sync = args.no_sync;
         if let Some(recorded) = &args.backing {
             let (image, fmt) = open_backing(
                 &args.dst,

@@ -38,6 +38,10 @@ pub struct CreateOptions {
     pub compress: bool,
     /// `-B`: the backing file an overlay records (qcow2 only).
     pub backing: Option<BackingSpec>,
+    /// `--no-sync`: skip the fsyncs that make the finished image durable. The image is complete
+    /// when `finish` returns but may still sit in the page cache, so a crash can lose it (qemu-img's
+    /// `cache=unsafe`). The rename into place still happens only when the image is complete.
+    pub no_sync: bool,
 }
 
 /// The backing file a new overlay records.
@@ -273,11 +277,17 @@ pub struct TempOutput {
     file: ImageFile,
     dest: PathBuf,
     committed: bool,
+    durable: bool,
 }
 
 impl TempOutput {
-    /// Creates the temporary file for `dest`.
+    /// Creates the temporary file for `dest`, made durable by [`TempOutput::commit`].
     pub fn create(dest: &Path) -> Result<Self> {
+        Self::create_with(dest, true)
+    }
+
+    /// Creates the temporary file for `dest`; `durable` false skips the fsyncs (`--no-sync`).
+    pub fn create_with(dest: &Path, durable: bool) -> Result<Self> {
         let name = dest.file_name().ok_or_else(|| Error::InvalidArgument {
             path: dest.to_path_buf(),
             reason: "destination has no file name".into(),
@@ -298,10 +308,15 @@ impl TempOutput {
                 offset: 0,
                 source,
             })?;
+        let mut file = ImageFile::open_with(&tmp, true)?;
+        if !durable {
+            file.disable_writeback();
+        }
         Ok(TempOutput {
-            file: ImageFile::open_with(&tmp, true)?,
+            file,
             dest: dest.to_path_buf(),
             committed: false,
+            durable,
         })
     }
 
@@ -329,14 +344,17 @@ impl TempOutput {
     }
 
     /// fsyncs the file and renames it to its destination (replacing what was there), then syncs
-    /// the directory so the rename is durable too.
+    /// the directory so the rename is durable too. Without durability (`--no-sync`) it only
+    /// renames.
     pub fn commit(mut self) -> Result<()> {
-        self.file.as_file().sync_all().map_err(|source| Error::Io {
-            path: self.file.path().to_path_buf(),
-            op: "sync",
-            offset: 0,
-            source,
-        })?;
+        if self.durable {
+            self.file.as_file().sync_all().map_err(|source| Error::Io {
+                path: self.file.path().to_path_buf(),
+                op: "sync",
+                offset: 0,
+                source,
+            })?;
+        }
         std::fs::rename(self.file.path(), &self.dest).map_err(|source| Error::Io {
             path: self.dest.clone(),
             op: "rename into place",
@@ -344,6 +362,9 @@ impl TempOutput {
             source,
         })?;
         self.committed = true;
+        if !self.durable {
+            return Ok(());
+        }
         if let Some(dir) = self.dest.parent().filter(|d| !d.as_os_str().is_empty())
             && let Ok(d) = std::fs::File::open(dir)
         {

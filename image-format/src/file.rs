@@ -21,6 +21,8 @@ pub struct ImageFile {
     writable: bool,
     /// Bytes written since writeback was last started (see [`ImageFile::write_all_at`]).
     unflushed: AtomicU64,
+    /// Start writeback as writes accumulate (off for outputs that will not be synced).
+    writeback: bool,
 }
 
 /// Written bytes after which writeback of the file is started in the background, so the fsync
@@ -73,6 +75,7 @@ impl ImageFile {
             len,
             writable,
             unflushed: AtomicU64::new(0),
+            writeback: writable,
         })
     }
 
@@ -155,6 +158,9 @@ impl ImageFile {
         self.file
             .write_all_at(buf, off)
             .map_err(|source| self.io_error("write", off, source))?;
+        if !self.writeback {
+            return Ok(());
+        }
         let total = self
             .unflushed
             .fetch_add(buf.len() as u64, Ordering::Relaxed)
@@ -173,6 +179,11 @@ impl ImageFile {
             }
         }
         Ok(())
+    }
+
+    /// Stops starting writeback as writes accumulate (for files that will not be synced).
+    pub fn disable_writeback(&mut self) {
+        self.writeback = false;
     }
 
     /// `fdatasync`.

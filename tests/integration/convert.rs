@@ -394,3 +394,37 @@ fn a_conversion_killed_midway_leaves_no_destination() {
     );
     assert!(!dst.exists(), "a killed conversion left a destination file");
 }
+
+#[test]
+fn no_sync_still_writes_a_complete_image_into_place() {
+    let dir = scratch("convert-no-sync");
+    let src = dir.join("p.raw");
+    write_pattern_raw(&src, PATTERN_SIZE, 84);
+    for (fmt, ext) in [
+        ("qcow2", "qcow2"),
+        ("vmdk", "vmdk"),
+        ("vpc", "vhd"),
+        ("vhdx", "vhdx"),
+        ("raw", "img"),
+    ] {
+        let dst = dir.join(format!("out.{ext}"));
+        run_ok(
+            vmnest()
+                .args(["convert", "--no-sync", "-O", fmt])
+                .arg(&src)
+                .arg(&dst),
+        );
+        assert_eq!(
+            run(vmnest().arg("compare").arg(&src).arg(&dst))
+                .status
+                .code(),
+            Some(0),
+            "{fmt}"
+        );
+    }
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains("vmnest-tmp")), "{names:?}");
+}

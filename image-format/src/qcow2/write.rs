@@ -316,7 +316,7 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<Box<dyn ImageWrite
     // Check the header fits before any file exists.
     let probe = header_for(&s, l1_size, 0, 0)?;
     encode_header(&probe, extras(&s)).map_err(|e| e.in_file(path))?;
-    let out = TempOutput::create(path)?;
+    let out = TempOutput::create_with(path, !options.no_sync)?;
     let first_data = 1 + l1_clusters;
     let counts = if s.compress {
         Some(vec![1u16; first_data as usize])

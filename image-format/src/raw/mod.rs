@@ -40,7 +40,7 @@ impl Driver for RawDriver {
                 what: "a backing file for a raw image".into(),
             });
         }
-        let out = TempOutput::create(path)?;
+        let out = TempOutput::create_with(path, !options.no_sync)?;
         out.set_len(options.size)?;
         Ok(Box::new(RawWriter {
             out,

@@ -394,7 +394,7 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<Box<dyn ImageWrite
         });
     }
     let footer = encode_footer(&new_footer(&p, random_uuid(path)?, vhd_timestamp()));
-    let out = TempOutput::create(path)?;
+    let out = TempOutput::create_with(path, !options.no_sync)?;
     let layout = match p.disk_type {
         DiskType::Fixed => {
             out.set_len(p.size)?;

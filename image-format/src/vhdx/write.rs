@@ -377,7 +377,7 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<Box<dyn ImageWrite
     let total = geo.total_entries() as usize;
     let mut entries = vec![0u64; total];
     let mut next = layout.payload_offset;
-    let out = TempOutput::create(path)?;
+    let out = TempOutput::create_with(path, !options.no_sync)?;
     if opts.fixed {
         for block in 0..geo.data_blocks {
             let host = block

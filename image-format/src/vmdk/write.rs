@@ -153,6 +153,8 @@ pub struct Params {
     pub grain: u64,
     /// Capacity in sectors.
     pub capacity: u64,
+    /// fsync the files when finishing (off with `--no-sync`).
+    pub durable: bool,
 }
 
 /// Reads and validates the options of a new VMDK.
@@ -260,6 +262,7 @@ pub fn parse_params(options: &CreateOptions) -> Result<Params> {
         hw_version,
         grain,
         capacity,
+        durable: !options.no_sync,
     })
 }
 
@@ -706,6 +709,7 @@ mod tests {
                 hw_version: "4".into(),
                 grain: 65536,
                 capacity: 2 << 20,
+                durable: true,
             }
         );
         let p = parse_params(&opts(

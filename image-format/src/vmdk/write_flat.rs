@@ -54,9 +54,9 @@ impl FlatWriter {
             hw_version: params.hw_version.clone(),
         });
         let size = params.capacity * SECTOR;
-        let extent = TempOutput::create(&extent_path)?;
+        let extent = TempOutput::create_with(&extent_path, params.durable)?;
         extent.set_len(size)?;
-        let descriptor_out = TempOutput::create(path)?;
+        let descriptor_out = TempOutput::create_with(path, params.durable)?;
         Ok(Box::new(FlatWriter {
             extent,
             descriptor_out,

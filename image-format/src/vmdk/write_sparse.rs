@@ -131,7 +131,7 @@ impl SparseWriter {
             adapter: params.adapter,
             hw_version: params.hw_version.clone(),
         })?;
-        let out = TempOutput::create(path)?;
+        let out = TempOutput::create_with(path, params.durable)?;
         let tables = usize::try_from(layout.tables).map_err(|_| {
             Error::unsupported(format!("{} grain tables", layout.tables)).in_file(path)
         })?;

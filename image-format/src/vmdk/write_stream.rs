@@ -90,7 +90,7 @@ impl StreamWriter {
         let entries = usize::try_from(header.gd_entries).map_err(|_| {
             Error::unsupported(format!("{} grain tables", header.gd_entries)).in_file(path)
         })?;
-        let out = TempOutput::create(path)?;
+        let out = TempOutput::create_with(path, params.durable)?;
         Ok(Box::new(StreamWriter {
             out,
             size: params.capacity * SECTOR,
