@@ -100,7 +100,7 @@ pub fn parse_index_file(object: &str, bytes: &[u8]) -> Result<(Vec<PackId>, usiz
     }
     let n_records = u64::from_le_bytes(h[24..32].try_into().unwrap_or([0; 8]));
     let want = (n_packs as u64 * 32)
-        .checked_add(n_records.checked_mul(RECORD_LEN as u64).unwrap_or(u64::MAX))
+        .checked_add(n_records.saturating_mul(RECORD_LEN as u64))
         .and_then(|b| b.checked_add(HEADER_LEN as u64));
     if want != Some(bytes.len() as u64) {
         return Err(Error::corrupt(

@@ -680,9 +680,12 @@ pub struct FrameCache {
     max_bytes: usize,
 }
 
+/// A decoded frame and the tick of its last use.
+type CachedFrame = (std::sync::Arc<Vec<u8>>, u64);
+
 #[derive(Debug, Default)]
 struct CacheInner {
-    map: HashMap<(PackId, u32), (std::sync::Arc<Vec<u8>>, u64)>,
+    map: HashMap<(PackId, u32), CachedFrame>,
     bytes: usize,
     tick: u64,
 }
@@ -941,4 +944,4 @@ pub fn parse_pack_bytes(bytes: &[u8]) -> Result<usize> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
