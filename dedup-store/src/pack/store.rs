@@ -10,6 +10,13 @@
 //! and added to the delta; a pack that does not parse is reported damaged and its chunks are
 //! treated as absent (a later `put` stores them again); a missing or damaged index is rebuilt
 //! from the packs.
+//!
+//! Concurrency: every method takes `&self`. Lookups take the index and reader-map read locks
+//! only, and pack reads happen with no lock held (readers are `Arc`s; the frame cache has its
+//! own short lock). `put` and `flush` serialise on the open-pack mutex, which is held while a
+//! frame is compressed and appended and while a pack is finished (fsync, rename): a put may
+//! wait for a flush. One process writes a store at a time: opening removes `*.tmp` files, which
+//! would break a second writer's open pack.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -180,7 +187,12 @@ impl PackStore {
     }
 
     /// Finishes the open pack (durable) and records its entries; the caller holds `open`.
+    ///
+    /// The pending chunks are dropped first: if finishing fails they are not in the store (the
+    /// error goes to the caller of `flush`, which therefore covers nothing), and a later `put`
+    /// stores them again.
     pub(super) fn finish_open(&self, open: &mut OpenPack, persist_index: bool) -> Result<()> {
+        open.pending.clear();
         if let Some(w) = open.writer.take() {
             if w.is_empty() {
                 w.abandon();
@@ -197,7 +209,6 @@ impl PackStore {
                     .insert_pack(done.id, &done.entries);
             }
         }
-        open.pending.clear();
         if persist_index {
             self.index
                 .write()
