@@ -15,6 +15,8 @@
 
 pub mod chunk;
 pub mod error;
+pub mod index;
+pub mod pack;
 
 pub use chunk::{ChunkId, ChunkStore, MemoryChunkStore};
 pub use error::{Error, Result};

@@ -1,0 +1,947 @@
+//! Pack files: immutable files of zstd-compressed chunk groups, each with its own index.
+//!
+//! Consecutive chunks are gathered into *frames* of about [`FRAME_TARGET`] bytes of plaintext;
+//! each frame is one zstd frame (or raw bytes when compression does not shrink it), so a read
+//! decompresses one frame only. A pack is closed once it holds about [`PACK_TARGET`] bytes.
+//! Its name is the lowercase hex of BLAKE3-256 of all its bytes (`<name>.pack`), so a pack is
+//! content-addressed and a copy can be checked against its name.
+//!
+//! # Byte layout (all integers little-endian)
+//!
+//! ```text
+//! header   16 B   0  magic   [8]  = BLAKE3("vmnest pack v1")[..8]
+//!                 8  version u32  = 1
+//!                12  reserved u32 = 0
+//! frames   for each frame, back to back from offset 16:
+//!          16 B   0  plain_len  u32   plaintext bytes of the frame (1..=MAX_FRAME_LEN)
+//!                 4  stored_len u32   bytes that follow (<= plain_len)
+//!                 8  flags      u32   bit 0: zstd-compressed (else raw); other bits 0
+//!                12  crc32c     u32   CRC-32C of the stored bytes
+//!          stored_len B   the zstd frame, or the raw plaintext
+//! index    at index_offset (= end of the last frame):
+//!          n_chunks entries of 48 B, sorted by chunk id, strictly increasing:
+//!                 0  id     [32]  chunk id (BLAKE3 of the chunk plaintext)
+//!                32  frame  u32   frame number
+//!                36  offset u32   offset in the frame's plaintext
+//!                40  len    u32   chunk length
+//!                44  reserved u32 = 0
+//!          n_frames frame-table entries of 32 B:
+//!                 0  offset     u64  file offset of the frame header
+//!                 8  plain_len  u32
+//!                12  stored_len u32
+//!                16  flags      u32
+//!                20  crc32c     u32  (the same four values as the frame header)
+//!                24  reserved   u64 = 0
+//! trailer  64 B, the last bytes of the file:
+//!                 0  magic        [8]  = BLAKE3("vmnest pack trailer v1")[..8]
+//!                 8  version      u32  = 1
+//!                12  n_frames     u32  (<= MAX_PACK_FRAMES)
+//!                16  n_chunks     u64  (<= MAX_PACK_CHUNKS)
+//!                24  index_offset u64
+//!                32  index_len    u64  = 48 * n_chunks + 32 * n_frames
+//!                40  index_crc    u32  CRC-32C of the index section (entries + frame table)
+//!                44  reserved     [16] = 0
+//!                60  trailer_crc  u32  CRC-32C of trailer bytes 0..60
+//! ```
+//!
+//! Frames are contiguous: frame 0 starts at 16, each next one where the previous ends, and
+//! the last one ends at `index_offset`; `index_offset + index_len + 64` is the file length.
+//! Every entry's `offset + len` lies inside its frame's plaintext.
+//!
+//! A read checks the frame header against the frame table, the frame's CRC-32C, the
+//! decompressed length, and finally the chunk's BLAKE3 against its id: damage is an
+//! [`Error::Corrupt`] naming the pack, the frame and the chunk, never wrong data.
+//!
+//! Writers write `tmp-*.pack.tmp`, fsync it, rename it to `<name>.pack` and fsync the directory.
+
+mod store;
+
+pub use store::{OpenReport, PackStore};
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::chunk::ChunkId;
+use crate::error::{Error, Result};
+
+/// Target plaintext bytes of a frame: chunks are grouped until the next would pass it.
+pub const FRAME_TARGET: usize = 512 << 10;
+/// Target size of a pack: the writer reports full once this many stored bytes are written.
+pub const PACK_TARGET: u64 = 32 << 20;
+/// Largest chunk a pack holds (and so the largest frame plaintext a reader accepts).
+pub const MAX_CHUNK_LEN: usize = 16 << 20;
+/// Largest frame plaintext a reader accepts (caps the decompression buffer).
+pub const MAX_FRAME_LEN: u32 = MAX_CHUNK_LEN as u32;
+/// Most chunks in one pack (caps the index a reader loads).
+pub const MAX_PACK_CHUNKS: u64 = 1 << 20;
+/// Most frames in one pack.
+pub const MAX_PACK_FRAMES: u32 = 1 << 16;
+/// zstd level of frames.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// Bytes of the pack header.
+pub const HEADER_LEN: u64 = 16;
+/// Bytes of a frame header.
+pub const FRAME_HEADER_LEN: u64 = 16;
+/// Bytes of an index entry.
+pub const ENTRY_LEN: u64 = 48;
+/// Bytes of a frame-table entry.
+pub const FRAME_ENTRY_LEN: u64 = 32;
+/// Bytes of the trailer.
+pub const TRAILER_LEN: u64 = 64;
+/// Format version.
+pub const VERSION: u32 = 1;
+/// Frame flag: the stored bytes are one zstd frame.
+pub const FLAG_ZSTD: u32 = 1;
+
+/// The first 8 bytes of BLAKE3 of `label`: the magics of the store's formats.
+pub fn label_magic(label: &str) -> [u8; 8] {
+    let h = blake3::hash(label.as_bytes());
+    let mut m = [0u8; 8];
+    m.copy_from_slice(&h.as_bytes()[..8]);
+    m
+}
+
+fn pack_magic() -> [u8; 8] {
+    label_magic("vmnest pack v1")
+}
+
+fn trailer_magic() -> [u8; 8] {
+    label_magic("vmnest pack trailer v1")
+}
+
+/// A pack's name: BLAKE3-256 of its bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PackId(pub [u8; 32]);
+
+impl PackId {
+    /// Lowercase hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        ChunkId(self.0).to_hex()
+    }
+
+    /// Parses 64 hex characters.
+    pub fn from_hex(text: &str) -> Option<PackId> {
+        ChunkId::from_hex(text).map(|c| PackId(c.0))
+    }
+
+    /// The file name of the pack, `<hex>.pack`.
+    pub fn file_name(&self) -> String {
+        format!("{}.pack", self.to_hex())
+    }
+}
+
+impl fmt::Display for PackId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for PackId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PackId({})", &self.to_hex()[..16])
+    }
+}
+
+/// Where a chunk lies inside a pack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLoc {
+    /// Frame number.
+    pub frame: u32,
+    /// Offset in the frame's plaintext.
+    pub offset: u32,
+    /// Chunk length.
+    pub len: u32,
+}
+
+/// One entry of a pack's index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackEntry {
+    /// The chunk.
+    pub id: ChunkId,
+    /// Where it is.
+    pub loc: ChunkLoc,
+}
+
+/// One frame-table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameInfo {
+    /// File offset of the frame header.
+    pub offset: u64,
+    /// Plaintext bytes.
+    pub plain_len: u32,
+    /// Stored bytes.
+    pub stored_len: u32,
+    /// Flags ([`FLAG_ZSTD`]).
+    pub flags: u32,
+    /// CRC-32C of the stored bytes.
+    pub crc: u32,
+}
+
+pub(crate) fn io_err<'a>(
+    path: &'a Path,
+    op: &'static str,
+) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
+}
+
+/// Fsyncs a directory so a rename in it is durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir, "fsync directory"))
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A unique temporary name in `dir` ending in `.tmp`.
+pub(crate) fn temp_path(dir: &Path, what: &str) -> PathBuf {
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!("tmp-{}-{n}.{what}.tmp", std::process::id()))
+}
+
+/// A finished pack.
+#[derive(Clone, Debug)]
+pub struct FinishedPack {
+    /// Its name.
+    pub id: PackId,
+    /// Its final path.
+    pub path: PathBuf,
+    /// Its index, sorted by chunk id.
+    pub entries: Vec<PackEntry>,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Writes one pack under a temporary name; [`PackWriter::finish`] makes it durable and names it.
+#[derive(Debug)]
+pub struct PackWriter {
+    dir: PathBuf,
+    tmp: PathBuf,
+    file: File,
+    hasher: blake3::Hasher,
+    pos: u64,
+    frame_buf: Vec<u8>,
+    frame_entries: Vec<(ChunkId, u32, u32)>,
+    entries: Vec<PackEntry>,
+    frames: Vec<FrameInfo>,
+    frame_target: usize,
+}
+
+impl PackWriter {
+    /// Starts a pack in `dir` with frames of [`FRAME_TARGET`].
+    pub fn create(dir: &Path) -> Result<PackWriter> {
+        Self::with_frame_target(dir, FRAME_TARGET)
+    }
+
+    /// Starts a pack in `dir` with frames of `frame_target` plaintext bytes (tests).
+    pub fn with_frame_target(dir: &Path, frame_target: usize) -> Result<PackWriter> {
+        let tmp = temp_path(dir, "pack");
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp, "create pack"))?;
+        let mut w = PackWriter {
+            dir: dir.to_path_buf(),
+            tmp,
+            file,
+            hasher: blake3::Hasher::new(),
+            pos: 0,
+            frame_buf: Vec::new(),
+            frame_entries: Vec::new(),
+            entries: Vec::new(),
+            frames: Vec::new(),
+            frame_target: frame_target.clamp(1, MAX_FRAME_LEN as usize),
+        };
+        let mut header = [0u8; HEADER_LEN as usize];
+        header[..8].copy_from_slice(&pack_magic());
+        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        w.write(&header)?;
+        Ok(w)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file
+            .write_all(bytes)
+            .map_err(io_err(&self.tmp, "write pack"))?;
+        self.hasher.update(bytes);
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Adds a chunk (the caller deduplicates; `id` must be BLAKE3 of `data`).
+    pub fn add(&mut self, id: ChunkId, data: &[u8]) -> Result<()> {
+        if data.len() > MAX_CHUNK_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "chunk {id} of {} bytes is larger than {MAX_CHUNK_LEN}",
+                data.len()
+            )));
+        }
+        if self.entries.len() as u64 + self.frame_entries.len() as u64 >= MAX_PACK_CHUNKS {
+            return Err(Error::InvalidArgument("pack holds its most chunks".into()));
+        }
+        if !self.frame_buf.is_empty() && self.frame_buf.len() + data.len() > self.frame_target {
+            self.seal_frame()?;
+        }
+        let offset = self.frame_buf.len() as u32;
+        self.frame_buf.extend_from_slice(data);
+        self.frame_entries.push((id, offset, data.len() as u32));
+        Ok(())
+    }
+
+    /// Whether the pack reached [`PACK_TARGET`] (or its chunk or frame cap) and should be finished.
+    pub fn is_full(&self) -> bool {
+        self.pos + self.frame_buf.len() as u64 >= PACK_TARGET
+            || self.entries.len() + self.frame_entries.len() + 1 >= MAX_PACK_CHUNKS as usize
+            || self.frames.len() + 2 >= MAX_PACK_FRAMES as usize
+    }
+
+    /// Number of chunks added.
+    pub fn len(&self) -> usize {
+        self.entries.len() + self.frame_entries.len()
+    }
+
+    /// True when no chunk was added.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn seal_frame(&mut self) -> Result<()> {
+        if self.frame_buf.is_empty() {
+            return Ok(());
+        }
+        let plain = std::mem::take(&mut self.frame_buf);
+        let compressed =
+            zstd::bulk::compress(&plain, ZSTD_LEVEL).map_err(io_err(&self.tmp, "zstd compress"))?;
+        let (stored, flags) = if compressed.len() < plain.len() {
+            (compressed, FLAG_ZSTD)
+        } else {
+            (plain.clone(), 0)
+        };
+        let info = FrameInfo {
+            offset: self.pos,
+            plain_len: plain.len() as u32,
+            stored_len: stored.len() as u32,
+            flags,
+            crc: crc32c::crc32c(&stored),
+        };
+        let frame_no = self.frames.len() as u32;
+        self.write(&encode_frame_header(&info))?;
+        self.write(&stored)?;
+        self.frames.push(info);
+        for (id, offset, len) in self.frame_entries.drain(..) {
+            self.entries.push(PackEntry {
+                id,
+                loc: ChunkLoc {
+                    frame: frame_no,
+                    offset,
+                    len,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes the last frame, the index and the trailer, fsyncs, renames the pack to its name
+    /// and fsyncs the directory.
+    pub fn finish(mut self) -> Result<FinishedPack> {
+        self.seal_frame()?;
+        let mut entries = std::mem::take(&mut self.entries);
+        entries.sort_by_key(|e| e.id);
+        entries.dedup_by_key(|e| e.id);
+        let index_offset = self.pos;
+        let mut index =
+            Vec::with_capacity(entries.len() * ENTRY_LEN as usize + self.frames.len() * 32);
+        for e in &entries {
+            index.extend_from_slice(&e.id.0);
+            index.extend_from_slice(&e.loc.frame.to_le_bytes());
+            index.extend_from_slice(&e.loc.offset.to_le_bytes());
+            index.extend_from_slice(&e.loc.len.to_le_bytes());
+            index.extend_from_slice(&0u32.to_le_bytes());
+        }
+        for f in &self.frames {
+            index.extend_from_slice(&f.offset.to_le_bytes());
+            index.extend_from_slice(&f.plain_len.to_le_bytes());
+            index.extend_from_slice(&f.stored_len.to_le_bytes());
+            index.extend_from_slice(&f.flags.to_le_bytes());
+            index.extend_from_slice(&f.crc.to_le_bytes());
+            index.extend_from_slice(&0u64.to_le_bytes());
+        }
+        let mut trailer = [0u8; TRAILER_LEN as usize];
+        trailer[..8].copy_from_slice(&trailer_magic());
+        trailer[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        trailer[12..16].copy_from_slice(&(self.frames.len() as u32).to_le_bytes());
+        trailer[16..24].copy_from_slice(&(entries.len() as u64).to_le_bytes());
+        trailer[24..32].copy_from_slice(&index_offset.to_le_bytes());
+        trailer[32..40].copy_from_slice(&(index.len() as u64).to_le_bytes());
+        trailer[40..44].copy_from_slice(&crc32c::crc32c(&index).to_le_bytes());
+        let tcrc = crc32c::crc32c(&trailer[..60]);
+        trailer[60..64].copy_from_slice(&tcrc.to_le_bytes());
+        self.write(&index)?;
+        self.write(&trailer)?;
+        self.file
+            .sync_all()
+            .map_err(io_err(&self.tmp, "fsync pack"))?;
+        let id = PackId(*self.hasher.finalize().as_bytes());
+        let path = self.dir.join(id.file_name());
+        std::fs::rename(&self.tmp, &path).map_err(io_err(&self.tmp, "rename pack"))?;
+        sync_dir(&self.dir)?;
+        Ok(FinishedPack {
+            id,
+            path,
+            entries,
+            size: self.pos,
+        })
+    }
+
+    /// Drops the unfinished pack and its temporary file.
+    pub fn abandon(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+fn encode_frame_header(f: &FrameInfo) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&f.plain_len.to_le_bytes());
+    h[4..8].copy_from_slice(&f.stored_len.to_le_bytes());
+    h[8..12].copy_from_slice(&f.flags.to_le_bytes());
+    h[12..16].copy_from_slice(&f.crc.to_le_bytes());
+    h
+}
+
+/// The parsed trailer of a pack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trailer {
+    /// Frames in the pack.
+    pub n_frames: u32,
+    /// Chunks in the pack.
+    pub n_chunks: u64,
+    /// Offset of the index section.
+    pub index_offset: u64,
+    /// Length of the index section.
+    pub index_len: u64,
+    /// CRC-32C of the index section.
+    pub index_crc: u32,
+}
+
+/// Parses the 64-byte trailer of a pack of `file_len` bytes; `object` names the pack in errors.
+pub fn parse_trailer(object: &str, bytes: &[u8], file_len: u64) -> Result<Trailer> {
+    let at = file_len.saturating_sub(TRAILER_LEN);
+    let bad = |off: u64, why: String| Error::corrupt(object, at + off, why);
+    if bytes.len() != TRAILER_LEN as usize || file_len < HEADER_LEN + TRAILER_LEN {
+        return Err(Error::corrupt(object, 0, "file too short for a pack"));
+    }
+    if bytes[..8] != trailer_magic() {
+        return Err(bad(0, "bad trailer magic".into()));
+    }
+    let crc = crc32c::crc32c(&bytes[..60]);
+    if crc != u32_at(bytes, 60) {
+        return Err(bad(60, "trailer checksum mismatch".into()));
+    }
+    let version = u32_at(bytes, 8);
+    if version != VERSION {
+        return Err(bad(8, format!("unsupported version {version}")));
+    }
+    let t = Trailer {
+        n_frames: u32_at(bytes, 12),
+        n_chunks: u64_at(bytes, 16),
+        index_offset: u64_at(bytes, 24),
+        index_len: u64_at(bytes, 32),
+        index_crc: u32_at(bytes, 40),
+    };
+    if t.n_frames > MAX_PACK_FRAMES {
+        return Err(bad(
+            12,
+            format!("{} frames, more than {MAX_PACK_FRAMES}", t.n_frames),
+        ));
+    }
+    if t.n_chunks > MAX_PACK_CHUNKS {
+        return Err(bad(
+            16,
+            format!("{} chunks, more than {MAX_PACK_CHUNKS}", t.n_chunks),
+        ));
+    }
+    let want = t.n_chunks * ENTRY_LEN + t.n_frames as u64 * FRAME_ENTRY_LEN;
+    if t.index_len != want {
+        return Err(bad(
+            32,
+            format!("index length {} is not {want}", t.index_len),
+        ));
+    }
+    if t.index_offset < HEADER_LEN
+        || t.index_offset
+            .checked_add(t.index_len)
+            .and_then(|e| e.checked_add(TRAILER_LEN))
+            != Some(file_len)
+    {
+        return Err(bad(
+            24,
+            format!("index offset {:#x} does not fit the file", t.index_offset),
+        ));
+    }
+    Ok(t)
+}
+
+/// Parses a pack's index section (entries then frame table) against its trailer.
+pub fn parse_index(
+    object: &str,
+    t: &Trailer,
+    bytes: &[u8],
+) -> Result<(Vec<PackEntry>, Vec<FrameInfo>)> {
+    if bytes.len() as u64 != t.index_len {
+        return Err(Error::corrupt(
+            object,
+            t.index_offset,
+            "index section is cut short",
+        ));
+    }
+    if crc32c::crc32c(bytes) != t.index_crc {
+        return Err(Error::corrupt(
+            object,
+            t.index_offset,
+            "index checksum mismatch",
+        ));
+    }
+    let n_chunks = t.n_chunks as usize;
+    let n_frames = t.n_frames as usize;
+    let ftab_at = n_chunks * ENTRY_LEN as usize;
+    let mut frames = Vec::with_capacity(n_frames);
+    let mut expect = HEADER_LEN;
+    for i in 0..n_frames {
+        let b = &bytes[ftab_at + i * 32..ftab_at + i * 32 + 32];
+        let off = t.index_offset + (ftab_at + i * 32) as u64;
+        let f = FrameInfo {
+            offset: u64_at(b, 0),
+            plain_len: u32_at(b, 8),
+            stored_len: u32_at(b, 12),
+            flags: u32_at(b, 16),
+            crc: u32_at(b, 20),
+        };
+        if f.offset != expect {
+            return Err(Error::corrupt(
+                object,
+                off,
+                format!("frame {i} at {:#x}, expected {expect:#x}", f.offset),
+            ));
+        }
+        if f.plain_len == 0 || f.plain_len > MAX_FRAME_LEN || f.stored_len > f.plain_len {
+            return Err(Error::corrupt(
+                object,
+                off,
+                format!("frame {i} has bad lengths"),
+            ));
+        }
+        if f.flags & !FLAG_ZSTD != 0 || (f.flags == 0 && f.stored_len != f.plain_len) {
+            return Err(Error::corrupt(
+                object,
+                off,
+                format!("frame {i} has bad flags {:#x}", f.flags),
+            ));
+        }
+        expect = f.offset + FRAME_HEADER_LEN + f.stored_len as u64;
+        frames.push(f);
+    }
+    if expect != t.index_offset {
+        return Err(Error::corrupt(
+            object,
+            t.index_offset,
+            "frames do not end where the index starts",
+        ));
+    }
+    let mut entries = Vec::with_capacity(n_chunks);
+    for i in 0..n_chunks {
+        let b = &bytes[i * 48..i * 48 + 48];
+        let off = t.index_offset + (i * 48) as u64;
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&b[..32]);
+        let e = PackEntry {
+            id: ChunkId(id),
+            loc: ChunkLoc {
+                frame: u32_at(b, 32),
+                offset: u32_at(b, 36),
+                len: u32_at(b, 40),
+            },
+        };
+        let Some(f) = frames.get(e.loc.frame as usize) else {
+            return Err(Error::corrupt(
+                object,
+                off,
+                format!("chunk {} in missing frame {}", e.id, e.loc.frame),
+            ));
+        };
+        if e.loc.offset as u64 + e.loc.len as u64 > f.plain_len as u64 {
+            return Err(Error::corrupt(
+                object,
+                off,
+                format!("chunk {} runs past frame {}", e.id, e.loc.frame),
+            ));
+        }
+        if let Some(prev) = entries.last().map(|p: &PackEntry| p.id)
+            && prev >= e.id
+        {
+            return Err(Error::corrupt(object, off, "index entries not sorted"));
+        }
+        entries.push(e);
+    }
+    Ok((entries, frames))
+}
+
+/// Parses a 16-byte frame header and checks it against the frame table.
+pub fn check_frame_header(object: &str, frame: u32, want: &FrameInfo, bytes: &[u8]) -> Result<()> {
+    if bytes.len() != FRAME_HEADER_LEN as usize {
+        return Err(Error::corrupt(
+            object,
+            want.offset,
+            format!("frame {frame} header cut short"),
+        ));
+    }
+    let got = FrameInfo {
+        offset: want.offset,
+        plain_len: u32_at(bytes, 0),
+        stored_len: u32_at(bytes, 4),
+        flags: u32_at(bytes, 8),
+        crc: u32_at(bytes, 12),
+    };
+    if &got != want {
+        return Err(Error::corrupt(
+            object,
+            want.offset,
+            format!("frame {frame} header disagrees with the frame table"),
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes a frame's stored bytes (checksum, then decompression to exactly `plain_len`).
+pub fn decode_frame(object: &str, frame: u32, info: &FrameInfo, stored: &[u8]) -> Result<Vec<u8>> {
+    let at = info.offset + FRAME_HEADER_LEN;
+    if stored.len() != info.stored_len as usize {
+        return Err(Error::corrupt(
+            object,
+            at,
+            format!("frame {frame} cut short"),
+        ));
+    }
+    if crc32c::crc32c(stored) != info.crc {
+        return Err(Error::corrupt(
+            object,
+            at,
+            format!("frame {frame} checksum mismatch"),
+        ));
+    }
+    if info.flags & FLAG_ZSTD == 0 {
+        return Ok(stored.to_vec());
+    }
+    let cap = info.plain_len.min(MAX_FRAME_LEN) as usize;
+    let plain = zstd::bulk::decompress(stored, cap).map_err(|e| {
+        Error::corrupt(
+            object,
+            at,
+            format!("frame {frame} does not decompress: {e}"),
+        )
+    })?;
+    if plain.len() != info.plain_len as usize {
+        return Err(Error::corrupt(
+            object,
+            at,
+            format!(
+                "frame {frame} decompresses to {} bytes, not {}",
+                plain.len(),
+                info.plain_len
+            ),
+        ));
+    }
+    Ok(plain)
+}
+
+/// A bounded LRU cache of decompressed frames, keyed by pack and frame, shared by readers.
+#[derive(Debug)]
+pub struct FrameCache {
+    inner: Mutex<CacheInner>,
+    max_bytes: usize,
+}
+
+/// A decoded frame and the tick of its last use.
+type CachedFrame = (std::sync::Arc<Vec<u8>>, u64);
+
+#[derive(Debug, Default)]
+struct CacheInner {
+    map: HashMap<(PackId, u32), CachedFrame>,
+    bytes: usize,
+    tick: u64,
+}
+
+/// Default byte bound of a store's frame cache.
+pub const FRAME_CACHE_BYTES: usize = 32 << 20;
+
+impl FrameCache {
+    /// A cache holding at most `max_bytes` of plaintext.
+    pub fn new(max_bytes: usize) -> FrameCache {
+        FrameCache {
+            inner: Mutex::new(CacheInner::default()),
+            max_bytes,
+        }
+    }
+
+    fn get(&self, key: (PackId, u32)) -> Option<std::sync::Arc<Vec<u8>>> {
+        let mut g = self.inner.lock().ok()?;
+        g.tick += 1;
+        let tick = g.tick;
+        let e = g.map.get_mut(&key)?;
+        e.1 = tick;
+        Some(e.0.clone())
+    }
+
+    fn insert(&self, key: (PackId, u32), frame: std::sync::Arc<Vec<u8>>) {
+        if frame.len() > self.max_bytes {
+            return;
+        }
+        let Ok(mut g) = self.inner.lock() else { return };
+        g.tick += 1;
+        let tick = g.tick;
+        g.bytes += frame.len();
+        if let Some(old) = g.map.insert(key, (frame, tick)) {
+            g.bytes -= old.0.len();
+        }
+        while g.bytes > self.max_bytes {
+            let Some(victim) = g.map.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k) else {
+                break;
+            };
+            if let Some(v) = g.map.remove(&victim) {
+                g.bytes -= v.0.len();
+            }
+        }
+    }
+
+    /// Bytes of plaintext held.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().map(|g| g.bytes).unwrap_or(0)
+    }
+}
+
+/// An open pack: its trailer and index, read and checked at open; frames read on demand.
+#[derive(Debug)]
+pub struct PackReader {
+    id: PackId,
+    path: PathBuf,
+    name: String,
+    file: File,
+    entries: Vec<PackEntry>,
+    frames: Vec<FrameInfo>,
+    frames_decoded: AtomicU64,
+}
+
+impl PackReader {
+    /// Opens the pack `id` at `path`, reading and checking its trailer and index.
+    pub fn open(id: PackId, path: &Path) -> Result<PackReader> {
+        let name = format!("pack {}", id.to_hex());
+        let file = File::open(path).map_err(io_err(path, "open pack"))?;
+        let len = file.metadata().map_err(io_err(path, "stat pack"))?.len();
+        if len < HEADER_LEN + TRAILER_LEN {
+            return Err(Error::corrupt(&name, 0, "file too short for a pack"));
+        }
+        let mut header = [0u8; HEADER_LEN as usize];
+        file.read_exact_at(&mut header, 0)
+            .map_err(io_err(path, "read pack"))?;
+        if header[..8] != pack_magic() || u32_at(&header, 8) != VERSION {
+            return Err(Error::corrupt(&name, 0, "bad pack magic or version"));
+        }
+        let mut tb = [0u8; TRAILER_LEN as usize];
+        file.read_exact_at(&mut tb, len - TRAILER_LEN)
+            .map_err(io_err(path, "read pack"))?;
+        let t = parse_trailer(&name, &tb, len)?;
+        let mut ib = vec![0u8; t.index_len as usize];
+        file.read_exact_at(&mut ib, t.index_offset)
+            .map_err(io_err(path, "read pack"))?;
+        let (entries, frames) = parse_index(&name, &t, &ib)?;
+        Ok(PackReader {
+            id,
+            path: path.to_path_buf(),
+            name,
+            file,
+            entries,
+            frames,
+            frames_decoded: AtomicU64::new(0),
+        })
+    }
+
+    /// The pack's name.
+    pub fn id(&self) -> PackId {
+        self.id
+    }
+
+    /// The pack's index, sorted by chunk id.
+    pub fn entries(&self) -> &[PackEntry] {
+        &self.entries
+    }
+
+    /// The frame table.
+    pub fn frames(&self) -> &[FrameInfo] {
+        &self.frames
+    }
+
+    /// How many frames this reader decompressed (cache misses).
+    pub fn frames_decoded(&self) -> u64 {
+        self.frames_decoded.load(Ordering::Relaxed)
+    }
+
+    /// Where `id` is in this pack.
+    pub fn locate(&self, id: &ChunkId) -> Option<ChunkLoc> {
+        self.entries
+            .binary_search_by(|e| e.id.cmp(id))
+            .ok()
+            .map(|i| self.entries[i].loc)
+    }
+
+    /// Reads, checks and decodes frame `frame`, through `cache`.
+    pub fn frame(&self, frame: u32, cache: Option<&FrameCache>) -> Result<std::sync::Arc<Vec<u8>>> {
+        if let Some(hit) = cache.and_then(|c| c.get((self.id, frame))) {
+            return Ok(hit);
+        }
+        let Some(info) = self.frames.get(frame as usize) else {
+            return Err(Error::corrupt(&self.name, 0, format!("no frame {frame}")));
+        };
+        let mut buf = vec![0u8; FRAME_HEADER_LEN as usize + info.stored_len as usize];
+        self.file
+            .read_exact_at(&mut buf, info.offset)
+            .map_err(io_err(&self.path, "read pack frame"))?;
+        check_frame_header(&self.name, frame, info, &buf[..16])?;
+        let plain = std::sync::Arc::new(decode_frame(&self.name, frame, info, &buf[16..])?);
+        self.frames_decoded.fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = cache {
+            c.insert((self.id, frame), plain.clone());
+        }
+        Ok(plain)
+    }
+
+    /// Reads chunk `id` at `loc`, verifying its BLAKE3 against `id`.
+    pub fn read_at(
+        &self,
+        id: &ChunkId,
+        loc: ChunkLoc,
+        cache: Option<&FrameCache>,
+    ) -> Result<Vec<u8>> {
+        let plain = self
+            .frame(loc.frame, cache)
+            .map_err(|e| name_chunk(e, id))?;
+        let start = loc.offset as usize;
+        let Some(data) = start
+            .checked_add(loc.len as usize)
+            .and_then(|end| plain.get(start..end))
+        else {
+            return Err(Error::corrupt(
+                &self.name,
+                0,
+                format!("chunk {id} runs past frame {}", loc.frame),
+            ));
+        };
+        if ChunkId::of(data) != *id {
+            let at = self.frames.get(loc.frame as usize).map_or(0, |f| f.offset);
+            return Err(Error::corrupt(
+                &self.name,
+                at,
+                format!("chunk {id} in frame {} does not match its id", loc.frame),
+            ));
+        }
+        Ok(data.to_vec())
+    }
+
+    /// Reads chunk `id`, or `Ok(None)` when this pack lacks it.
+    pub fn get(&self, id: &ChunkId, cache: Option<&FrameCache>) -> Result<Option<Vec<u8>>> {
+        match self.locate(id) {
+            Some(loc) => self.read_at(id, loc, cache).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Re-reads the whole file and checks that its BLAKE3 is its name, and every chunk.
+    pub fn verify(&self) -> Result<()> {
+        let bytes = std::fs::read(&self.path).map_err(io_err(&self.path, "read pack"))?;
+        if blake3::hash(&bytes).as_bytes() != &self.id.0 {
+            return Err(Error::corrupt(
+                &self.name,
+                0,
+                "pack bytes do not hash to its name",
+            ));
+        }
+        for e in &self.entries {
+            self.read_at(&e.id, e.loc, None)?;
+        }
+        Ok(())
+    }
+}
+
+fn name_chunk(e: Error, id: &ChunkId) -> Error {
+    match e {
+        Error::Corrupt {
+            object,
+            offset,
+            reason,
+        } => Error::Corrupt {
+            object,
+            offset,
+            reason: format!("{reason} (reading chunk {id})"),
+        },
+        other => other,
+    }
+}
+
+/// Parses a whole pack held in memory (the fuzz entry point): trailer, index, every frame and
+/// every chunk. Returns the number of chunks that read back intact.
+pub fn parse_pack_bytes(bytes: &[u8]) -> Result<usize> {
+    let name = "pack <memory>";
+    let len = bytes.len() as u64;
+    if len < HEADER_LEN + TRAILER_LEN {
+        return Err(Error::corrupt(name, 0, "file too short for a pack"));
+    }
+    let t = parse_trailer(name, &bytes[bytes.len() - TRAILER_LEN as usize..], len)?;
+    let start = t.index_offset as usize;
+    let (entries, frames) = parse_index(name, &t, &bytes[start..start + t.index_len as usize])?;
+    let mut decoded: HashMap<u32, Vec<u8>> = HashMap::new();
+    let mut ok = 0;
+    for e in &entries {
+        let f = frames[e.loc.frame as usize];
+        if let std::collections::hash_map::Entry::Vacant(v) = decoded.entry(e.loc.frame) {
+            let h = f.offset as usize;
+            check_frame_header(name, e.loc.frame, &f, &bytes[h..h + 16])?;
+            let plain = decode_frame(
+                name,
+                e.loc.frame,
+                &f,
+                &bytes[h + 16..h + 16 + f.stored_len as usize],
+            )?;
+            v.insert(plain);
+        }
+        let plain = &decoded[&e.loc.frame];
+        let s = e.loc.offset as usize;
+        if ChunkId::of(&plain[s..s + e.loc.len as usize]) == e.id {
+            ok += 1;
+        }
+        if decoded.len() > 4 {
+            decoded.clear();
+        }
+    }
+    Ok(ok)
+}
+
+#[cfg(test)]
+pub(crate) mod tests;
