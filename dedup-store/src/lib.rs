@@ -6,7 +6,7 @@
 //! |---|---|
 //! | [`chunk`] | chunk ids (BLAKE3-256 of the plaintext) and the [`chunk::ChunkStore`] trait |
 //! | `pack`, `index` | immutable pack files of zstd frames, and the chunk index (in progress) |
-//! | `map` | image maps: Merkle trees of chunk ids over a guest address space (in progress) |
+//! | [`map`] | image maps: Merkle trees of chunk ids over a guest address space, copy-on-write, diffable |
 //! | `chunker` | fixed, page and content-defined chunking, QEMU migration streams (in progress) |
 //!
 //! Everything above `chunk` reaches stored bytes only through [`chunk::ChunkStore`], so the
@@ -15,6 +15,7 @@
 
 pub mod chunk;
 pub mod error;
+pub mod map;
 
 pub use chunk::{ChunkId, ChunkStore, MemoryChunkStore};
 pub use error::{Error, Result};
