@@ -23,6 +23,7 @@ pub fn diff<'a, S: ChunkStore + ?Sized>(
     new: &MapRoot,
 ) -> Result<Diff<'a, S>> {
     let geo = Geometry::of(old)?;
+    Geometry::of(new)?;
     if (old.size, old.chunk_size) != (new.size, new.chunk_size) {
         return Err(Error::InvalidArgument(format!(
             "cannot diff maps of different geometry ({} bytes in {}-byte chunks vs {} in {})",
