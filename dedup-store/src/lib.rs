@@ -5,8 +5,8 @@
 //! | module | what it is |
 //! |---|---|
 //! | [`chunk`] | chunk ids (BLAKE3-256 of the plaintext) and the [`chunk::ChunkStore`] trait |
-//! | `pack`, `index` | immutable pack files of zstd frames, and the chunk index (in progress) |
-//! | `map` | image maps: Merkle trees of chunk ids over a guest address space (in progress) |
+//! | [`pack`], [`index`] | immutable pack files of zstd frames, the chunk index, [`pack::PackStore`] |
+//! | [`map`] | image maps: Merkle trees of chunk ids over a guest address space, copy-on-write, diffable |
 //! | `chunker` | fixed, page and content-defined chunking, QEMU migration streams (in progress) |
 //!
 //! Everything above `chunk` reaches stored bytes only through [`chunk::ChunkStore`], so the
@@ -16,6 +16,7 @@
 pub mod chunk;
 pub mod error;
 pub mod index;
+pub mod map;
 pub mod pack;
 
 pub use chunk::{ChunkId, ChunkStore, MemoryChunkStore};

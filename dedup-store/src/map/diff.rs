@@ -1,0 +1,136 @@
+//! The difference between two maps of the same geometry.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::chunk::{ChunkId, ChunkStore};
+use crate::error::{Error, Result};
+use crate::map::{Geometry, MapRoot, Node, load_node};
+
+/// One changed chunk: its range (one chunk), its id in the old map and in the new one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiffEntry {
+    pub range: Range<u64>,
+    pub old: Option<ChunkId>,
+    pub new: Option<ChunkId>,
+}
+
+/// The chunks that differ between two maps, in ascending order. Descends only into subtrees whose
+/// ids differ and never loads a zero subtree: O(changes × depth) node loads.
+pub fn diff<'a, S: ChunkStore + ?Sized>(
+    store: &'a S,
+    old: &MapRoot,
+    new: &MapRoot,
+) -> Result<Diff<'a, S>> {
+    let geo = Geometry::of(old)?;
+    Geometry::of(new)?;
+    if (old.size, old.chunk_size) != (new.size, new.chunk_size) {
+        return Err(Error::InvalidArgument(format!(
+            "cannot diff maps of different geometry ({} bytes in {}-byte chunks vs {} in {})",
+            old.size, old.chunk_size, new.size, new.chunk_size
+        )));
+    }
+    let mut diff = Diff {
+        store,
+        geo,
+        stack: Vec::new(),
+    };
+    if old.root != new.root {
+        let top = geo.depth - 1;
+        let a = diff.load(old.root, top, 0)?;
+        let b = diff.load(new.root, top, 0)?;
+        diff.stack.push(Frame {
+            a,
+            b,
+            level: top,
+            start: 0,
+            slot: 0,
+        });
+    }
+    Ok(diff)
+}
+
+struct Frame {
+    a: Option<Arc<Node>>,
+    b: Option<Arc<Node>>,
+    level: u8,
+    start: u64,
+    slot: usize,
+}
+
+/// The iterator returned by [`diff`].
+pub struct Diff<'a, S: ChunkStore + ?Sized> {
+    store: &'a S,
+    geo: Geometry,
+    stack: Vec<Frame>,
+}
+
+impl<S: ChunkStore + ?Sized> std::fmt::Debug for Diff<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Diff")
+            .field("depth", &self.stack.len())
+            .finish()
+    }
+}
+
+impl<S: ChunkStore + ?Sized> Diff<'_, S> {
+    fn load(&self, id: Option<ChunkId>, level: u8, start: u64) -> Result<Option<Arc<Node>>> {
+        match id {
+            None => Ok(None),
+            Some(id) => Ok(Some(Arc::new(load_node(
+                self.store, &self.geo, &id, level, start,
+            )?))),
+        }
+    }
+}
+
+fn entry(node: &Option<Arc<Node>>, slot: usize) -> Option<ChunkId> {
+    node.as_ref().and_then(|n| n.entries[slot])
+}
+
+impl<S: ChunkStore + ?Sized> Iterator for Diff<'_, S> {
+    type Item = Result<DiffEntry>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let frame = self.stack.last_mut()?;
+            if frame.slot >= self.geo.count_at(frame.level, frame.start) {
+                self.stack.pop();
+                continue;
+            }
+            let slot = frame.slot;
+            frame.slot += 1;
+            let (a, b) = (entry(&frame.a, slot), entry(&frame.b, slot));
+            if a == b {
+                continue;
+            }
+            let (level, (s, e)) = (
+                frame.level,
+                self.geo.entry_range(frame.level, frame.start, slot),
+            );
+            if level == 0 {
+                return Some(Ok(DiffEntry {
+                    range: s..e,
+                    old: a,
+                    new: b,
+                }));
+            }
+            let children = self
+                .load(a, level - 1, s)
+                .and_then(|a| Ok((a, self.load(b, level - 1, s)?)));
+            match children {
+                Ok((a, b)) => self.stack.push(Frame {
+                    a,
+                    b,
+                    level: level - 1,
+                    start: s,
+                    slot: 0,
+                }),
+                Err(err) => {
+                    self.stack.clear();
+                    return Some(Err(err));
+                }
+            }
+        }
+    }
+}
