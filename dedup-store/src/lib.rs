@@ -7,13 +7,14 @@
 //! | [`chunk`] | chunk ids (BLAKE3-256 of the plaintext) and the [`chunk::ChunkStore`] trait |
 //! | `pack`, `index` | immutable pack files of zstd frames, and the chunk index (in progress) |
 //! | `map` | image maps: Merkle trees of chunk ids over a guest address space (in progress) |
-//! | `chunker` | fixed, page and content-defined chunking, QEMU migration streams (in progress) |
+//! | [`chunker`] | fixed, page and content-defined chunking, QEMU migration streams |
 //!
 //! Everything above `chunk` reaches stored bytes only through [`chunk::ChunkStore`], so the
 //! directory store, an object-storage remote and the in-memory store of the tests are
 //! interchangeable.
 
 pub mod chunk;
+pub mod chunker;
 pub mod error;
 
 pub use chunk::{ChunkId, ChunkStore, MemoryChunkStore};
