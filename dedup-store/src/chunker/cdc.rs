@@ -134,7 +134,11 @@ impl Default for Cdc {
 
 /// A mask of the top `bits` bits of a u64.
 fn top_bits(bits: u32) -> u64 {
-    if bits == 0 { 0 } else { u64::MAX << (64 - bits) }
+    if bits == 0 {
+        0
+    } else {
+        u64::MAX << (64 - bits)
+    }
 }
 
 impl Cdc {
@@ -303,7 +307,10 @@ mod tests {
                 .flat_map(|g| g.to_le_bytes())
                 .collect::<Vec<u8>>(),
         );
-        assert_eq!(digest.to_hex().as_str(), "836e8292e65b64c2ee4355957baabf75b36f1633195ca4d057b09c4cb7ea8336");
+        assert_eq!(
+            digest.to_hex().as_str(),
+            "836e8292e65b64c2ee4355957baabf75b36f1633195ca4d057b09c4cb7ea8336"
+        );
     }
 
     #[test]
@@ -313,7 +320,10 @@ mod tests {
         let offsets: Vec<u64> = cuts.iter().take(4).map(|c| c.offset).collect();
         assert_eq!(offsets, [0, 34386, 115065, 136261], "first cut offsets");
         assert_eq!(cuts.len(), 58, "chunk count");
-        assert_eq!(cuts_digest(&cuts), "a675a351edfb1065371ceb16944fd85c30e70b511bcffe2f7433802a6510c362");
+        assert_eq!(
+            cuts_digest(&cuts),
+            "a675a351edfb1065371ceb16944fd85c30e70b511bcffe2f7433802a6510c362"
+        );
     }
 
     #[test]
@@ -332,10 +342,7 @@ mod tests {
         }
         assert_eq!(pos, data.len() as u64);
         let avg = data.len() / cuts.len();
-        assert!(
-            (AVG_SIZE / 2..AVG_SIZE * 2).contains(&avg),
-            "average {avg}"
-        );
+        assert!((AVG_SIZE / 2..AVG_SIZE * 2).contains(&avg), "average {avg}");
     }
 
     #[test]

@@ -212,10 +212,12 @@ impl<'a> Cursor<'a> {
         self.take(1).map(|s| s[0])
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|s| u32::from_be_bytes(s.try_into().unwrap_or([0; 4])))
+        self.take(4)
+            .map(|s| u32::from_be_bytes(s.try_into().unwrap_or([0; 4])))
     }
     fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|s| u64::from_be_bytes(s.try_into().unwrap_or([0; 8])))
+        self.take(8)
+            .map(|s| u64::from_be_bytes(s.try_into().unwrap_or([0; 8])))
     }
     fn idstr(&mut self) -> Option<&'a [u8]> {
         let len = self.u8()? as usize;
@@ -280,9 +282,8 @@ impl<'a> Splitter<'a> {
     /// Emits the pending opaque run up to `end` (if any) and queues `seg`.
     fn emit(&mut self, end: usize, seg: Segment) -> Option<Segment> {
         let next_start = seg.range().end as usize;
-        let pending = (self.bytes_start < end).then(|| {
-            Segment::Bytes(self.bytes_start as u64..end as u64)
-        });
+        let pending =
+            (self.bytes_start < end).then_some(Segment::Bytes(self.bytes_start as u64..end as u64));
         self.bytes_start = next_start;
         match pending {
             Some(p) => {
@@ -526,7 +527,12 @@ mod tests {
             }
         }
         assert_eq!(rebuilt, data, "byte-exact reassembly");
-        (segs, s.stop().cloned(), s.is_complete(), s.blocks().to_vec())
+        (
+            segs,
+            s.stop().cloned(),
+            s.is_complete(),
+            s.blocks().to_vec(),
+        )
     }
 
     #[test]
@@ -582,6 +588,31 @@ mod tests {
             panic!("no trailing bytes")
         };
         assert_eq!(last.end, FIXTURE.len() as u64);
+        // Golden: the whole segment list (kind, block, offset, range), so a change of where the
+        // splitter cuts (and so of what dedupes) fails here.
+        let mut h = blake3::Hasher::new();
+        for seg in &segs {
+            let (tag, block, offset, r) = match seg {
+                Segment::Bytes(r) => (0u8, 0, 0, r.clone()),
+                Segment::Page {
+                    block,
+                    offset,
+                    data,
+                } => (1, *block, *offset, data.clone()),
+                Segment::ZeroPage {
+                    block, offset, at, ..
+                } => (2, *block, *offset, *at..*at + 1),
+            };
+            h.update(&[tag]);
+            for v in [block as u64, offset, r.start, r.end] {
+                h.update(&v.to_le_bytes());
+            }
+        }
+        assert_eq!(segs.len(), 32933, "segment count");
+        assert_eq!(
+            h.finalize().to_hex().as_str(),
+            "1eb88306c9e78846aea2eab07995ccf95618b386f5ae196a4afa5703665e97d5"
+        );
         // It starts after the last page record and holds the ram END section's EOS and footer
         // (7e 00000002), then the first device section (FULL, 04).
         assert_eq!(last.start, 320_469);
@@ -646,10 +677,7 @@ mod tests {
         let mut s = split(&data);
         let segs: Vec<_> = s.by_ref().collect();
         assert_eq!(segs.len(), 1);
-        assert_eq!(
-            s.stop().unwrap().reason,
-            StopReason::Unsupported("XBZRLE")
-        );
+        assert_eq!(s.stop().unwrap().reason, StopReason::Unsupported("XBZRLE"));
         assert!(s.require_complete().is_err());
         split_checked(&data);
     }
@@ -659,7 +687,9 @@ mod tests {
         let mut rec = (0x2000 | RAM_SAVE_FLAG_PAGE).to_be_bytes().to_vec();
         rec.extend_from_slice(b"\x02m0");
         rec.extend_from_slice(&[7u8; 4096]);
-        rec.extend_from_slice(&(0x3000 | RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE).to_be_bytes());
+        rec.extend_from_slice(
+            &(0x3000 | RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE).to_be_bytes(),
+        );
         rec.push(0);
         rec.extend_from_slice(&RAM_SAVE_FLAG_EOS.to_be_bytes());
         rec.extend_from_slice(b"\x03\0\0\0\x05");
@@ -673,8 +703,17 @@ mod tests {
             .iter()
             .map(|s| match s {
                 Segment::Bytes(_) => "b",
-                Segment::Page { offset: 0x2000, block: 0, .. } => "p",
-                Segment::ZeroPage { offset: 0x3000, block: 0, fill: 0, .. } => "z",
+                Segment::Page {
+                    offset: 0x2000,
+                    block: 0,
+                    ..
+                } => "p",
+                Segment::ZeroPage {
+                    offset: 0x3000,
+                    block: 0,
+                    fill: 0,
+                    ..
+                } => "z",
                 _ => "?",
             })
             .collect();
