@@ -173,6 +173,8 @@ pub struct Splitter<'a> {
     section_id: u32,
     in_end_section: bool,
     blocks: Vec<RamBlock>,
+    /// The blocks' ids as sent (ids need not be UTF-8).
+    raw_ids: Vec<Vec<u8>>,
     last_block: Option<usize>,
     queued: Option<Segment>,
     stop: Option<Stop>,
@@ -189,6 +191,7 @@ pub fn split(data: &[u8]) -> Splitter<'_> {
         section_id: 0,
         in_end_section: false,
         blocks: Vec::new(),
+        raw_ids: Vec::new(),
         last_block: None,
         queued: None,
         stop: None,
@@ -336,6 +339,7 @@ impl<'a> Splitter<'a> {
                     );
                 }
             };
+            self.raw_ids.push(id.to_vec());
             self.blocks.push(RamBlock {
                 id: String::from_utf8_lossy(id).into_owned(),
                 length,
@@ -402,7 +406,7 @@ impl<'a> Splitter<'a> {
             let Some(id) = c.idstr() else {
                 return Step::Stop(StopReason::Truncated);
             };
-            match self.blocks.iter().position(|b| b.id.as_bytes() == id) {
+            match self.raw_ids.iter().position(|b| b.as_slice() == id) {
                 Some(b) => b,
                 None => return Step::Stop(StopReason::Malformed("unknown RAMBlock")),
             }
