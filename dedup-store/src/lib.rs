@@ -5,15 +5,16 @@
 //! | module | what it is |
 //! |---|---|
 //! | [`chunk`] | chunk ids (BLAKE3-256 of the plaintext) and the [`chunk::ChunkStore`] trait |
-//! | [`pack`], [`index`] | immutable pack files of zstd frames, the chunk index, [`pack::PackStore`] |
+//! | [`chunker`] | fixed, page and content-defined chunking, QEMU migration streams |
 //! | [`map`] | image maps: Merkle trees of chunk ids over a guest address space, copy-on-write, diffable |
-//! | `chunker` | fixed, page and content-defined chunking, QEMU migration streams (in progress) |
+//! | [`pack`], [`index`] | immutable pack files of zstd frames, the chunk index, [`pack::PackStore`] |
 //!
 //! Everything above `chunk` reaches stored bytes only through [`chunk::ChunkStore`], so the
 //! directory store, an object-storage remote and the in-memory store of the tests are
 //! interchangeable.
 
 pub mod chunk;
+pub mod chunker;
 pub mod error;
 pub mod index;
 pub mod map;
