@@ -343,6 +343,16 @@ impl TempOutput {
             })
     }
 
+    /// `fdatasync`, unless the output was made with `--no-sync`. For writers that order their
+    /// metadata (data durable before the headers that point at it).
+    pub fn sync_if_durable(&self) -> Result<()> {
+        if self.durable {
+            self.file.sync_data()
+        } else {
+            Ok(())
+        }
+    }
+
     /// fsyncs the file and renames it to its destination (replacing what was there), then syncs
     /// the directory so the rename is durable too. Without durability (`--no-sync`) it only
     /// renames.

@@ -542,7 +542,7 @@ impl ImageWriter for VhdxWriter {
             file.write_all_at(&table, off)?;
         }
         // Everything the headers point at is durable before the headers are written.
-        file.sync_data()?;
+        self.out.sync_if_durable()?;
         for (i, off) in header::HEADER_OFFSETS.into_iter().enumerate() {
             let h = self.header(FIRST_SEQUENCE_NUMBER + i as u64, off);
             file.write_all_at(&encode_header(&h), off)?;
