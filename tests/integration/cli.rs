@@ -183,15 +183,7 @@ fn info_backing_chain_and_map_follow_a_cross_format_chain() {
     let raw = dir.join("src.raw");
     write_pattern_raw(&raw, PATTERN_SIZE, 41);
     let base = dir.join("base.vmdk");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "vmdk",
-        raw.to_str().unwrap(),
-        base.to_str().unwrap(),
-    ]);
+    qemu_from_raw(&raw, "vmdk", &base);
     let top = dir.join("top.qcow2");
     qemu_img(&[
         "create",

@@ -8,15 +8,7 @@ fn raw_writer_keeps_holes_and_content() {
     let src = dir.join("src.raw");
     write_pattern_raw(&src, PATTERN_SIZE, 51);
     let qcow = dir.join("src.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        src.to_str().unwrap(),
-        qcow.to_str().unwrap(),
-    ]);
+    qemu_from_raw(&src, "qcow2", &qcow);
     let out = dir.join("out.raw");
     let stats = write_image(&qcow, "raw", "", &out);
     assert_eq!(hash_file(&out), hash_file(&src));
@@ -299,15 +291,7 @@ fn overlay_from_the_cli_holds_only_the_changed_clusters() {
     let raw = dir.join("gold.raw");
     write_pattern_raw(&raw, PATTERN_SIZE, 82);
     let gold = dir.join("gold.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        gold.to_str().unwrap(),
-    ]);
+    qemu_from_raw(&raw, "qcow2", &gold);
     let patched = dir.join("patched.raw");
     std::fs::copy(&raw, &patched).unwrap();
     let f = std::fs::OpenOptions::new()

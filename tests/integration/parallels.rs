@@ -47,15 +47,7 @@ fn qemu_written_parallels_matches_its_source() {
     let raw = dir.join("src.raw");
     write_pattern_raw(&raw, PATTERN_SIZE, 11);
     let img_path = dir.join("p.parallels");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "parallels",
-        raw.to_str().unwrap(),
-        img_path.to_str().unwrap(),
-    ]);
+    qemu_from_raw(&raw, "parallels", &img_path);
     let img = open(&img_path);
     let qemu_size = qemu_info(&img_path, "parallels")["virtual-size"]
         .as_u64()

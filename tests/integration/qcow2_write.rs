@@ -10,8 +10,9 @@ use std::sync::Arc;
 use image_format::create::BackingSpec;
 use image_format::{BlockDevice, CreateOptions};
 use vmnest_tests::{
-    PATTERN_SIZE, assert_failed_conversion_leaves_nothing, hash_device, hash_file, open, qemu_img,
-    qemu_info, require, run, run_ok, scratch, write_image, write_pattern_raw,
+    PATTERN_SIZE, assert_failed_conversion_leaves_nothing, hash_device, hash_file, open,
+    qemu_from_raw, qemu_img, qemu_info, require, run, run_ok, scratch, write_image,
+    write_pattern_raw,
 };
 
 fn s(p: &Path) -> &str {
@@ -346,15 +347,7 @@ fn overlay_case(name: &str, opts: &str, via_options: bool) -> PathBuf {
     let dir = scratch(&format!("qcow2-write-overlay-{name}"));
     let base_raw = source(&dir);
     let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        s(&base_raw),
-        s(&base),
-    ]);
+    qemu_from_raw(&base_raw, "qcow2", &base);
     let modified = dir.join("modified.raw");
     std::fs::copy(&base_raw, &modified).expect("copy");
     let f = std::fs::OpenOptions::new()
@@ -437,15 +430,7 @@ fn qcow2_write_overlay_compressed() {
     let dir = scratch("qcow2-write-overlay-c");
     let base_raw = source(&dir);
     let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        s(&base_raw),
-        s(&base),
-    ]);
+    qemu_from_raw(&base_raw, "qcow2", &base);
     let modified = dir.join("modified.raw");
     std::fs::copy(&base_raw, &modified).expect("copy");
     let f = std::fs::OpenOptions::new()

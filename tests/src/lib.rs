@@ -276,13 +276,22 @@ pub fn data_ranges(dev: &dyn BlockDevice) -> Vec<(u64, u64)> {
 
 /// `qemu-img convert -f FORMAT -O raw IMAGE OUT`: the guest content as qemu reads it.
 pub fn qemu_to_raw(image: &Path, format: &str, out: &Path) {
+    qemu_to_or_from(image, format, "raw", out);
+}
+
+/// `qemu-img convert -f raw -O FORMAT RAW OUT`: an image written by the peer.
+pub fn qemu_from_raw(raw: &Path, format: &str, out: &Path) {
+    qemu_to_or_from(raw, "raw", format, out);
+}
+
+fn qemu_to_or_from(src: &Path, from: &str, to: &str, out: &Path) {
     qemu_img(&[
         "convert",
         "-f",
-        format,
+        from,
         "-O",
-        "raw",
-        image.to_str().expect("utf-8 path"),
+        to,
+        src.to_str().expect("utf-8 path"),
         out.to_str().expect("utf-8 path"),
     ]);
 }
@@ -476,15 +485,7 @@ pub fn broken_qcow2(dir: &Path, cluster: u64) -> PathBuf {
     let raw = dir.join("broken-source.raw");
     write_pattern_raw(&raw, PATTERN_SIZE, 71);
     let img = dir.join("broken.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
+    qemu_from_raw(&raw, "qcow2", &img);
     std::fs::remove_file(&raw).expect("remove raw");
     let f = std::fs::OpenOptions::new()
         .read(true)
