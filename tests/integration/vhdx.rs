@@ -684,3 +684,24 @@ fn both_headers_damaged_is_an_error_naming_file_and_offsets() {
         "{err}"
     );
 }
+
+#[test]
+fn differencing_child_opened_without_backing_reads_its_own_blocks_only() {
+    let dir = scratch("vhdx-diff-no-backing");
+    let (parent, child, expected) = differencing_pair(&dir, None);
+    std::fs::remove_file(&parent).unwrap();
+    let opts = OpenOptions {
+        open_backing: false,
+        ..Default::default()
+    };
+    let img = image_format::open(&child, &opts).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf == expected[..MIB as usize], "the child's own block");
+    // A block only the parent holds: an error naming the parent, never zeros.
+    let err = img.read_at(&mut buf, MIB).unwrap_err().to_string();
+    assert!(
+        err.contains("parent.vhdx") && err.contains("not opened"),
+        "{err}"
+    );
+}

@@ -257,6 +257,11 @@ impl VhdxImage {
             )));
         }
         let candidates = parent_candidates(locator);
+        if !ctx.options.open_backing {
+            // Recorded, not followed: reads that need the parent fail (see `parent`).
+            self.parent_name = candidates.first().cloned();
+            return Ok(());
+        }
         let Some(first) = candidates.first() else {
             return Err(Error::corrupt(
                 "parent locator metadata",
@@ -330,9 +335,13 @@ impl VhdxImage {
     }
 
     fn parent(&self) -> Result<&Arc<dyn Image>> {
-        self.parent
-            .as_ref()
-            .ok_or_else(|| Error::corrupt("parent locator metadata", 0, "parent not opened"))
+        self.parent.as_ref().ok_or_else(|| Error::InvalidArgument {
+            path: Default::default(),
+            reason: format!(
+                "parent {} was not opened (backing files not followed), so this range cannot be read",
+                self.parent_name.as_deref().unwrap_or("(unnamed)")
+            ),
+        })
     }
 
     /// Reads the sector bitmap bits covering a partial mapping that starts at guest `off`:
