@@ -199,6 +199,26 @@ impl Prepared {
             }],
         }
     }
+
+    /// Writes the units, in order from `off`, into `file` at the same offsets (raw layouts: a raw
+    /// image, a flat extent), refusing bytes past a disk of `size` bytes.
+    pub fn write_plain(&self, file: &ImageFile, size: u64) -> Result<()> {
+        let mut off = self.off;
+        for unit in &self.units {
+            let len = unit.bytes.len() as u64;
+            if off.checked_add(len).is_none_or(|end| end > size) {
+                return Err(Error::InvalidArgument {
+                    path: file.path().to_path_buf(),
+                    reason: format!(
+                        "write of {len} bytes at {off:#x} past the end of the {size}-byte disk"
+                    ),
+                });
+            }
+            file.write_all_at(&unit.bytes, off)?;
+            off += len;
+        }
+        Ok(())
+    }
 }
 
 /// In which order a writer accepts [`ImageWriter::commit`] calls.

@@ -71,12 +71,7 @@ impl ImageWriter for RawWriter {
     }
 
     fn commit(&self, prepared: Prepared) -> Result<()> {
-        let mut off = prepared.off;
-        for unit in &prepared.units {
-            self.out.file().write_all_at(&unit.bytes, off)?;
-            off += unit.bytes.len() as u64;
-        }
-        Ok(())
+        prepared.write_plain(self.out.file(), self.size)
     }
 
     fn write_zeroes(&self, _off: u64, _len: u64) -> Result<()> {

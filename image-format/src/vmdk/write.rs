@@ -437,6 +437,22 @@ pub fn encode_descriptor(spec: &DescriptorSpec) -> String {
     t
 }
 
+/// The embedded descriptor of a one-file sparse VMDK (monolithicSparse, streamOptimized) whose
+/// single extent is the file itself, recorded as `name`.
+pub fn single_sparse_descriptor(params: &Params, ids: &Identity, name: &str) -> Result<Vec<u8>> {
+    embedded_descriptor(&DescriptorSpec {
+        ids: *ids,
+        create_type: params.subformat.create_type(),
+        extents: vec![ExtentSpec {
+            kind: ExtentType::Sparse,
+            sectors: params.capacity,
+            file: name.to_string(),
+        }],
+        adapter: params.adapter,
+        hw_version: params.hw_version.clone(),
+    })
+}
+
 /// The descriptor of a monolithic sparse file, NUL-padded to [`DESCRIPTOR_SECTORS`].
 pub fn embedded_descriptor(spec: &DescriptorSpec) -> Result<Vec<u8>> {
     let mut text = encode_descriptor(spec).into_bytes();

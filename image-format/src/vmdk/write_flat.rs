@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::create::{ImageWriter, Prepared, TempOutput, WriteOrder};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 use super::descriptor::ExtentType;
 use super::header::SECTOR;
@@ -81,22 +81,7 @@ impl ImageWriter for FlatWriter {
     }
 
     fn commit(&self, prepared: Prepared) -> Result<()> {
-        let mut off = prepared.off;
-        for unit in &prepared.units {
-            let end = off.checked_add(unit.bytes.len() as u64);
-            if end.is_none_or(|e| e > self.size) {
-                return Err(Error::InvalidArgument {
-                    path: self.extent.file().path().to_path_buf(),
-                    reason: format!(
-                        "write of {} bytes at {off:#x} past the end",
-                        unit.bytes.len()
-                    ),
-                });
-            }
-            self.extent.file().write_all_at(&unit.bytes, off)?;
-            off += unit.bytes.len() as u64;
-        }
-        Ok(())
+        prepared.write_plain(self.extent.file(), self.size)
     }
 
     fn write_zeroes(&self, _off: u64, _len: u64) -> Result<()> {

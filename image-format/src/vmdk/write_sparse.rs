@@ -24,11 +24,10 @@ use std::sync::Mutex;
 use crate::create::{ImageWriter, Prepared, TempOutput, WriteOrder};
 use crate::error::{Error, Result};
 
-use super::descriptor::ExtentType;
 use super::header::{SECTOR, SparseHeader};
 use super::write::{
-    DESCRIPTOR_SECTORS, DescriptorSpec, ExtentSpec, GT_SECTORS, GTES_PER_GT, Identity, Params,
-    embedded_descriptor, encode_header, gd_sectors, new_header, pointer, validate_header,
+    DESCRIPTOR_SECTORS, GT_SECTORS, GTES_PER_GT, Identity, Params, encode_header, gd_sectors,
+    new_header, pointer, single_sparse_descriptor, validate_header,
 };
 
 /// Where the metadata of a new monolithic sparse file goes, in sectors.
@@ -120,17 +119,7 @@ impl SparseWriter {
         header.overhead = layout.overhead;
         validate_header(&header)?;
         pointer(layout.overhead, path)?;
-        let descriptor = embedded_descriptor(&DescriptorSpec {
-            ids: *ids,
-            create_type: params.subformat.create_type(),
-            extents: vec![ExtentSpec {
-                kind: ExtentType::Sparse,
-                sectors: params.capacity,
-                file: name.to_string(),
-            }],
-            adapter: params.adapter,
-            hw_version: params.hw_version.clone(),
-        })?;
+        let descriptor = single_sparse_descriptor(params, ids, name)?;
         let out = TempOutput::create_with(path, params.durable)?;
         let tables = usize::try_from(layout.tables).map_err(|_| {
             Error::unsupported(format!("{} grain tables", layout.tables)).in_file(path)

@@ -30,12 +30,11 @@ use flate2::write::ZlibEncoder;
 use crate::create::{ImageWriter, Prepared, TempOutput, Unit, WriteOrder};
 use crate::error::{Error, Result};
 
-use super::descriptor::ExtentType;
 use super::header::{GD_AT_END, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR, SparseHeader};
 use super::write::{
-    DESCRIPTOR_SECTORS, DescriptorSpec, ExtentSpec, GT_SECTORS, GTES_PER_GT, Identity, Params,
-    embedded_descriptor, encode_eos_marker, encode_grain_marker_head, encode_header,
-    encode_metadata_marker, gd_sectors, new_header, pointer, validate_header,
+    DESCRIPTOR_SECTORS, GT_SECTORS, GTES_PER_GT, Identity, Params, encode_eos_marker,
+    encode_grain_marker_head, encode_header, encode_metadata_marker, gd_sectors, new_header,
+    pointer, single_sparse_descriptor, validate_header,
 };
 use super::write_sparse::encode_table;
 
@@ -76,17 +75,7 @@ impl StreamWriter {
         header.overhead =
             (1 + DESCRIPTOR_SECTORS).div_ceil(header.grain_sectors) * header.grain_sectors;
         validate_header(&header)?;
-        let descriptor = embedded_descriptor(&DescriptorSpec {
-            ids: *ids,
-            create_type: params.subformat.create_type(),
-            extents: vec![ExtentSpec {
-                kind: ExtentType::Sparse,
-                sectors: params.capacity,
-                file: name.to_string(),
-            }],
-            adapter: params.adapter,
-            hw_version: params.hw_version.clone(),
-        })?;
+        let descriptor = single_sparse_descriptor(params, ids, name)?;
         let entries = usize::try_from(header.gd_entries).map_err(|_| {
             Error::unsupported(format!("{} grain tables", header.gd_entries)).in_file(path)
         })?;
