@@ -247,28 +247,28 @@ fn qcow2_write_lazy_refcounts_flag() {
     );
 }
 
-#[test]
-fn qcow2_write_compressed_zlib() {
-    let plain = check_written("zlib-plain", "", false);
-    let packed = check_written("zlib", "", true);
+/// Writes the pattern with `opts` uncompressed and with `-c` (both checked by `check_written`)
+/// and asserts the compressed image is the smaller; returns the compressed one's figures.
+fn check_compression_shrinks(name: &str, opts: &str) -> Figures {
+    let plain = check_written(&format!("{name}-plain"), opts, false);
+    let packed = check_written(name, opts, true);
     assert!(
         packed.ours < plain.ours,
-        "{} !< {}",
+        "{name}: compressed {} !< plain {}",
         packed.ours,
         plain.ours
     );
+    packed
+}
+
+#[test]
+fn qcow2_write_compressed_zlib() {
+    check_compression_shrinks("zlib", "");
 }
 
 #[test]
 fn qcow2_write_compressed_zstd() {
-    let plain = check_written("zstd-plain", "compression_type=zstd", false);
-    let packed = check_written("zstd", "compression_type=zstd", true);
-    assert!(
-        packed.ours < plain.ours,
-        "{} !< {}",
-        packed.ours,
-        plain.ours
-    );
+    let packed = check_compression_shrinks("zstd", "compression_type=zstd");
     let info = qemu_info(&packed.img, "qcow2");
     assert_eq!(
         info["format-specific"]["data"]["compression-type"].as_str(),
@@ -279,26 +279,12 @@ fn qcow2_write_compressed_zstd() {
 #[test]
 fn qcow2_write_compressed_512_byte_clusters() {
     // One bit of sector count in the compressed descriptor.
-    let packed = check_written("c-512", "cluster_size=512", true);
-    let plain = check_written("c-512-plain", "cluster_size=512", false);
-    assert!(
-        packed.ours < plain.ours,
-        "{} !< {}",
-        packed.ours,
-        plain.ours
-    );
+    check_compression_shrinks("c-512", "cluster_size=512");
 }
 
 #[test]
 fn qcow2_write_compressed_small_clusters_v2() {
-    let plain = check_written("c-4k-v2-plain", "compat=0.10,cluster_size=4k", false);
-    let packed = check_written("c-4k-v2", "compat=0.10,cluster_size=4k", true);
-    assert!(
-        packed.ours < plain.ours,
-        "{} !< {}",
-        packed.ours,
-        plain.ours
-    );
+    check_compression_shrinks("c-4k-v2", "compat=0.10,cluster_size=4k");
 }
 
 /// An overlay of `modified` over `base` (a qemu-made qcow2) written by our writer; the backing

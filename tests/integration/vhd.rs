@@ -13,8 +13,8 @@ use std::sync::Arc;
 use image_format::blockdev::for_each_extent;
 use image_format::{BlockDevice, Error, ExtentKind, Image, OpenOptions};
 use vmnest_tests::{
-    PATTERN_SIZE, hash_device, open, qemu_img, qemu_info, qemu_map_data, sample, scratch,
-    write_pattern_raw,
+    PATTERN_SIZE, hash_device, open, qemu_from_raw_with, qemu_img, qemu_info, qemu_map_data,
+    sample, scratch, write_pattern_raw,
 };
 
 fn open_vpc(path: &Path) -> image_format::Result<Arc<dyn Image>> {
@@ -83,17 +83,7 @@ fn qemu_made_image_matches_qemu(name: &str, options: &str) {
     let raw = dir.join("pattern.raw");
     write_pattern_raw(&raw, PATTERN_SIZE, 7);
     let vhd = dir.join("image.vhd");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "vpc",
-        "-o",
-        options,
-        raw.to_str().unwrap(),
-        vhd.to_str().unwrap(),
-    ]);
+    qemu_from_raw_with(&raw, "vpc", options, &vhd);
 
     let image = open(&vhd);
     assert_eq!(image.format(), "vpc");
@@ -152,17 +142,7 @@ fn qemu_fixed_vhd_without_forced_size_is_rounded_up_to_chs() {
     let raw = dir.join("pattern.raw");
     write_pattern_raw(&raw, PATTERN_SIZE, 3);
     let vhd = dir.join("image.vhd");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "vpc",
-        "-o",
-        "subformat=fixed",
-        raw.to_str().unwrap(),
-        vhd.to_str().unwrap(),
-    ]);
+    qemu_from_raw_with(&raw, "vpc", "subformat=fixed", &vhd);
     let info = open(&vhd).info().unwrap();
     assert!(
         info.virtual_size > PATTERN_SIZE,
@@ -298,17 +278,7 @@ fn make_parent(dir: &Path) -> PathBuf {
     let raw = dir.join("pattern.raw");
     write_pattern_raw(&raw, PATTERN_SIZE, 11);
     let parent = dir.join("parent.vhd");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "vpc",
-        "-o",
-        "subformat=dynamic",
-        raw.to_str().unwrap(),
-        parent.to_str().unwrap(),
-    ]);
+    qemu_from_raw_with(&raw, "vpc", "subformat=dynamic", &parent);
     parent
 }
 

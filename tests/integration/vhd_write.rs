@@ -7,8 +7,9 @@ use std::path::Path;
 use std::process::Command;
 
 use vmnest_tests::{
-    PATTERN_SIZE, assert_failed_conversion_leaves_nothing, hash_device, hash_file, open, qemu_img,
-    qemu_info, qemu_to_raw, require, run, run_ok, scratch, write_image, write_pattern_raw,
+    PATTERN_SIZE, assert_failed_conversion_leaves_nothing, hash_device, hash_file, open,
+    qemu_from_raw_with, qemu_img, qemu_info, qemu_to_raw, require, run, run_ok, scratch,
+    write_image, write_pattern_raw,
 };
 
 fn s(p: &Path) -> &str {
@@ -128,17 +129,7 @@ fn check_conversion(name: &str, options: &str, qemu_options: &str, expect_size: 
 
     // Allocation against qemu-img's own conversion.
     let theirs = dir.join("qemu.vhd");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "vpc",
-        "-o",
-        qemu_options,
-        s(&raw),
-        s(&theirs),
-    ]);
+    qemu_from_raw_with(&raw, "vpc", qemu_options, &theirs);
     let (a, b) = (allocated(&vhd), allocated(&theirs));
     eprintln!("{name}: vmnest allocates {a} bytes, qemu-img {b}");
     assert!(

@@ -65,17 +65,7 @@ fn convert(dir: &Path, opts: &str) -> (PathBuf, PathBuf) {
     let raw = dir.join("src.raw");
     let vhdx = dir.join("img.vhdx");
     write_pattern_raw(&raw, PATTERN_SIZE, 0x5eed);
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "vhdx",
-        "-o",
-        opts,
-        raw.to_str().unwrap(),
-        vhdx.to_str().unwrap(),
-    ]);
+    qemu_from_raw_with(&raw, "vhdx", opts, &vhdx);
     (raw, vhdx)
 }
 
@@ -400,17 +390,7 @@ fn differencing_pair(dir: &Path, linkage: Option<&str>) -> (PathBuf, PathBuf, Ve
     let raw = dir.join("parent.raw");
     let parent = dir.join("parent.vhdx");
     write_pattern_raw(&raw, 8 * MIB, 0xabc);
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        raw.to_str().unwrap(),
-        parent.to_str().unwrap(),
-    ]);
+    qemu_from_raw_with(&raw, "vhdx", "block_size=1M", &parent);
     let link = linkage.map_or_else(|| data_write_guid(&parent), str::to_string);
     let b0 = pattern(MIB, 10);
     let b2 = pattern(MIB, 12);

@@ -284,6 +284,21 @@ pub fn qemu_from_raw(raw: &Path, format: &str, out: &Path) {
     qemu_to_or_from(raw, "raw", format, out);
 }
 
+/// `qemu-img convert -f raw -O FORMAT -o OPTIONS RAW OUT`.
+pub fn qemu_from_raw_with(raw: &Path, format: &str, options: &str, out: &Path) {
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        format,
+        "-o",
+        options,
+        raw.to_str().expect("utf-8 path"),
+        out.to_str().expect("utf-8 path"),
+    ]);
+}
+
 fn qemu_to_or_from(src: &Path, from: &str, to: &str, out: &Path) {
     qemu_img(&[
         "convert",
