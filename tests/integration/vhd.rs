@@ -14,7 +14,7 @@ use image_format::blockdev::for_each_extent;
 use image_format::{BlockDevice, Error, ExtentKind, Image, OpenOptions};
 use vmnest_tests::{
     PATTERN_SIZE, hash_device, open, qemu_from_raw_with, qemu_img, qemu_info, qemu_map_data,
-    sample, scratch, write_pattern_raw,
+    qemu_to_raw, sample, scratch, write_pattern_raw,
 };
 
 fn open_vpc(path: &Path) -> image_format::Result<Arc<dyn Image>> {
@@ -422,15 +422,7 @@ fn sample_d2v_zerofilled_uses_current_size_and_matches_qemu() {
     );
     let dir = scratch("vhd-d2v");
     let raw = dir.join("d2v.raw");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "vpc",
-        "-O",
-        "raw",
-        path.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
+    qemu_to_raw(&path, "vpc", &raw);
     assert_eq!(
         hash_device(image.as_ref()),
         hash_file_padded(&raw, image.size())
@@ -549,15 +541,7 @@ fn sample_dfvfs_image_opens_despite_its_unique_id_stamped_after_checksumming() {
     let dir = scratch("vhd-dfvfs-image");
     let repaired = with_footer_checksums_fixed(&path, &dir);
     let raw = dir.join("image.raw");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "vpc",
-        "-O",
-        "raw",
-        repaired.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
+    qemu_to_raw(&repaired, "vpc", &raw);
     assert_eq!(
         hash_device(image.as_ref()),
         hash_file_padded(&raw, image.size())
