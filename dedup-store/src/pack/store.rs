@@ -373,6 +373,17 @@ impl PackStore {
         Ok(())
     }
 
+    /// A stored chunk's plaintext length and its share of the stored bytes of its frame
+    /// (frames are compressed as a whole), for space accounting.
+    pub fn chunk_footprint(&self, id: &ChunkId) -> Result<Option<(u32, f64)>> {
+        Ok(self.durable(id)?.map(|(reader, loc)| {
+            let stored = reader.frames().get(loc.frame as usize).map_or(0.0, |f| {
+                f64::from(f.stored_len) * f64::from(loc.len) / f64::from(f.plain_len.max(1))
+            });
+            (loc.len, stored)
+        }))
+    }
+
     /// Where `id` is durably stored in an intact pack, if anywhere.
     fn durable(&self, id: &ChunkId) -> Result<Option<(Arc<PackReader>, crate::pack::ChunkLoc)>> {
         let locs = self.index.read().map_err(|_| poisoned())?.lookup_all(id);

@@ -26,6 +26,8 @@ const STATUS_RUNS: usize = 4096;
 /// A disk member of a stored snapshot, readable.
 #[derive(Debug)]
 pub struct StoredDisk {
+    /// Held for the store's lock: gc waits while a stored disk is open.
+    _store: Arc<Store>,
     map: Map<Arc<PackStore>>,
     size: u64,
     chunk_size: u64,
@@ -38,7 +40,11 @@ pub struct StoredDisk {
 
 impl StoredDisk {
     /// Opens member `member` (default: the first disk) of a resolved snapshot.
-    pub fn open(store: &Store, snap: &Resolved, member: Option<&str>) -> crate::Result<StoredDisk> {
+    pub fn open(
+        store: &Arc<Store>,
+        snap: &Resolved,
+        member: Option<&str>,
+    ) -> crate::Result<StoredDisk> {
         let m: &Member = match member {
             Some(name) => snap.manifest.member(name).ok_or_else(|| {
                 crate::Error::InvalidArgument(format!(
@@ -60,6 +66,7 @@ impl StoredDisk {
         };
         let root = MapRoot::new(root, m.size, chunk_size)?;
         Ok(StoredDisk {
+            _store: store.clone(),
             map: Map::with_cache_cap(store.chunks().clone(), root, DISK_NODE_CACHE)?,
             size: m.size,
             chunk_size: u64::from(chunk_size),

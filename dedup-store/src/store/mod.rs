@@ -453,6 +453,20 @@ impl Store {
         }
     }
 
+    /// Removes one snapshot's manifest (an older version; the lineage of its descendants
+    /// then ends there). Its data goes at the next gc.
+    pub fn remove_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let _guard = self.refs_lock()?;
+        if self.refs()?.values().any(|h| h == id) {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {} is the current snapshot of a name",
+                id.short()
+            )));
+        }
+        self.remove_manifest(id)?;
+        sync_dir(&self.root.join("snapshots"))
+    }
+
     /// Removes a name; its snapshots stay until `gc` finds nothing refers to them.
     pub fn remove_ref(&self, name: &str) -> Result<SnapshotId> {
         let _guard = self.refs_lock()?;

@@ -53,7 +53,7 @@ fn commit_disk(store: &Store, name: &str, data: &[u8]) -> SnapshotId {
         .unwrap()
 }
 
-fn read_all(store: &Store, spec: &str) -> Vec<u8> {
+fn read_all(store: &Arc<Store>, spec: &str) -> Vec<u8> {
     let snap = store.resolve(spec).unwrap();
     let disk = StoredDisk::open(store, &snap, None).unwrap();
     let mut out = vec![0u8; disk.size() as usize];
@@ -81,7 +81,7 @@ fn pack_bytes(root: &Path) -> u64 {
 #[test]
 fn import_read_back_versions_and_lineage() {
     let dir = tmp("versions");
-    let store = Store::open(&dir, Access::Write).unwrap();
+    let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
     let v1 = disk_image(1);
     let a = commit_disk(&store, "gold", &v1);
     assert_eq!(read_all(&store, "gold"), v1);
@@ -107,7 +107,7 @@ fn import_read_back_versions_and_lineage() {
 #[test]
 fn stored_disk_reads_any_range_and_reports_extents() {
     let dir = tmp("ranges");
-    let store = Store::open(&dir, Access::Write).unwrap();
+    let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
     let data = disk_image(2);
     commit_disk(&store, "d", &data);
     let snap = store.resolve("d").unwrap();
@@ -136,7 +136,7 @@ fn stored_disk_reads_any_range_and_reports_extents() {
 #[test]
 fn clones_cost_nothing_and_gc_keeps_what_names_reach() {
     let dir = tmp("gc");
-    let store = Store::open(&dir, Access::Write).unwrap();
+    let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
     let gold = disk_image(3);
     commit_disk(&store, "gold", &gold);
     let before = pack_bytes(&dir);
@@ -154,7 +154,7 @@ fn clones_cost_nothing_and_gc_keeps_what_names_reach() {
     commit_disk(&store, "web-0", &web);
     commit_disk(&store, "junk", &disk_image(99));
     drop(store);
-    let store = Store::open(&dir, Access::Exclusive).unwrap();
+    let store = Arc::new(Store::open(&dir, Access::Exclusive).unwrap());
     store.remove_ref("junk").unwrap();
     let r = gc(&store, GcOptions::default()).unwrap();
     assert_eq!(r.removed_snapshots, 1);
@@ -166,7 +166,7 @@ fn clones_cost_nothing_and_gc_keeps_what_names_reach() {
     assert_eq!(read_all(&store, "web-0@~1"), gold);
     drop(store);
     // Reopened: everything still reads.
-    let store = Store::open(&dir, Access::Read).unwrap();
+    let store = Arc::new(Store::open(&dir, Access::Read).unwrap());
     assert_eq!(read_all(&store, "gold"), gold);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -174,7 +174,7 @@ fn clones_cost_nothing_and_gc_keeps_what_names_reach() {
 #[test]
 fn a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot() {
     let dir = tmp("flip");
-    let store = Store::open(&dir, Access::Write).unwrap();
+    let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
     let data = disk_image(4);
     commit_disk(&store, "vm", &data);
     drop(store);
@@ -187,7 +187,7 @@ fn a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot() {
     let mut bytes = std::fs::read(&pack).unwrap();
     bytes[100] ^= 0x40;
     std::fs::write(&pack, &bytes).unwrap();
-    let store = Store::open(&dir, Access::Read).unwrap();
+    let store = Arc::new(Store::open(&dir, Access::Read).unwrap());
     let snap = store.resolve("vm").unwrap();
     let disk = StoredDisk::open(&store, &snap, None).unwrap();
     let mut buf = vec![0u8; data.len()];
@@ -205,8 +205,8 @@ fn a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot() {
 #[test]
 fn concurrent_writers_in_one_process_both_land() {
     let dir = tmp("two");
-    let a = Store::open(&dir, Access::Write).unwrap();
-    let b = Store::open(&dir, Access::Write).unwrap();
+    let a = Arc::new(Store::open(&dir, Access::Write).unwrap());
+    let b = Arc::new(Store::open(&dir, Access::Write).unwrap());
     let da = disk_image(5);
     let db = disk_image(6);
     std::thread::scope(|s| {
@@ -214,7 +214,7 @@ fn concurrent_writers_in_one_process_both_land() {
         s.spawn(|| commit_disk(&b, "x", &db));
     });
     // Both versions exist, one the parent of the other; both read back from a fresh open.
-    let c = Store::open(&dir, Access::Read).unwrap();
+    let c = Arc::new(Store::open(&dir, Access::Read).unwrap());
     let head = c.head("x").unwrap().unwrap();
     let lineage = c.lineage(&head).unwrap();
     assert_eq!(lineage.len(), 2);
@@ -227,8 +227,8 @@ fn concurrent_writers_in_one_process_both_land() {
 #[test]
 fn a_second_store_sees_what_another_wrote_after_it_opened() {
     let dir = tmp("refresh");
-    let reader = Store::open(&dir, Access::Write).unwrap();
-    let writer = Store::open(&dir, Access::Write).unwrap();
+    let reader = Arc::new(Store::open(&dir, Access::Write).unwrap());
+    let writer = Arc::new(Store::open(&dir, Access::Write).unwrap());
     let data = disk_image(7);
     commit_disk(&writer, "late", &data);
     assert_eq!(read_all(&reader, "late"), data);
@@ -238,7 +238,7 @@ fn a_second_store_sees_what_another_wrote_after_it_opened() {
 #[test]
 fn an_empty_terabyte_disk_is_free() {
     let dir = tmp("tib");
-    let store = Store::open(&dir, Access::Write).unwrap();
+    let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
     let (w, handle) = DiskImporter::new(store.chunks().clone(), 1 << 40, 65536).unwrap();
     Box::new(w).finish().unwrap();
     assert_eq!(handle.root().unwrap().root, None);
