@@ -29,6 +29,12 @@ pub struct InitArgs {
     /// Chunk size of disks imported into this store (4K..4M, a power of two).
     #[arg(long, default_value = "16K")]
     chunk_size: String,
+    /// zstd level of pack frames (1..=22).
+    #[arg(long, default_value_t = dedup_store::store::DEFAULT_COMPRESSION_LEVEL)]
+    compression_level: i32,
+    /// Plaintext size of a pack frame, the unit a read decompresses (4K..16M).
+    #[arg(long, default_value = "1M")]
+    frame_size: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -207,10 +213,21 @@ pub fn run_init(args: InitArgs) -> Result<u8> {
         "a store exists at {} already",
         dir.display()
     );
+    let frame_size = image_format::create::parse_size(&args.frame_size)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| (4096..=16 << 20).contains(n))
+        .with_context(|| format!("frame size {}: 4K to 16M", args.frame_size))?;
+    ensure!(
+        (1..=22).contains(&args.compression_level),
+        "compression level {}: 1 to 22",
+        args.compression_level
+    );
     Store::create(
         &dir,
         StoreConfig {
             chunk_size,
+            compression_level: args.compression_level,
+            frame_size,
             ..Default::default()
         },
     )?;

@@ -278,14 +278,18 @@ pub struct EncodedFrame {
 impl EncodedFrame {
     /// Compresses `plain`, the concatenation of `chunks` (id, offset, length; at most
     /// [`MAX_FRAME_LEN`] bytes in all).
-    pub fn encode(plain: &[u8], chunks: Vec<(ChunkId, u32, u32)>) -> std::io::Result<EncodedFrame> {
+    pub fn encode(
+        plain: &[u8],
+        chunks: Vec<(ChunkId, u32, u32)>,
+        level: i32,
+    ) -> std::io::Result<EncodedFrame> {
         if plain.len() > MAX_FRAME_LEN as usize {
             return Err(std::io::Error::other(format!(
                 "frame of {} bytes is larger than {MAX_FRAME_LEN}",
                 plain.len()
             )));
         }
-        let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL)?;
+        let compressed = zstd::bulk::compress(plain, level)?;
         let (stored, flags) = if compressed.len() < plain.len() {
             (compressed, FLAG_ZSTD)
         } else {
@@ -314,6 +318,7 @@ pub struct PackWriter {
     entries: Vec<PackEntry>,
     frames: Vec<FrameInfo>,
     frame_target: usize,
+    level: i32,
 }
 
 impl PackWriter {
@@ -324,6 +329,12 @@ impl PackWriter {
 
     /// Starts a pack in `dir` with frames of `frame_target` plaintext bytes (tests).
     pub fn with_frame_target(dir: &Path, frame_target: usize) -> Result<PackWriter> {
+        Self::with_settings(dir, frame_target, ZSTD_LEVEL)
+    }
+
+    /// Starts a pack in `dir` with frames of `frame_target` plaintext bytes compressed at zstd
+    /// `level`.
+    pub fn with_settings(dir: &Path, frame_target: usize, level: i32) -> Result<PackWriter> {
         let tmp = temp_path(dir, "pack");
         let file = create_locked_temp(&tmp, "create pack")?;
         let mut w = PackWriter {
@@ -337,6 +348,7 @@ impl PackWriter {
             entries: Vec::new(),
             frames: Vec::new(),
             frame_target: frame_target.clamp(1, MAX_FRAME_LEN as usize),
+            level,
         };
         let mut header = [0u8; HEADER_LEN as usize];
         header[..8].copy_from_slice(&pack_magic());
@@ -397,7 +409,7 @@ impl PackWriter {
         }
         let plain = std::mem::take(&mut self.frame_buf);
         let chunks = std::mem::take(&mut self.frame_entries);
-        let frame = EncodedFrame::encode(&plain, chunks).map_err(|e| Error::Io {
+        let frame = EncodedFrame::encode(&plain, chunks, self.level).map_err(|e| Error::Io {
             path: self.tmp.clone(),
             op: "zstd compress",
             source: e,

@@ -65,6 +65,7 @@ pub struct PackStore {
     cache: FrameCache,
     report: OpenReport,
     frame_target: usize,
+    level: i32,
 }
 
 fn poisoned() -> Error {
@@ -79,6 +80,12 @@ impl PackStore {
 
     /// Like [`PackStore::open`] with frames of `frame_target` plaintext bytes (tests).
     pub fn open_with_frame_target(root: &Path, frame_target: usize) -> Result<PackStore> {
+        Self::open_with_settings(root, frame_target, super::ZSTD_LEVEL)
+    }
+
+    /// Like [`PackStore::open`] with frames of `frame_target` plaintext bytes compressed at zstd
+    /// `level` (a store's config sets both).
+    pub fn open_with_settings(root: &Path, frame_target: usize, level: i32) -> Result<PackStore> {
         let packs_dir = root.join("packs");
         let index_dir = root.join("index");
         std::fs::create_dir_all(&packs_dir).map_err(|source| Error::Io {
@@ -186,7 +193,18 @@ impl PackStore {
             cache: FrameCache::new(FRAME_CACHE_BYTES),
             report,
             frame_target,
+            level,
         })
+    }
+
+    /// Plaintext bytes of a frame.
+    pub fn frame_target(&self) -> usize {
+        self.frame_target
+    }
+
+    /// zstd level of frames.
+    pub fn level(&self) -> i32 {
+        self.level
     }
 
     /// The store directory (the parent of `packs/`).
@@ -279,9 +297,10 @@ impl PackStore {
         for item in chunks {
             let (id, data) = item?;
             if writer.is_none() {
-                writer = Some(PackWriter::with_frame_target(
+                writer = Some(PackWriter::with_settings(
                     &self.packs_dir,
                     self.frame_target,
+                    self.level,
                 )?);
             }
             if let Some(w) = writer.as_mut() {
@@ -353,9 +372,10 @@ impl PackStore {
             self.finish_open(&mut open, false)?;
         }
         if open.writer.is_none() {
-            open.writer = Some(PackWriter::with_frame_target(
+            open.writer = Some(PackWriter::with_settings(
                 &self.packs_dir,
                 self.frame_target,
+                self.level,
             )?);
         }
         if let Some(w) = open.writer.as_mut() {
@@ -443,9 +463,10 @@ impl ChunkStore for PackStore {
             return Ok(false);
         }
         if open.writer.is_none() {
-            open.writer = Some(PackWriter::with_frame_target(
+            open.writer = Some(PackWriter::with_settings(
                 &self.packs_dir,
                 self.frame_target,
+                self.level,
             )?);
         }
         if let Some(w) = open.writer.as_mut() {

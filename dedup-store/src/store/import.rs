@@ -17,7 +17,7 @@ use image_format::create::{ImageWriter, Prepared, Unit, WriteOrder};
 
 use crate::chunk::{ChunkId, ChunkStore, is_zero_chunk};
 use crate::map::{MapBuilder, MapRoot};
-use crate::pack::{EncodedFrame, FRAME_TARGET, PackStore};
+use crate::pack::{EncodedFrame, PackStore};
 
 /// What an import did.
 #[derive(Debug, Default)]
@@ -90,13 +90,12 @@ impl DiskImporter {
         if entries.is_empty() {
             return Ok(());
         }
-        let frame = EncodedFrame::encode(plain, std::mem::take(entries)).map_err(|source| {
-            crate::Error::Io {
+        let frame = EncodedFrame::encode(plain, std::mem::take(entries), self.chunks.level())
+            .map_err(|source| crate::Error::Io {
                 path: self.chunks.root().to_path_buf(),
                 op: "zstd compress",
                 source,
-            }
-        })?;
+            })?;
         self.chunks.put_encoded(&frame, plain)?;
         self.handle
             .stats
@@ -109,7 +108,8 @@ impl DiskImporter {
     fn encode(&self, off: u64, data: &[u8]) -> crate::Result<Vec<Unit>> {
         let cs = self.chunk_size as usize;
         let mut units = Vec::with_capacity(data.len().div_ceil(cs));
-        let mut plain = Vec::with_capacity(FRAME_TARGET + cs);
+        let target = self.chunks.frame_target();
+        let mut plain = Vec::with_capacity(target + cs);
         let mut entries = Vec::new();
         let mut batch = HashSet::new();
         let stats = &self.handle.stats;
@@ -132,7 +132,7 @@ impl DiskImporter {
                 stats
                     .new_bytes
                     .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                if plain.len() >= FRAME_TARGET {
+                if plain.len() >= target {
                     self.store_frame(&mut plain, &mut entries)?;
                 }
             }

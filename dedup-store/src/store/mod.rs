@@ -48,6 +48,10 @@ use crate::pack::{OpenReport, PackStore, create_locked_temp, io_err, sync_dir, t
 
 /// Default chunk size of disks (chosen by measurement: docs/chunk-size.md).
 pub const DEFAULT_CHUNK_SIZE: u32 = 16 << 10;
+/// Default zstd level of pack frames (docs/chunk-size.md).
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 6;
+/// Default plaintext bytes of a pack frame (docs/chunk-size.md).
+pub const DEFAULT_FRAME_SIZE: u32 = 1 << 20;
 /// Largest config file accepted.
 const MAX_CONFIG_LEN: u64 = 64 << 10;
 /// Longest lineage followed (parents of parents).
@@ -74,6 +78,20 @@ pub struct StoreConfig {
     pub version: u32,
     /// Chunk size of disks imported without `--chunk-size`.
     pub chunk_size: u32,
+    /// zstd level of pack frames.
+    #[serde(default = "default_level")]
+    pub compression_level: i32,
+    /// Plaintext bytes of a pack frame (what a read decompresses).
+    #[serde(default = "default_frame_size")]
+    pub frame_size: u32,
+}
+
+fn default_level() -> i32 {
+    DEFAULT_COMPRESSION_LEVEL
+}
+
+fn default_frame_size() -> u32 {
+    DEFAULT_FRAME_SIZE
 }
 
 impl Default for StoreConfig {
@@ -82,6 +100,8 @@ impl Default for StoreConfig {
             format: "vmnest store".into(),
             version: 1,
             chunk_size: DEFAULT_CHUNK_SIZE,
+            compression_level: DEFAULT_COMPRESSION_LEVEL,
+            frame_size: DEFAULT_FRAME_SIZE,
         }
     }
 }
@@ -241,7 +261,20 @@ impl Store {
             access == Access::Exclusive,
             on_wait,
         )?;
-        let chunks = Arc::new(PackStore::open(root)?);
+        if !(1..=22).contains(&config.compression_level)
+            || !(4096..=crate::pack::MAX_FRAME_LEN).contains(&config.frame_size)
+        {
+            return Err(Error::corrupt(
+                config_path.display().to_string(),
+                0,
+                "compression level must be 1..=22 and frame size 4 KiB..16 MiB",
+            ));
+        }
+        let chunks = Arc::new(PackStore::open_with_settings(
+            root,
+            config.frame_size as usize,
+            config.compression_level,
+        )?);
         for dir in ["snapshots", "refs"] {
             Self::remove_stale_temps(&root.join(dir));
         }
