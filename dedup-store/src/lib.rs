@@ -16,6 +16,7 @@
 pub mod chunk;
 pub mod chunker;
 pub mod error;
+mod fault;
 pub mod index;
 pub mod map;
 pub mod pack;

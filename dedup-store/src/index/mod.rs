@@ -451,8 +451,9 @@ impl ChunkIndex {
         let bytes = encode_with_packs(packs, records);
         let tmp = temp_path(&self.dir, "idx");
         let mut f = create_locked_temp(&tmp, "create index")?;
-        let written = f
-            .write_all(&bytes)
+        let written = crate::fault::check("write", &tmp)
+            .and_then(|()| f.write_all(&bytes))
+            .and_then(|()| crate::fault::check("sync", &tmp))
             .and_then(|()| f.sync_all())
             .map_err(io_err(&tmp, "write index"));
         if let Err(e) = written {
@@ -464,7 +465,7 @@ impl ChunkIndex {
         let mut seq = seq;
         let path = loop {
             let path = self.dir.join(format!("{seq:016x}.idx"));
-            match std::fs::hard_link(&tmp, &path) {
+            match crate::fault::check("link", &tmp).and_then(|()| std::fs::hard_link(&tmp, &path)) {
                 Ok(()) => break path,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && seq < u64::MAX => {
                     seq += 1;

@@ -205,7 +205,8 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 
 /// Fsyncs a directory so a rename in it is durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
+    crate::fault::check("sync", dir)
+        .and_then(|()| File::open(dir))
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir, "fsync directory"))
 }
@@ -358,8 +359,8 @@ impl PackWriter {
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.file
-            .write_all(bytes)
+        crate::fault::check("write", &self.tmp)
+            .and_then(|()| self.file.write_all(bytes))
             .map_err(io_err(&self.tmp, "write pack"))?;
         self.hasher.update(bytes);
         self.pos += bytes.len() as u64;
@@ -490,12 +491,14 @@ impl PackWriter {
         trailer[60..64].copy_from_slice(&tcrc.to_le_bytes());
         self.write(&index)?;
         self.write(&trailer)?;
-        self.file
-            .sync_all()
+        crate::fault::check("sync", &self.tmp)
+            .and_then(|()| self.file.sync_all())
             .map_err(io_err(&self.tmp, "fsync pack"))?;
         let id = PackId(*self.hasher.finalize().as_bytes());
         let path = self.dir.join(id.file_name());
-        std::fs::rename(&self.tmp, &path).map_err(io_err(&self.tmp, "rename pack"))?;
+        crate::fault::check("rename", &self.tmp)
+            .and_then(|()| std::fs::rename(&self.tmp, &path))
+            .map_err(io_err(&self.tmp, "rename pack"))?;
         sync_dir(&self.dir)?;
         Ok(FinishedPack {
             id,

@@ -149,11 +149,16 @@ fn mkdir(path: &Path) -> Result<()> {
 pub(crate) fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_path(dir, "obj");
     let mut f = create_locked_temp(&tmp, "create")?;
-    let done = f
-        .write_all(bytes)
+    let done = crate::fault::check("write", &tmp)
+        .and_then(|()| f.write_all(bytes))
+        .and_then(|()| crate::fault::check("sync", &tmp))
         .and_then(|()| f.sync_all())
         .map_err(io_err(&tmp, "write"))
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(io_err(path, "rename")));
+        .and_then(|()| {
+            crate::fault::check("rename", &tmp)
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map_err(io_err(path, "rename"))
+        });
     if done.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

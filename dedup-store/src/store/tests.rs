@@ -246,3 +246,105 @@ fn an_empty_terabyte_disk_is_free() {
     let _ = Arc::clone(store.chunks());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Like [`commit_disk`], returning the first error instead of panicking.
+fn try_commit_disk(store: &Store, name: &str, data: &[u8]) -> crate::Result<SnapshotId> {
+    let chunk_size = 16384;
+    let (w, handle) = DiskImporter::new(store.chunks().clone(), data.len() as u64, chunk_size)?;
+    let w: Box<dyn ImageWriter> = Box::new(w);
+    let mut off = 0;
+    let fail = |e: image_format::Error| Error::InvalidArgument(e.to_string());
+    while off < data.len() {
+        let end = (off + (1 << 20)).min(data.len());
+        let p = w
+            .prepare(off as u64, data[off..end].to_vec())
+            .map_err(fail)?;
+        w.commit(p).map_err(fail)?;
+        off = end;
+    }
+    w.finish().map_err(fail)?;
+    let root = handle
+        .root()
+        .ok_or_else(|| Error::InvalidArgument("no root".into()))?;
+    let member = Member {
+        name: "disk0".into(),
+        kind: MemberKind::Disk,
+        size: data.len() as u64,
+        layout: Layout::Map {
+            chunk_size,
+            root: root.root,
+        },
+    };
+    store.commit(name, RefUpdate::NewVersion, |parent| {
+        let mut m = Store::new_manifest("test".into(), vec![member]);
+        m.parent = parent;
+        Ok(m)
+    })
+}
+
+#[test]
+fn a_write_failing_at_any_point_then_a_power_cut_loses_nothing_committed() {
+    let base = disk_image(10);
+    let mut v2 = base.clone();
+    v2[..3 << 20].copy_from_slice(&xorshift_bytes(11, 3 << 20));
+    let mut n = 1;
+    loop {
+        let dir = tmp(&format!("fault-{n}"));
+        {
+            let store = Store::open(&dir, Access::Write).unwrap();
+            commit_disk(&store, "vm", &base);
+        }
+        let store = Store::open(&dir, Access::Write).unwrap();
+        crate::fault::plan::arm(Some(n));
+        let result = try_commit_disk(&store, "vm", &v2);
+        let plan = crate::fault::plan::disarm();
+        drop(store);
+        // The power cut: whatever was written and not fsynced is gone.
+        for path in &plan.unsynced {
+            if path.exists() {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(0))
+                    .unwrap();
+            }
+        }
+        let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
+        let report = verify(&store).unwrap();
+        assert!(report.is_clean(), "fault at op {n}: {report:?}");
+        let head = store.head("vm").unwrap().unwrap();
+        let versions = store.lineage(&head).unwrap().len();
+        match versions {
+            1 => {
+                assert!(
+                    result.is_err(),
+                    "op {n}: the import succeeded but did not land"
+                );
+                assert_eq!(read_all(&store, "vm"), base);
+            }
+            2 => {
+                assert_eq!(read_all(&store, "vm"), v2, "op {n}");
+                assert_eq!(read_all(&store, "vm@~1"), base, "op {n}");
+            }
+            v => panic!("op {n}: {v} versions"),
+        }
+        // The store takes the same import again after the failure.
+        if versions == 1 {
+            commit_disk(&store, "vm", &v2);
+            assert_eq!(read_all(&store, "vm"), v2);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        if result.is_ok() {
+            assert!(
+                n > plan.ops,
+                "op {n} of {} failed yet the import succeeded",
+                plan.ops
+            );
+            assert!(n > 5, "the write path had only {} operations", n - 1);
+            eprintln!("a fault was injected at each of the {} operations", n - 1);
+            break;
+        }
+        n += 1;
+        assert!(n < 10_000);
+    }
+}
