@@ -148,6 +148,7 @@ export -f tool_import tool_restore
 export set_dir vmnest
 
 : >"$steps"
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 declare -A imp_s rest_s rest_nosync_s peak stored stored_own fails
 for t in "${tool_list[@]}"; do
   repo=$runs/$t
@@ -195,6 +196,7 @@ done
 mib() { echo "scale=1; $1 / 1048576" | bc; }
 {
   echo "$(date -u +%F), $(nproc)-core $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) >> 20 )) GiB RAM; cache: $mode"
+  echo "Load average (1/5/15 min) at the start: $load_start, at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "Set: ${images[*]} (sparse raw files, $(mib "$logical") MiB logical in all)"
   echo
   echo "| tool | import s (4 images) | import MiB/s | stored MiB | restore s (synced) | restore s (unsynced) | peak RSS MiB | failures |"
