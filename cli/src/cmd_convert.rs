@@ -18,53 +18,53 @@ use crate::presets::{self, Target};
 pub struct ConvertArgs {
     /// Source format (probed when absent).
     #[arg(short = 'f')]
-    source_format: Option<String>,
+    pub(crate) source_format: Option<String>,
     /// Output format.
     #[arg(short = 'O')]
-    format: Option<String>,
+    pub(crate) format: Option<String>,
     /// Where the image is going: picks the format and options hypervisors accept.
     #[arg(long = "for", value_enum)]
-    target: Option<Target>,
+    pub(crate) target: Option<Target>,
     /// Format options, `key=value,...` (repeatable).
     #[arg(short = 'o')]
-    options: Vec<String>,
+    pub(crate) options: Vec<String>,
     /// Compress the output (qcow2; streamOptimized VMDK always compresses).
     #[arg(short = 'c')]
-    compress: bool,
+    pub(crate) compress: bool,
     /// Make the output an overlay on this backing file, holding only what differs (qcow2).
     #[arg(short = 'B')]
-    backing: Option<String>,
+    pub(crate) backing: Option<String>,
     /// Format of the backing file (probed when absent).
     #[arg(short = 'F')]
-    backing_format: Option<String>,
+    pub(crate) backing_format: Option<String>,
     /// Write into the existing destination instead of creating it (raw targets).
     #[arg(short = 'n')]
-    no_create: bool,
+    pub(crate) no_create: bool,
     /// With -n: the destination already reads as zeros, so zero ranges are skipped.
     #[arg(long)]
-    target_is_zero: bool,
+    pub(crate) target_is_zero: bool,
     /// Replace an existing destination.
     #[arg(long)]
-    force: bool,
+    pub(crate) force: bool,
     /// Do not fsync the finished image (qemu-img's cache=unsafe): faster, but a crash soon after
     /// can lose it. It is still renamed into place only when complete.
     #[arg(long)]
-    no_sync: bool,
+    pub(crate) no_sync: bool,
     /// Show a progress bar.
     #[arg(short = 'p')]
-    progress: bool,
+    pub(crate) progress: bool,
     /// Worker threads (default: 4 per core, 4 to 16).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Summary format.
     #[arg(long, value_enum, default_value_t)]
-    output: Output,
+    pub(crate) output: Output,
     #[command(flatten)]
-    open: OpenArgs,
+    pub(crate) open: OpenArgs,
     /// Source image.
-    src: PathBuf,
+    pub(crate) src: PathBuf,
     /// Destination.
-    dst: PathBuf,
+    pub(crate) dst: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -95,7 +95,19 @@ pub struct CreateArgs {
     size: Option<String>,
 }
 
-struct Bar(ProgressBar);
+pub(crate) struct Bar(pub(crate) ProgressBar);
+
+/// A progress bar over `size` bytes when `show`.
+pub(crate) fn bar(show: bool, size: u64) -> Option<Bar> {
+    show.then(|| {
+        let bar = ProgressBar::new(size);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Bar(bar)
+    })
+}
 
 impl Progress for Bar {
     fn progress(&self, done: u64, total: u64) {
@@ -197,14 +209,7 @@ pub fn run_convert(args: ConvertArgs) -> Result<u8> {
         }
         image_format::default_registry().create(&format, &args.dst, &options)?
     };
-    let bar = args.progress.then(|| {
-        let bar = ProgressBar::new(size);
-        bar.set_style(
-            ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        Bar(bar)
-    });
+    let bar = bar(args.progress, size);
     let progress: &dyn Progress = match &bar {
         Some(b) => b,
         None => &(),

@@ -49,8 +49,15 @@ impl ImageArgs {
     }
 }
 
-/// Opens `path` read-only, with `format` if given, else probing.
+/// Opens `path` read-only, with `format` if given, else probing; `store:NAME[@SNAP][/MEMBER]`
+/// opens a stored snapshot.
 pub fn open_image(path: &Path, format: Option<&str>, args: &OpenArgs) -> Result<Arc<dyn Image>> {
+    if let Some((spec, member)) = path
+        .to_str()
+        .and_then(crate::store_args::parse_store_source)
+    {
+        return Ok(crate::store_args::open_stored(spec, member)?);
+    }
     let options = OpenOptions {
         format: format.map(str::to_string),
         writable: false,

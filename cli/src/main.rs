@@ -6,8 +6,10 @@ mod cmd_compare;
 mod cmd_convert;
 mod cmd_info;
 mod cmd_map;
+mod cmd_store;
 mod common;
 mod presets;
+mod store_args;
 
 use std::process::ExitCode;
 
@@ -17,6 +19,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "vmnest", version, about, propagate_version = true)]
 struct Cli {
+    /// The store (default: $VMNEST_STORE, else $XDG_DATA_HOME/vmnest/store, else
+    /// ~/.local/share/vmnest/store).
+    #[arg(long, global = true, value_name = "DIR")]
+    store: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,10 +43,39 @@ enum Command {
     /// Compare the guest content of two images of any formats; exit 0 identical, 1 different,
     /// 2 error.
     Compare(cmd_compare::Args),
+    /// Create a store (import creates one with the defaults when there is none).
+    Init(cmd_store::InitArgs),
+    /// Store an image (any format) as a snapshot; again under the same name, a new version.
+    Import(Box<cmd_store::ImportArgs>),
+    /// Write a stored snapshot to an image in any format.
+    Export(Box<cmd_store::ExportArgs>),
+    /// Make new names for a snapshot, in O(1): `vmnest clone gold web-{01..50}`.
+    Clone(cmd_store::CloneArgs),
+    /// List the store's names.
+    Ls(cmd_store::ListArgs),
+    /// Show a name's lineage, newest first.
+    Log(cmd_store::LogArgs),
+    /// Remove names (or one older snapshot); `gc` frees the space.
+    Rm(cmd_store::RmArgs),
+    /// The byte ranges that differ between two snapshots (exit 0 same, 1 different).
+    Diff(cmd_store::DiffArgs),
+    /// Space: logical, stored, and per name unique vs shared.
+    Du(cmd_store::DuArgs),
+    /// Delete what no name reaches; repack packs that are mostly dead.
+    Gc(cmd_store::GcArgs),
+    /// Re-read and re-hash everything; name the snapshots a damaged chunk touches.
+    Verify(cmd_store::VerifyArgs),
 }
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes away
+    // (`vmnest map ... | head`).
+    // SAFETY: restoring the default disposition of SIGPIPE at startup, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
+    store_args::set_store_dir(cli.store);
     let (result, error_code) = match cli.command {
         Command::Info(args) => (cmd_info::run(args), 1),
         Command::Check(args) => (cmd_check::run(args), 1),
@@ -48,6 +83,17 @@ fn main() -> ExitCode {
         Command::Compare(args) => (cmd_compare::run(args), 2),
         Command::Convert(args) => (cmd_convert::run_convert(*args), 1),
         Command::Create(args) => (cmd_convert::run_create(args), 1),
+        Command::Init(args) => (cmd_store::run_init(args), 1),
+        Command::Import(args) => (cmd_store::run_import(*args), 1),
+        Command::Export(args) => (cmd_store::run_export(*args), 1),
+        Command::Clone(args) => (cmd_store::run_clone(args), 1),
+        Command::Ls(args) => (cmd_store::run_ls(args), 1),
+        Command::Log(args) => (cmd_store::run_log(args), 1),
+        Command::Rm(args) => (cmd_store::run_rm(args), 1),
+        Command::Diff(args) => (cmd_store::run_diff(args), 2),
+        Command::Du(args) => (cmd_store::run_du(args), 1),
+        Command::Gc(args) => (cmd_store::run_gc(args), 1),
+        Command::Verify(args) => (cmd_store::run_verify(args), 2),
     };
     match result {
         Ok(code) => ExitCode::from(code),

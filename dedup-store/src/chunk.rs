@@ -80,6 +80,38 @@ pub trait ChunkStore: Send + Sync {
 }
 
 /// A chunk store in memory, for tests and for staging.
+/// A borrowed store is a store: maps and builders take their store by value, borrowed or shared.
+impl<T: ChunkStore + ?Sized> ChunkStore for &T {
+    fn put(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+        (**self).put(id, data)
+    }
+    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        (**self).get(id)
+    }
+    fn contains(&self, id: &ChunkId) -> Result<bool> {
+        (**self).contains(id)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+}
+
+/// A shared store is a store (long-lived readers such as a stored disk own one).
+impl<T: ChunkStore + ?Sized> ChunkStore for std::sync::Arc<T> {
+    fn put(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+        (**self).put(id, data)
+    }
+    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        (**self).get(id)
+    }
+    fn contains(&self, id: &ChunkId) -> Result<bool> {
+        (**self).contains(id)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct MemoryChunkStore {
     chunks: RwLock<HashMap<ChunkId, Vec<u8>>>,

@@ -43,3 +43,38 @@ impl Error {
         }
     }
 }
+
+impl From<Error> for image_format::Error {
+    /// A store error seen through the block-device traits (a stored disk, an import): the
+    /// object's name takes the place of the file name.
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Io { path, op, source } => image_format::Error::Io {
+                path,
+                op,
+                offset: 0,
+                source,
+            },
+            Error::Corrupt {
+                object,
+                offset,
+                reason,
+            } => image_format::Error::Corrupt {
+                path: object.into(),
+                structure: "store object",
+                offset,
+                reason,
+            },
+            Error::MissingChunk(id) => image_format::Error::Corrupt {
+                path: Default::default(),
+                structure: "store",
+                offset: 0,
+                reason: format!("chunk {id} is not in the store"),
+            },
+            Error::InvalidArgument(reason) => image_format::Error::InvalidArgument {
+                path: Default::default(),
+                reason,
+            },
+        }
+    }
+}

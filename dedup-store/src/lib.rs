@@ -19,6 +19,7 @@ pub mod error;
 pub mod index;
 pub mod map;
 pub mod pack;
+pub mod store;
 
 pub use chunk::{ChunkId, ChunkStore, MemoryChunkStore};
 pub use error::{Error, Result};

@@ -8,6 +8,7 @@ mod parallels;
 mod qcow2;
 mod qcow2_write;
 mod raw;
+mod store;
 mod vhd;
 mod vhd_write;
 mod vhdx;

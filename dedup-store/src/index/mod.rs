@@ -40,7 +40,10 @@ use memmap2::Mmap;
 
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
-use crate::pack::{ChunkLoc, PackEntry, PackId, io_err, label_magic, sync_dir, temp_path};
+use crate::pack::{
+    ChunkLoc, PackEntry, PackId, create_locked_temp, io_err, label_magic, remove_stale_temp,
+    sync_dir, temp_path,
+};
 
 /// Bytes of the header.
 pub const HEADER_LEN: usize = 48;
@@ -316,8 +319,9 @@ impl ChunkIndex {
             })?;
             let name = ent.file_name().to_string_lossy().into_owned();
             if name.ends_with(".tmp") {
-                let _ = std::fs::remove_file(ent.path());
-                removed.push(ent.path());
+                if remove_stale_temp(&ent.path()) {
+                    removed.push(ent.path());
+                }
             } else if let Some(seq) = parse_seq(&name) {
                 files.push(IndexFile::open(&ent.path(), seq)?);
             }
@@ -334,6 +338,33 @@ impl ChunkIndex {
         ))
     }
 
+    /// Opens index files that appeared in the directory since this index was opened (written
+    /// by another process); returns how many.
+    pub fn refresh(&mut self) -> Result<usize> {
+        let known: HashSet<PathBuf> = self.files.iter().map(|f| f.path.clone()).collect();
+        let rd = std::fs::read_dir(&self.dir).map_err(io_err(&self.dir, "list index dir"))?;
+        let mut added = 0;
+        for ent in rd.flatten() {
+            let name = ent.file_name().to_string_lossy().into_owned();
+            if let Some(seq) = parse_seq(&name)
+                && !known.contains(&ent.path())
+            {
+                match IndexFile::open(&ent.path(), seq) {
+                    Ok(file) => {
+                        self.files.push(file);
+                        added += 1;
+                    }
+                    // Merged away by its writer between the listing and the open.
+                    Err(Error::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.files.sort_by_key(|f| std::cmp::Reverse(f.seq));
+        Ok(added)
+    }
+
     /// Removes every index file in `dir` and builds one from `packs` (each pack's own index).
     pub fn rebuild<'a>(
         dir: &Path,
@@ -346,7 +377,11 @@ impl ChunkIndex {
         })?;
         if let Ok(rd) = std::fs::read_dir(dir) {
             for ent in rd.flatten() {
-                let _ = std::fs::remove_file(ent.path());
+                if ent.file_name().to_string_lossy().ends_with(".tmp") {
+                    remove_stale_temp(&ent.path());
+                } else {
+                    let _ = std::fs::remove_file(ent.path());
+                }
             }
         }
         let mut index = ChunkIndex {
@@ -415,12 +450,33 @@ impl ChunkIndex {
     ) -> Result<IndexFile> {
         let bytes = encode_with_packs(packs, records);
         let tmp = temp_path(&self.dir, "idx");
-        let path = self.dir.join(format!("{seq:016x}.idx"));
-        let mut f = File::create(&tmp).map_err(io_err(&tmp, "create index"))?;
-        f.write_all(&bytes).map_err(io_err(&tmp, "write index"))?;
-        f.sync_all().map_err(io_err(&tmp, "fsync index"))?;
+        let mut f = create_locked_temp(&tmp, "create index")?;
+        let written = f
+            .write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(io_err(&tmp, "write index"));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        // Another process may write index files into the same directory: the name is taken with
+        // a hard link, which never replaces, and the next number is tried when it is in use.
+        let mut seq = seq;
+        let path = loop {
+            let path = self.dir.join(format!("{seq:016x}.idx"));
+            match std::fs::hard_link(&tmp, &path) {
+                Ok(()) => break path,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && seq < u64::MAX => {
+                    seq += 1;
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(io_err(&path, "name index")(e));
+                }
+            }
+        };
+        let _ = std::fs::remove_file(&tmp);
         drop(f);
-        std::fs::rename(&tmp, &path).map_err(io_err(&tmp, "rename index"))?;
         sync_dir(&self.dir)?;
         IndexFile::open(&path, seq)
     }

@@ -13,8 +13,8 @@ use crate::map::{FANOUT, Geometry, MapRoot, put_node, span};
 /// a time. [`MapBuilder::set`] accepts any order at or after the streaming position by buffering
 /// the entries until they are pushed or until [`MapBuilder::finish`].
 #[derive(Debug)]
-pub struct MapBuilder<'a, S: ChunkStore + ?Sized> {
-    store: &'a S,
+pub struct MapBuilder<S: ChunkStore> {
+    store: S,
     geo: Geometry,
     size: u64,
     chunk_size: u32,
@@ -26,9 +26,9 @@ pub struct MapBuilder<'a, S: ChunkStore + ?Sized> {
     pending: BTreeMap<u64, Option<ChunkId>>,
 }
 
-impl<'a, S: ChunkStore + ?Sized> MapBuilder<'a, S> {
+impl<S: ChunkStore> MapBuilder<S> {
     /// A builder of an all-zero map over `size` bytes in `chunk_size`-byte chunks.
-    pub fn new(store: &'a S, size: u64, chunk_size: u32) -> Result<Self> {
+    pub fn new(store: S, size: u64, chunk_size: u32) -> Result<Self> {
         let geo = Geometry::new(size, chunk_size)?;
         Ok(MapBuilder {
             store,
@@ -90,12 +90,12 @@ impl<'a, S: ChunkStore + ?Sized> MapBuilder<'a, S> {
         for level in 0..top {
             if !self.levels[level].is_empty() {
                 let entries = std::mem::take(&mut self.levels[level]);
-                let id = put_node(self.store, level as u8, &entries)?;
+                let id = put_node(&self.store, level as u8, &entries)?;
                 self.levels[level + 1].push(id);
             }
         }
         debug_assert_eq!(self.levels[top].len(), self.geo.count_at(top as u8, 0));
-        let root = put_node(self.store, top as u8, &self.levels[top])?;
+        let root = put_node(&self.store, top as u8, &self.levels[top])?;
         self.store.flush()?;
         Ok(MapRoot {
             root,
@@ -136,7 +136,7 @@ impl<'a, S: ChunkStore + ?Sized> MapBuilder<'a, S> {
         let top = usize::from(self.geo.depth) - 1;
         while level < top && self.levels[level].len() == FANOUT {
             let entries = std::mem::take(&mut self.levels[level]);
-            let id = put_node(self.store, level as u8, &entries)?;
+            let id = put_node(&self.store, level as u8, &entries)?;
             self.levels[level + 1].push(id);
             level += 1;
         }

@@ -17,11 +17,7 @@ pub struct DiffEntry {
 
 /// The chunks that differ between two maps, in ascending order. Descends only into subtrees whose
 /// ids differ and never loads a zero subtree: O(changes × depth) node loads.
-pub fn diff<'a, S: ChunkStore + ?Sized>(
-    store: &'a S,
-    old: &MapRoot,
-    new: &MapRoot,
-) -> Result<Diff<'a, S>> {
+pub fn diff<S: ChunkStore>(store: S, old: &MapRoot, new: &MapRoot) -> Result<Diff<S>> {
     let geo = Geometry::of(old)?;
     Geometry::of(new)?;
     if (old.size, old.chunk_size) != (new.size, new.chunk_size) {
@@ -59,13 +55,13 @@ struct Frame {
 }
 
 /// The iterator returned by [`diff`].
-pub struct Diff<'a, S: ChunkStore + ?Sized> {
-    store: &'a S,
+pub struct Diff<S: ChunkStore> {
+    store: S,
     geo: Geometry,
     stack: Vec<Frame>,
 }
 
-impl<S: ChunkStore + ?Sized> std::fmt::Debug for Diff<'_, S> {
+impl<S: ChunkStore> std::fmt::Debug for Diff<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Diff")
             .field("depth", &self.stack.len())
@@ -73,12 +69,16 @@ impl<S: ChunkStore + ?Sized> std::fmt::Debug for Diff<'_, S> {
     }
 }
 
-impl<S: ChunkStore + ?Sized> Diff<'_, S> {
+impl<S: ChunkStore> Diff<S> {
     fn load(&self, id: Option<ChunkId>, level: u8, start: u64) -> Result<Option<Arc<Node>>> {
         match id {
             None => Ok(None),
             Some(id) => Ok(Some(Arc::new(load_node(
-                self.store, &self.geo, &id, level, start,
+                &self.store,
+                &self.geo,
+                &id,
+                level,
+                start,
             )?))),
         }
     }
@@ -88,7 +88,7 @@ fn entry(node: &Option<Arc<Node>>, slot: usize) -> Option<ChunkId> {
     node.as_ref().and_then(|n| n.entries[slot])
 }
 
-impl<S: ChunkStore + ?Sized> Iterator for Diff<'_, S> {
+impl<S: ChunkStore> Iterator for Diff<S> {
     type Item = Result<DiffEntry>;
 
     fn next(&mut self) -> Option<Self::Item> {

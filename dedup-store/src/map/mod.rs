@@ -215,3 +215,42 @@ pub(crate) fn put_node<S: ChunkStore + ?Sized>(
     store.put(id, &bytes)?;
     Ok(Some(id))
 }
+
+/// Visits every node and leaf id of the map `root`, depth first. `visit(id, is_node)` returns
+/// whether to descend into a node (a caller that marks ids returns false for one already seen:
+/// equal ids are equal subtrees, so shared subtrees are walked once). A node that cannot be
+/// loaded goes to `on_error` and its subtree is skipped.
+pub fn walk<S: ChunkStore + ?Sized>(
+    store: &S,
+    root: &MapRoot,
+    visit: &mut dyn FnMut(&ChunkId, bool) -> bool,
+    on_error: &mut dyn FnMut(&ChunkId, Error),
+) -> Result<()> {
+    let geo = Geometry::of(root)?;
+    let Some(top) = root.root else {
+        return Ok(());
+    };
+    let mut stack = vec![(top, geo.depth - 1, 0u64)];
+    while let Some((id, level, start)) = stack.pop() {
+        if !visit(&id, true) {
+            continue;
+        }
+        let node = match load_node(store, &geo, &id, level, start) {
+            Ok(n) => n,
+            Err(e) => {
+                on_error(&id, e);
+                continue;
+            }
+        };
+        for (slot, entry) in node.entries.iter().enumerate() {
+            let Some(child) = entry else { continue };
+            if level == 0 {
+                visit(child, false);
+            } else {
+                let (s, _) = geo.entry_range(level, start, slot);
+                stack.push((*child, level - 1, s));
+            }
+        }
+    }
+    Ok(())
+}

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::chunk::{ChunkId, ChunkStore};
 use crate::error::{Error, Result};
-use crate::map::{Geometry, MapRoot, Node, load_node, span};
+use crate::map::{Geometry, MAX_DEPTH, MapRoot, Node, load_node, span};
 
 /// Nodes a [`Map`] keeps decoded (at most ~8 KiB each): enough for the upper levels of any tree
 /// and a working set of leaves.
@@ -14,11 +14,12 @@ pub const NODE_CACHE_CAP: usize = 256;
 
 /// An open map: lookups through a bounded cache of decoded nodes.
 #[derive(Debug)]
-pub struct Map<'a, S: ChunkStore + ?Sized> {
-    store: &'a S,
+pub struct Map<S: ChunkStore> {
+    store: S,
     root: MapRoot,
     geo: Geometry,
     cache: Mutex<NodeCache>,
+    cache_cap: usize,
 }
 
 #[derive(Debug, Default)]
@@ -28,16 +29,28 @@ struct NodeCache {
     order: VecDeque<ChunkId>,
 }
 
-impl<'a, S: ChunkStore + ?Sized> Map<'a, S> {
+impl<S: ChunkStore> Map<S> {
     /// Opens the map `root` (no node is read until needed).
-    pub fn open(store: &'a S, root: MapRoot) -> Result<Self> {
+    pub fn open(store: S, root: MapRoot) -> Result<Self> {
+        Self::with_cache_cap(store, root, NODE_CACHE_CAP)
+    }
+
+    /// Like [`Map::open`], keeping up to `nodes` decoded nodes (a long-lived reader, such as a
+    /// stored disk served for random reads, keeps its whole working set of leaves).
+    pub fn with_cache_cap(store: S, root: MapRoot, nodes: usize) -> Result<Self> {
         let geo = Geometry::of(&root)?;
         Ok(Map {
             store,
             root,
             geo,
             cache: Mutex::new(NodeCache::default()),
+            cache_cap: nodes.max(usize::from(MAX_DEPTH)),
         })
+    }
+
+    /// The store the map reads from.
+    pub fn store(&self) -> &S {
+        &self.store
     }
 
     /// The root this map was opened at.
@@ -60,9 +73,9 @@ impl<'a, S: ChunkStore + ?Sized> Map<'a, S> {
                 return Ok(node.clone());
             }
         }
-        let node = Arc::new(load_node(self.store, &self.geo, id, level, start)?);
+        let node = Arc::new(load_node(&self.store, &self.geo, id, level, start)?);
         if let Ok(mut cache) = self.cache.lock() {
-            if cache.nodes.len() >= NODE_CACHE_CAP
+            if cache.nodes.len() >= self.cache_cap
                 && let Some(old) = cache.order.pop_front()
             {
                 cache.nodes.remove(&old);
@@ -102,7 +115,7 @@ impl<'a, S: ChunkStore + ?Sized> Map<'a, S> {
     /// Walks chunks `from..to` (clamped to the map) as runs in ascending order: each stored
     /// chunk as a run of one with its id, each stretch of zero chunks as one run with None.
     /// Zero subtrees are never loaded, so a sparse map costs O(allocated).
-    pub fn iter_range(&self, from: u64, to: u64) -> RangeIter<'_, 'a, S> {
+    pub fn iter_range(&self, from: u64, to: u64) -> RangeIter<'_, S> {
         let to = to.min(self.geo.chunks);
         RangeIter {
             map: self,
@@ -124,8 +137,8 @@ struct Frame {
 }
 
 /// The runs of [`Map::iter_range`].
-pub struct RangeIter<'m, 'a, S: ChunkStore + ?Sized> {
-    map: &'m Map<'a, S>,
+pub struct RangeIter<'m, S: ChunkStore> {
+    map: &'m Map<S>,
     from: u64,
     to: u64,
     stack: Vec<Frame>,
@@ -136,7 +149,7 @@ pub struct RangeIter<'m, 'a, S: ChunkStore + ?Sized> {
     root_pending: bool,
 }
 
-impl<S: ChunkStore + ?Sized> std::fmt::Debug for RangeIter<'_, '_, S> {
+impl<S: ChunkStore> std::fmt::Debug for RangeIter<'_, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RangeIter")
             .field("from", &self.from)
@@ -146,7 +159,7 @@ impl<S: ChunkStore + ?Sized> std::fmt::Debug for RangeIter<'_, '_, S> {
     }
 }
 
-impl<S: ChunkStore + ?Sized> RangeIter<'_, '_, S> {
+impl<S: ChunkStore> RangeIter<'_, S> {
     /// The next run before coalescing: a zero span or one stored chunk.
     fn next_raw(&mut self) -> Option<Result<(Range<u64>, Option<ChunkId>)>> {
         let geo = self.map.geo;
@@ -201,7 +214,7 @@ impl<S: ChunkStore + ?Sized> RangeIter<'_, '_, S> {
     }
 }
 
-impl<S: ChunkStore + ?Sized> Iterator for RangeIter<'_, '_, S> {
+impl<S: ChunkStore> Iterator for RangeIter<'_, S> {
     type Item = Result<(Range<u64>, Option<ChunkId>)>;
 
     fn next(&mut self) -> Option<Self::Item> {

@@ -75,7 +75,7 @@ fn build_streaming(store: &impl ChunkStore, model: &[Option<ChunkId>], size: u64
 }
 
 fn walk(
-    map: &Map<'_, impl ChunkStore>,
+    map: &Map<impl ChunkStore>,
     from: u64,
     to: u64,
 ) -> Vec<(std::ops::Range<u64>, Option<ChunkId>)> {

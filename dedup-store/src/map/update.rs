@@ -6,7 +6,7 @@ use crate::chunk::{ChunkId, ChunkStore};
 use crate::error::{Error, Result};
 use crate::map::{Geometry, Map, MapRoot, load_node, put_node};
 
-impl<S: ChunkStore + ?Sized> Map<'_, S> {
+impl<S: ChunkStore> Map<S> {
     /// Applies `changes` (chunk index, new id or None for zero; a later change of the same index
     /// wins) to the map `root` and returns the new root. Only the nodes on the paths to changed
     /// leaves are written; every node of `root` stays as it is, so the old root remains valid.

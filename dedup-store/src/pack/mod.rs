@@ -218,6 +218,34 @@ pub(crate) fn temp_path(dir: &Path, what: &str) -> PathBuf {
     dir.join(format!("tmp-{}-{n}.{what}.tmp", std::process::id()))
 }
 
+/// Creates a temporary file at `path` and takes an exclusive lock on it, held until the file is
+/// closed: the lock tells [`remove_stale_temp`] in another process that the file is in use.
+pub(crate) fn create_locked_temp(path: &Path, op: &'static str) -> Result<File> {
+    let file = File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_err(path, op))?;
+    file.try_lock().map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        op,
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(file)
+}
+
+/// Removes `path`, a temporary file, if no process holds its lock (the leftover of a crash).
+/// Returns whether it was removed; a file that another writer is filling stays.
+pub(crate) fn remove_stale_temp(path: &Path) -> bool {
+    let Ok(file) = File::options().read(true).write(true).open(path) else {
+        return false;
+    };
+    if file.try_lock().is_err() {
+        return false;
+    }
+    std::fs::remove_file(path).is_ok()
+}
+
 /// A finished pack.
 #[derive(Clone, Debug)]
 pub struct FinishedPack {
@@ -229,6 +257,48 @@ pub struct FinishedPack {
     pub entries: Vec<PackEntry>,
     /// Its size in bytes.
     pub size: u64,
+}
+
+/// A frame compressed away from the pack writer: CPU work that importing threads do in parallel,
+/// leaving the pack writer only the append.
+#[derive(Clone, Debug)]
+pub struct EncodedFrame {
+    /// Plaintext bytes.
+    pub plain_len: u32,
+    /// Stored bytes: one zstd frame, or the plaintext when compressing does not shrink it.
+    pub stored: Vec<u8>,
+    /// [`FLAG_ZSTD`] or 0.
+    pub flags: u32,
+    /// CRC-32C of `stored`.
+    pub crc: u32,
+    /// The chunks: id, offset and length in the plaintext.
+    pub chunks: Vec<(ChunkId, u32, u32)>,
+}
+
+impl EncodedFrame {
+    /// Compresses `plain`, the concatenation of `chunks` (id, offset, length; at most
+    /// [`MAX_FRAME_LEN`] bytes in all).
+    pub fn encode(plain: &[u8], chunks: Vec<(ChunkId, u32, u32)>) -> std::io::Result<EncodedFrame> {
+        if plain.len() > MAX_FRAME_LEN as usize {
+            return Err(std::io::Error::other(format!(
+                "frame of {} bytes is larger than {MAX_FRAME_LEN}",
+                plain.len()
+            )));
+        }
+        let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL)?;
+        let (stored, flags) = if compressed.len() < plain.len() {
+            (compressed, FLAG_ZSTD)
+        } else {
+            (plain.to_vec(), 0)
+        };
+        Ok(EncodedFrame {
+            plain_len: plain.len() as u32,
+            crc: crc32c::crc32c(&stored),
+            stored,
+            flags,
+            chunks,
+        })
+    }
 }
 
 /// Writes one pack under a temporary name; [`PackWriter::finish`] makes it durable and names it.
@@ -255,11 +325,7 @@ impl PackWriter {
     /// Starts a pack in `dir` with frames of `frame_target` plaintext bytes (tests).
     pub fn with_frame_target(dir: &Path, frame_target: usize) -> Result<PackWriter> {
         let tmp = temp_path(dir, "pack");
-        let file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io_err(&tmp, "create pack"))?;
+        let file = create_locked_temp(&tmp, "create pack")?;
         let mut w = PackWriter {
             dir: dir.to_path_buf(),
             tmp,
@@ -330,25 +396,28 @@ impl PackWriter {
             return Ok(());
         }
         let plain = std::mem::take(&mut self.frame_buf);
-        let compressed =
-            zstd::bulk::compress(&plain, ZSTD_LEVEL).map_err(io_err(&self.tmp, "zstd compress"))?;
-        let (stored, flags) = if compressed.len() < plain.len() {
-            (compressed, FLAG_ZSTD)
-        } else {
-            (plain.clone(), 0)
-        };
+        let chunks = std::mem::take(&mut self.frame_entries);
+        let frame = EncodedFrame::encode(&plain, chunks).map_err(|e| Error::Io {
+            path: self.tmp.clone(),
+            op: "zstd compress",
+            source: e,
+        })?;
+        self.write_encoded(&frame)
+    }
+
+    fn write_encoded(&mut self, frame: &EncodedFrame) -> Result<()> {
         let info = FrameInfo {
             offset: self.pos,
-            plain_len: plain.len() as u32,
-            stored_len: stored.len() as u32,
-            flags,
-            crc: crc32c::crc32c(&stored),
+            plain_len: frame.plain_len,
+            stored_len: frame.stored.len() as u32,
+            flags: frame.flags,
+            crc: frame.crc,
         };
         let frame_no = self.frames.len() as u32;
         self.write(&encode_frame_header(&info))?;
-        self.write(&stored)?;
+        self.write(&frame.stored)?;
         self.frames.push(info);
-        for (id, offset, len) in self.frame_entries.drain(..) {
+        for &(id, offset, len) in &frame.chunks {
             self.entries.push(PackEntry {
                 id,
                 loc: ChunkLoc {
@@ -359,6 +428,17 @@ impl PackWriter {
             });
         }
         Ok(())
+    }
+
+    /// Appends a frame encoded elsewhere (on a worker thread, see [`EncodedFrame::encode`]) as
+    /// it is, after sealing the frame being filled.
+    pub fn add_encoded(&mut self, frame: &EncodedFrame) -> Result<()> {
+        let count = self.len() as u64 + frame.chunks.len() as u64;
+        if count >= MAX_PACK_CHUNKS || self.frames.len() + 2 >= MAX_PACK_FRAMES as usize {
+            return Err(Error::InvalidArgument("pack holds its most chunks".into()));
+        }
+        self.seal_frame()?;
+        self.write_encoded(frame)
     }
 
     /// Writes the last frame, the index and the trailer, fsyncs, renames the pack to its name
@@ -782,6 +862,16 @@ impl PackReader {
             frames,
             frames_decoded: AtomicU64::new(0),
         })
+    }
+
+    /// The pack file's length in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.file.metadata().map_or(0, |m| m.len())
+    }
+
+    /// The pack's file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The pack's name.

@@ -15,14 +15,19 @@
 //! only, and pack reads happen with no lock held (readers are `Arc`s; the frame cache has its
 //! own short lock). `put` and `flush` serialise on the open-pack mutex, which is held while a
 //! frame is compressed and appended and while a pack is finished (fsync, rename): a put may
-//! wait for a flush. One process writes a store at a time: opening removes `*.tmp` files, which
-//! would break a second writer's open pack.
+//! wait for a flush. [`PackStore::put_encoded`] takes frames compressed on the caller's threads.
+//!
+//! Several processes may write one store: each fills its own temporary pack, locked (flock)
+//! while open, and opening removes only temporary files whose lock nobody holds; index files
+//! are named without ever replacing one ([`crate::index`]). A process sees what others stored
+//! after it opened through [`PackStore::refresh`], which `get` runs before reporting a chunk
+//! missing. Deleting packs (GC) is left to [`crate::store`], which excludes every other user.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::{FRAME_CACHE_BYTES, FrameCache, PackId, PackReader, PackWriter};
+use super::{EncodedFrame, FRAME_CACHE_BYTES, FrameCache, PackId, PackReader, PackWriter};
 use crate::chunk::{ChunkId, ChunkStore};
 use crate::error::{Error, Result};
 use crate::index::ChunkIndex;
@@ -97,8 +102,9 @@ impl PackStore {
             let name = ent.file_name().to_string_lossy().into_owned();
             let path = ent.path();
             if name.ends_with(".tmp") {
-                let _ = std::fs::remove_file(&path);
-                report.removed_temp.push(path);
+                if super::remove_stale_temp(&path) {
+                    report.removed_temp.push(path);
+                }
                 continue;
             }
             let Some(id) = name.strip_suffix(".pack").and_then(PackId::from_hex) else {
@@ -141,9 +147,36 @@ impl PackStore {
             index.persist_delta()?;
         }
         report.unindexed_packs = unindexed;
+        // Another process may have written a pack (and its index file) after the listing.
+        let unlisted: Vec<PackId> = covered
+            .iter()
+            .filter(|id| !readers.contains_key(id))
+            .copied()
+            .collect();
+        for id in &unlisted {
+            if let Ok(r) = PackReader::open(*id, &packs_dir.join(id.file_name())) {
+                readers.insert(*id, Arc::new(r));
+            }
+        }
         let present: HashSet<PackId> = readers.keys().copied().collect();
         let mut missing: Vec<PackId> = covered.difference(&present).copied().collect();
         missing.sort();
+        if !missing.is_empty() {
+            // Index entries name packs that are gone: a gc was interrupted between deleting
+            // packs and rebuilding the index. Finish it.
+            let mut ids: Vec<&PackId> = readers.keys().collect();
+            ids.sort();
+            index = ChunkIndex::rebuild(
+                &index_dir,
+                ids.into_iter().map(|id| (*id, readers[id].entries())),
+            )?;
+            report.index_rebuilt.get_or_insert_with(|| {
+                format!(
+                    "{} packs it named are gone (an interrupted gc)",
+                    missing.len()
+                )
+            });
+        }
         report.missing_packs = missing;
         Ok(PackStore {
             packs_dir,
@@ -154,6 +187,11 @@ impl PackStore {
             report,
             frame_target,
         })
+    }
+
+    /// The store directory (the parent of `packs/`).
+    pub fn root(&self) -> &Path {
+        self.packs_dir.parent().unwrap_or(&self.packs_dir)
     }
 
     /// What opening found.
@@ -172,6 +210,178 @@ impl PackStore {
             .read()
             .map(|r| r.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Picks up packs and index files that other processes wrote since this store was opened.
+    /// A pack no index file covers yet (its writer is between the two steps) is indexed in
+    /// memory from its own index.
+    pub fn refresh(&self) -> Result<()> {
+        self.index.write().map_err(|_| poisoned())?.refresh()?;
+        let rd = std::fs::read_dir(&self.packs_dir).map_err(|source| Error::Io {
+            path: self.packs_dir.clone(),
+            op: "list packs",
+            source,
+        })?;
+        let mut fresh = Vec::new();
+        {
+            let readers = self.readers.read().map_err(|_| poisoned())?;
+            for ent in rd.flatten() {
+                let name = ent.file_name().to_string_lossy().into_owned();
+                if let Some(id) = name.strip_suffix(".pack").and_then(PackId::from_hex)
+                    && !readers.contains_key(&id)
+                {
+                    fresh.push((id, ent.path()));
+                }
+            }
+        }
+        for (id, path) in fresh {
+            let Ok(reader) = PackReader::open(id, &path) else {
+                continue;
+            };
+            let reader = Arc::new(reader);
+            let mut index = self.index.write().map_err(|_| poisoned())?;
+            if !index.covered_packs().contains(&id) {
+                index.insert_pack(id, reader.entries());
+            }
+            self.readers
+                .write()
+                .map_err(|_| poisoned())?
+                .insert(id, reader);
+        }
+        Ok(())
+    }
+
+    /// Writes `chunks` into new packs, stored even when the store holds them elsewhere (gc moves
+    /// live chunks out of packs it is about to delete), durable and indexed when this returns.
+    /// Returns the number of packs written.
+    pub fn write_packs(
+        &self,
+        chunks: impl IntoIterator<Item = Result<(ChunkId, Vec<u8>)>>,
+    ) -> Result<usize> {
+        let mut open = self.open.lock().map_err(|_| poisoned())?;
+        self.finish_open(&mut open, true)?;
+        let mut written = 0;
+        let mut writer: Option<PackWriter> = None;
+        let mut finish = |w: PackWriter| -> Result<()> {
+            let done = w.finish()?;
+            let reader = Arc::new(PackReader::open(done.id, &done.path)?);
+            self.readers
+                .write()
+                .map_err(|_| poisoned())?
+                .insert(done.id, reader);
+            self.index
+                .write()
+                .map_err(|_| poisoned())?
+                .insert_pack(done.id, &done.entries);
+            written += 1;
+            Ok(())
+        };
+        for item in chunks {
+            let (id, data) = item?;
+            if writer.is_none() {
+                writer = Some(PackWriter::with_frame_target(
+                    &self.packs_dir,
+                    self.frame_target,
+                )?);
+            }
+            if let Some(w) = writer.as_mut() {
+                w.add(id, &data)?;
+            }
+            if writer.as_ref().is_some_and(PackWriter::is_full)
+                && let Some(w) = writer.take()
+            {
+                finish(w)?;
+            }
+        }
+        if let Some(w) = writer.take() {
+            if w.is_empty() {
+                w.abandon();
+            } else {
+                finish(w)?;
+            }
+        }
+        self.index
+            .write()
+            .map_err(|_| poisoned())?
+            .persist_delta()?;
+        Ok(written)
+    }
+
+    /// Deletes packs (gc, with every other user of the store excluded), then rebuilds the index
+    /// from the packs that remain. A crash between the two leaves index entries naming deleted
+    /// packs; [`PackStore::open`] rebuilds the index when it finds such entries.
+    pub fn delete_packs(&self, ids: &[PackId]) -> Result<()> {
+        let _open = self.open.lock().map_err(|_| poisoned())?;
+        let mut readers = self.readers.write().map_err(|_| poisoned())?;
+        for id in ids {
+            let path = self.packs_dir.join(id.file_name());
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(Error::Io {
+                        path,
+                        op: "delete pack",
+                        source,
+                    });
+                }
+            }
+            readers.remove(id);
+        }
+        super::sync_dir(&self.packs_dir)?;
+        let mut sorted: Vec<&PackId> = readers.keys().collect();
+        sorted.sort();
+        let rebuilt = ChunkIndex::rebuild(
+            &self.root().join("index"),
+            sorted.into_iter().map(|id| (*id, readers[id].entries())),
+        )?;
+        *self.index.write().map_err(|_| poisoned())? = rebuilt;
+        Ok(())
+    }
+
+    /// Adds a frame compressed by the caller (see [`EncodedFrame::encode`]) whose chunks are
+    /// `plain`; like [`ChunkStore::put`], durable after the next flush. Chunks of the frame that
+    /// the store already holds are stored again (harmless: the index keeps one, GC drops the
+    /// other); callers leave out chunks that [`ChunkStore::contains`] reports.
+    pub fn put_encoded(&self, frame: &EncodedFrame, plain: &[u8]) -> Result<()> {
+        let mut open = self.open.lock().map_err(|_| poisoned())?;
+        if open
+            .writer
+            .as_ref()
+            .is_some_and(|w| w.len() + frame.chunks.len() + 1 >= super::MAX_PACK_CHUNKS as usize)
+        {
+            self.finish_open(&mut open, false)?;
+        }
+        if open.writer.is_none() {
+            open.writer = Some(PackWriter::with_frame_target(
+                &self.packs_dir,
+                self.frame_target,
+            )?);
+        }
+        if let Some(w) = open.writer.as_mut() {
+            w.add_encoded(frame)?;
+        }
+        for &(id, off, len) in &frame.chunks {
+            let range = off as usize..off as usize + len as usize;
+            if let Some(data) = plain.get(range) {
+                open.pending.insert(id, data.to_vec());
+            }
+        }
+        if open.writer.as_ref().is_some_and(|w| w.is_full()) {
+            self.finish_open(&mut open, false)?;
+        }
+        Ok(())
+    }
+
+    /// A stored chunk's plaintext length and its share of the stored bytes of its frame
+    /// (frames are compressed as a whole), for space accounting.
+    pub fn chunk_footprint(&self, id: &ChunkId) -> Result<Option<(u32, f64)>> {
+        Ok(self.durable(id)?.map(|(reader, loc)| {
+            let stored = reader.frames().get(loc.frame as usize).map_or(0.0, |f| {
+                f64::from(f.stored_len) * f64::from(loc.len) / f64::from(f.plain_len.max(1))
+            });
+            (loc.len, stored)
+        }))
     }
 
     /// Where `id` is durably stored in an intact pack, if anywhere.
@@ -253,6 +463,11 @@ impl ChunkStore for PackStore {
         if let Some(data) = self.open.lock().map_err(|_| poisoned())?.pending.get(id) {
             return Ok(data.clone());
         }
+        if let Some((reader, loc)) = self.durable(id)? {
+            return reader.read_at(id, loc, Some(&self.cache));
+        }
+        // Another process may have stored it since this store was opened.
+        self.refresh()?;
         match self.durable(id)? {
             Some((reader, loc)) => reader.read_at(id, loc, Some(&self.cache)),
             None => Err(Error::MissingChunk(*id)),

@@ -337,9 +337,11 @@ fn a_store_dropped_without_flush_claims_nothing_unflushed_and_cleans_temp_packs(
             s.put(ChunkId::of(c), c).unwrap();
         }
         // Force the open pack's bytes to disk under its temp name, as a crash mid-pack would.
+        // Then the process dies: its files close (releasing the temp pack's lock), nothing else.
         let mut open = s.open.lock().unwrap();
-        let w = open.writer.as_mut().unwrap();
+        let mut w = open.writer.take().unwrap();
         w.seal_frame().unwrap();
+        drop(w);
         std::mem::forget(open);
         std::mem::forget(s);
     }

@@ -1,0 +1,85 @@
+//! Which store a command uses, and `store:NAME[@SNAP][/MEMBER]` sources.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{Context, Result};
+use dedup_store::store::disk::StoredDisk;
+use dedup_store::store::{Access, Store};
+
+static STORE_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Records `--store` (else `$VMNEST_STORE`, else the default) for the whole process.
+pub fn set_store_dir(flag: Option<PathBuf>) {
+    let dir = flag
+        .or_else(|| std::env::var_os("VMNEST_STORE").map(PathBuf::from))
+        .unwrap_or_else(default_store_dir);
+    let _ = STORE_DIR.set(dir);
+}
+
+/// `$XDG_DATA_HOME/vmnest/store`, else `~/.local/share/vmnest/store`.
+pub fn default_store_dir() -> PathBuf {
+    if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Path::new(&data).join("vmnest/store");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    Path::new(&home).join(".local/share/vmnest/store")
+}
+
+/// The store directory in use.
+pub fn store_dir() -> PathBuf {
+    STORE_DIR.get().cloned().unwrap_or_else(default_store_dir)
+}
+
+/// Opens the store, saying on stderr what was repaired after a crash.
+pub fn open_store(access: Access) -> Result<Arc<Store>> {
+    let dir = store_dir();
+    let mut waited = false;
+    let store = Store::open_with(&dir, access, &mut || {
+        waited = true;
+        match access {
+            Access::Exclusive => eprintln!(
+                "vmnest: waiting for the other vmnest processes using {} to finish",
+                dir.display()
+            ),
+            _ => eprintln!("vmnest: waiting for a gc of {} to finish", dir.display()),
+        }
+    })
+    .with_context(|| format!("store {}", dir.display()))?;
+    let r = store.report();
+    if !r.removed_temp.is_empty() {
+        eprintln!(
+            "vmnest: store: rolled back an interrupted write (removed {} unfinished files)",
+            r.removed_temp.len()
+        );
+    }
+    if !r.unindexed_packs.is_empty() {
+        eprintln!(
+            "vmnest: store: finished an interrupted write (indexed {} packs)",
+            r.unindexed_packs.len()
+        );
+    }
+    if let Some(why) = &r.index_rebuilt {
+        eprintln!("vmnest: store: rebuilt the chunk index ({why})");
+    }
+    for (path, why) in &r.damaged_packs {
+        eprintln!("vmnest: store: damaged pack {}: {why}", path.display());
+    }
+    Ok(Arc::new(store))
+}
+
+/// A `store:` source split into its snapshot spec and member.
+pub fn parse_store_source(text: &str) -> Option<(&str, Option<&str>)> {
+    let rest = text.strip_prefix("store:")?;
+    Some(match rest.split_once('/') {
+        Some((spec, member)) => (spec, Some(member)),
+        None => (rest, None),
+    })
+}
+
+/// Opens `store:NAME[@SNAP][/MEMBER]` as an image.
+pub fn open_stored(spec: &str, member: Option<&str>) -> Result<Arc<StoredDisk>> {
+    let store = open_store(Access::Read)?;
+    let snap = store.resolve(spec)?;
+    Ok(Arc::new(StoredDisk::open(&store, &snap, member)?))
+}

@@ -1,0 +1,248 @@
+use std::path::Path;
+use std::sync::Arc;
+
+use image_format::create::ImageWriter;
+use image_format::{BlockDevice, ExtentKind};
+
+use super::disk::StoredDisk;
+use super::gc::{GcOptions, gc};
+use super::import::DiskImporter;
+use super::verify::verify;
+use super::*;
+use crate::chunker::cdc::xorshift_bytes;
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmnest-store-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Imports `data` as the engine would: windows of 1 MiB, data windows only, ascending commits.
+fn import_bytes(store: &Store, data: &[u8], chunk_size: u32) -> Member {
+    let (w, handle) =
+        DiskImporter::new(store.chunks().clone(), data.len() as u64, chunk_size).unwrap();
+    let w: Box<dyn ImageWriter> = Box::new(w);
+    let window = 1 << 20;
+    let mut off = 0;
+    while off < data.len() {
+        let end = (off + window).min(data.len());
+        let p = w.prepare(off as u64, data[off..end].to_vec()).unwrap();
+        w.commit(p).unwrap();
+        off = end;
+    }
+    w.finish().unwrap();
+    Member {
+        name: "disk0".into(),
+        kind: MemberKind::Disk,
+        size: data.len() as u64,
+        layout: Layout::Map {
+            chunk_size,
+            root: handle.root().unwrap().root,
+        },
+    }
+}
+
+fn commit_disk(store: &Store, name: &str, data: &[u8]) -> SnapshotId {
+    let member = import_bytes(store, data, 16384);
+    store
+        .commit(name, RefUpdate::NewVersion, |parent| {
+            let mut m = Store::new_manifest(format!("test {name}"), vec![member]);
+            m.parent = parent;
+            Ok(m)
+        })
+        .unwrap()
+}
+
+fn read_all(store: &Arc<Store>, spec: &str) -> Vec<u8> {
+    let snap = store.resolve(spec).unwrap();
+    let disk = StoredDisk::open(store, &snap, None).unwrap();
+    let mut out = vec![0u8; disk.size() as usize];
+    disk.read_at(&mut out, 0).unwrap();
+    out
+}
+
+fn disk_image(seed: u64) -> Vec<u8> {
+    // 8 MiB: random data, a zero hole, text, an unaligned tail.
+    let mut d = xorshift_bytes(seed, 3 << 20);
+    d.extend(std::iter::repeat_n(0u8, 2 << 20));
+    d.extend(b"config line\n".iter().cycle().take(3 << 20));
+    d.extend_from_slice(&[7u8; 1000]);
+    d
+}
+
+fn pack_bytes(root: &Path) -> u64 {
+    std::fs::read_dir(root.join("packs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+#[test]
+fn import_read_back_versions_and_lineage() {
+    let dir = tmp("versions");
+    let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
+    let v1 = disk_image(1);
+    let a = commit_disk(&store, "gold", &v1);
+    assert_eq!(read_all(&store, "gold"), v1);
+    let before = pack_bytes(&dir);
+    let mut v2 = v1.clone();
+    v2[5 << 20..(5 << 20) + 100].fill(9);
+    let b = commit_disk(&store, "gold", &v2);
+    let added = pack_bytes(&dir) - before;
+    assert!(added < 64 << 10, "a one-chunk change stored {added} bytes");
+    assert_eq!(read_all(&store, "gold"), v2);
+    assert_eq!(read_all(&store, &format!("gold@{}", &a.to_hex()[..8])), v1);
+    assert_eq!(read_all(&store, "gold@~1"), v1);
+    let lineage = store.lineage(&b).unwrap();
+    assert_eq!(
+        lineage.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        [b, a]
+    );
+    assert!(store.resolve("gold@~2").is_err());
+    assert!(store.resolve("nope").is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn stored_disk_reads_any_range_and_reports_extents() {
+    let dir = tmp("ranges");
+    let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
+    let data = disk_image(2);
+    commit_disk(&store, "d", &data);
+    let snap = store.resolve("d").unwrap();
+    let disk = StoredDisk::open(&store, &snap, None).unwrap();
+    for (off, len) in [
+        (0, 1),
+        (16383, 2),
+        (3 << 20, 4096),
+        (100, 5 << 20),
+        (data.len() - 7, 7),
+    ] {
+        let mut buf = vec![1u8; len];
+        disk.read_at(&mut buf, off as u64).unwrap();
+        assert_eq!(buf, &data[off..off + len], "{off}+{len}");
+    }
+    let mut past = [0u8; 2];
+    assert!(disk.read_at(&mut past, data.len() as u64 - 1).is_err());
+    let hole = disk.block_status(3 << 20, 1 << 20).unwrap();
+    assert_eq!(hole.kind, ExtentKind::Unallocated);
+    assert_eq!(hole.len, 1 << 20);
+    let data_ext = disk.block_status(0, 8 << 20).unwrap();
+    assert_eq!((data_ext.kind, data_ext.len), (ExtentKind::Data, 3 << 20));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn clones_cost_nothing_and_gc_keeps_what_names_reach() {
+    let dir = tmp("gc");
+    let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
+    let gold = disk_image(3);
+    commit_disk(&store, "gold", &gold);
+    let before = pack_bytes(&dir);
+    let head = store.head("gold").unwrap().unwrap();
+    for i in 0..5 {
+        store
+            .point(&format!("web-{i}"), &head, RefUpdate::CreateOnly)
+            .unwrap();
+    }
+    assert!(store.point("web-0", &head, RefUpdate::CreateOnly).is_err());
+    assert_eq!(pack_bytes(&dir), before);
+    // A changed clone, then an unrelated image that is deleted again.
+    let mut web = gold.clone();
+    web[..4096].fill(0x55);
+    commit_disk(&store, "web-0", &web);
+    commit_disk(&store, "junk", &disk_image(99));
+    drop(store);
+    let store = Arc::new(Store::open(&dir, Access::Exclusive).unwrap());
+    store.remove_ref("junk").unwrap();
+    let r = gc(&store, GcOptions::default()).unwrap();
+    assert_eq!(r.removed_snapshots, 1);
+    assert!(r.packs_deleted + r.packs_repacked > 0, "{r:?}");
+    assert!(r.bytes_after < r.bytes_before, "{r:?}");
+    assert!(verify(&store).unwrap().is_clean());
+    assert_eq!(read_all(&store, "web-0"), web);
+    assert_eq!(read_all(&store, "web-3"), gold);
+    assert_eq!(read_all(&store, "web-0@~1"), gold);
+    drop(store);
+    // Reopened: everything still reads.
+    let store = Arc::new(Store::open(&dir, Access::Read).unwrap());
+    assert_eq!(read_all(&store, "gold"), gold);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot() {
+    let dir = tmp("flip");
+    let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
+    let data = disk_image(4);
+    commit_disk(&store, "vm", &data);
+    drop(store);
+    let pack = std::fs::read_dir(dir.join("packs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .max_by_key(|p| p.metadata().unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&pack, &bytes).unwrap();
+    let store = Arc::new(Store::open(&dir, Access::Read).unwrap());
+    let snap = store.resolve("vm").unwrap();
+    let disk = StoredDisk::open(&store, &snap, None).unwrap();
+    let mut buf = vec![0u8; data.len()];
+    let err = disk.read_at(&mut buf, 0).unwrap_err().to_string();
+    assert!(err.contains("chunk"), "{err}");
+    let report = verify(&store).unwrap();
+    assert!(!report.is_clean());
+    assert!(!report.damaged.is_empty());
+    let (label, problems) = report.affected.iter().next().unwrap();
+    assert!(label.starts_with("vm@"), "{label}");
+    assert!(problems[0].contains("damaged chunk"), "{problems:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn concurrent_writers_in_one_process_both_land() {
+    let dir = tmp("two");
+    let a = Arc::new(Store::open(&dir, Access::Write).unwrap());
+    let b = Arc::new(Store::open(&dir, Access::Write).unwrap());
+    let da = disk_image(5);
+    let db = disk_image(6);
+    std::thread::scope(|s| {
+        s.spawn(|| commit_disk(&a, "x", &da));
+        s.spawn(|| commit_disk(&b, "x", &db));
+    });
+    // Both versions exist, one the parent of the other; both read back from a fresh open.
+    let c = Arc::new(Store::open(&dir, Access::Read).unwrap());
+    let head = c.head("x").unwrap().unwrap();
+    let lineage = c.lineage(&head).unwrap();
+    assert_eq!(lineage.len(), 2);
+    let newest = read_all(&c, "x");
+    let older = read_all(&c, "x@~1");
+    assert!((newest == da && older == db) || (newest == db && older == da));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_second_store_sees_what_another_wrote_after_it_opened() {
+    let dir = tmp("refresh");
+    let reader = Arc::new(Store::open(&dir, Access::Write).unwrap());
+    let writer = Arc::new(Store::open(&dir, Access::Write).unwrap());
+    let data = disk_image(7);
+    commit_disk(&writer, "late", &data);
+    assert_eq!(read_all(&reader, "late"), data);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_empty_terabyte_disk_is_free() {
+    let dir = tmp("tib");
+    let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
+    let (w, handle) = DiskImporter::new(store.chunks().clone(), 1 << 40, 65536).unwrap();
+    Box::new(w).finish().unwrap();
+    assert_eq!(handle.root().unwrap().root, None);
+    assert_eq!(pack_bytes(&dir), 0);
+    let _ = Arc::clone(store.chunks());
+    let _ = std::fs::remove_dir_all(&dir);
+}
