@@ -55,8 +55,8 @@ fi
 
 vmnest=${VMNEST_BIN:-$root/target/release/vmnest}
 if [ -z "${VMNEST_BIN:-}" ] && stale "$vmnest"; then
-  echo "== building vmnest (cargo build --release -p cli)"
-  (cd "$root" && cargo build --release -p cli)
+  echo "== building vmnest (cargo build --release -p vmnest)"
+  (cd "$root" && cargo build --release -p vmnest)
 fi
 store=$runs/store
 rm -rf "$store"

@@ -19,7 +19,7 @@
 #   borg-zstd  the same with borg create --compression zstd,3
 #   vmnest     vmnest --store DIR import SRC NAME; vmnest --store DIR export NAME DST -O raw;
 #              vmnest --store DIR du --output json ("stored_bytes"). The binary is this
-#              checkout's target/release/vmnest, built (cargo build --release -p cli) when
+#              checkout's target/release/vmnest, built (cargo build --release -p vmnest) when
 #              missing or older than a source file (VMNEST_BIN=PATH: use that binary instead).
 #
 # Usage: bench/store.sh [--only vmnest,restic,borg,borg-zstd] [--warm] [--set DIR] [--keep]
@@ -73,8 +73,8 @@ if has_tool vmnest && [ -z "${VMNEST_BIN:-}" ]; then
   newest_src=$(find "$root" -path "$root/target" -prune -o -path "$root/fuzz" -prune -o \
     \( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock \) -newer "$vmnest" -print -quit 2>/dev/null || echo missing)
   if [ ! -x "$vmnest" ] || [ -n "$newest_src" ]; then
-    echo "== building vmnest (cargo build --release -p cli)"
-    (cd "$root" && cargo build --release -p cli)
+    echo "== building vmnest (cargo build --release -p vmnest)"
+    (cd "$root" && cargo build --release -p vmnest)
   fi
 fi
 
