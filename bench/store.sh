@@ -17,13 +17,14 @@
 #   borg       borg init -e none, borg create REPO::NAME FILE (default lz4, default chunker),
 #              restore: borg extract --stdout REPO::NAME FILE > OUT
 #   borg-zstd  the same with borg create --compression zstd,3
+#   vmnest@SIZE  the same with import --chunk-size SIZE (e.g. vmnest@16K), for the chunk-size table
 #   vmnest     vmnest --store DIR import SRC NAME; vmnest --store DIR export NAME DST -O raw;
 #              vmnest --store DIR du --output json ("stored_bytes"). The binary is this
 #              checkout's target/release/vmnest, built (cargo build --release -p vmnest) when
 #              missing or older than a source file (VMNEST_BIN=PATH: use that binary instead).
 #
 # Usage: bench/store.sh [--only vmnest,restic,borg,borg-zstd] [--warm] [--set DIR] [--keep]
-#   --only   the tools to run (default: all four)
+#   --only   the tools to run (default: vmnest,restic,borg,borg-zstd; also vmnest@4K etc.)
 #   --warm   never drop the page cache
 #   --set    the image set (default bench/work/store-set, built when missing)
 #   --keep   keep the repositories (bench/work/store-runs/TOOL) after the run
@@ -48,9 +49,10 @@ while [ $# -gt 0 ]; do
 done
 IFS=, read -r -a tool_list <<<"$tools"
 for t in "${tool_list[@]}"; do
-  case $t in vmnest|restic|borg|borg-zstd) ;; *) echo "store.sh: unknown tool $t" >&2; exit 2 ;; esac
+  case $t in vmnest|vmnest@[0-9]*[KM]|restic|borg|borg-zstd) ;; *) echo "store.sh: unknown tool $t" >&2; exit 2 ;; esac
 done
 has_tool() { local t; for t in "${tool_list[@]}"; do [ "$t" = "$1" ] && return 0; done; return 1; }
+has_vmnest() { local t; for t in "${tool_list[@]}"; do [ "${t%%@*}" = vmnest ] && return 0; done; return 1; }
 
 images=(gold clone-pkgs clone-upgrade clone-config)
 runs=$here/work/store-runs
@@ -69,7 +71,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 vmnest=${VMNEST_BIN:-$root/target/release/vmnest}
-if has_tool vmnest && [ -z "${VMNEST_BIN:-}" ]; then
+if has_vmnest && [ -z "${VMNEST_BIN:-}" ]; then
   newest_src=$(find "$root" -path "$root/target" -prune -o -path "$root/fuzz" -prune -o \
     \( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock \) -newer "$vmnest" -print -quit 2>/dev/null || echo missing)
   if [ ! -x "$vmnest" ] || [ -n "$newest_src" ]; then
@@ -100,7 +102,7 @@ tool_init() { # TOOL REPO
   case $1 in
     restic) RESTIC_CACHE_DIR=$2.cache restic -q -r "$2" init >/dev/null ;;
     borg|borg-zstd) BORG_BASE_DIR=$2.base borg init -e none "$2" ;;
-    vmnest) mkdir -p "$2" ;;
+    vmnest*) mkdir -p "$2" ;;
   esac
 }
 tool_import() { # TOOL REPO IMAGE
@@ -110,6 +112,7 @@ tool_import() { # TOOL REPO IMAGE
     borg) BORG_BASE_DIR=$2.base borg create "$2::$3" "$f" ;;
     borg-zstd) BORG_BASE_DIR=$2.base borg create --compression zstd,3 "$2::$3" "$f" ;;
     vmnest) "$vmnest" --store "$2" import "$f" "$3" ;;
+    vmnest@*) "$vmnest" --store "$2" import --chunk-size "${1#vmnest@}" "$f" "$3" ;;
   esac
 }
 tool_restore() { # TOOL REPO IMAGE OUT
@@ -117,7 +120,7 @@ tool_restore() { # TOOL REPO IMAGE OUT
   case $1 in
     restic) RESTIC_CACHE_DIR=$2.cache restic -q -r "$2" dump --path "$f" latest "$f" >"$4" ;;
     borg|borg-zstd) BORG_BASE_DIR=$2.base borg extract --stdout "$2::$3" "${f#/}" >"$4" ;;
-    vmnest) "$vmnest" --store "$2" export "$3" "$4" -O raw ;;
+    vmnest*) "$vmnest" --store "$2" export "$3" "$4" -O raw ;;
   esac
 }
 vmnest_stored() { # REPO: stored_bytes from `du --output json` (top level first, else the first found)
@@ -169,7 +172,7 @@ for t in "${tool_list[@]}"; do
   done
   stored[$t]=$(du -sb "$repo" | cut -f1)
   stored_own[$t]=""
-  if [ "$t" = vmnest ]; then stored_own[$t]=$(vmnest_stored "$repo" 2>>"$runs/$t.log" || echo "?"); fi
+  if [ "${t%%@*}" = vmnest ]; then stored_own[$t]=$(vmnest_stored "$repo" 2>>"$runs/$t.log" || echo "?"); fi
   out=$runs/restore.raw
   for i in "${images[@]}"; do
     rm -f "$out"
