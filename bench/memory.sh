@@ -95,7 +95,7 @@ while queue:
 sys.exit("no stored_bytes in vmnest du --output json")') || { stored=0; fail=1; }
 dir=$(du -sb "$store" | cut -f1)
 echo "== stored: $stored bytes (store directory $dir bytes) for $raw bytes of streams"
-echo "   stored / raw = $(echo "scale=3; $stored / $raw" | bc) (target <= 0.35); directory / raw = $(echo "scale=3; $dir / $raw" | bc)"
+echo "   stored / raw = $(printf %.3f "$(echo "scale=4; $stored / $raw" | bc)") (target <= 0.35); directory / raw = $(printf %.3f "$(echo "scale=4; $dir / $raw" | bc)")"
 echo "   peak RSS $((peak >> 10)) MiB"
 [ "$keep" = 1 ] || rm -rf "$store"
 exit "$fail"

@@ -196,7 +196,8 @@ for t in "${tool_list[@]}"; do
 done
 
 # --- table and ratios ---
-mib() { echo "scale=1; $1 / 1048576" | bc; }
+mib() { printf '%.1f' "$(echo "scale=3; $1 / 1048576" | bc)"; }
+ratio() { printf "%.${3:-2}f" "$(echo "scale=6; $1 / $2" | bc)"; }
 {
   echo "$(date -u +%F), $(nproc)-core $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) >> 20 )) GiB RAM; cache: $mode"
   echo "Load average (1/5/15 min) at the start: $load_start, at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -217,11 +218,11 @@ mib() { echo "scale=1; $1 / 1048576" | bc; }
       if [ -z "$best" ] || [ "${stored[$t]}" -lt "${stored[$best]}" ]; then best=$t; fi
     done
     if [ -n "$best" ]; then
-      echo "- stored: vmnest / $best (smallest peer) = $(echo "scale=3; ${stored[vmnest]} / ${stored[$best]}" | bc) (target ≤ 0.85)"
+      echo "- stored: vmnest / $best (smallest peer) = $(ratio "${stored[vmnest]}" "${stored[$best]}" 3) (target ≤ 0.85)"
     fi
     if has_tool restic; then
-      echo "- import: restic / vmnest = $(echo "scale=2; ${imp_s[restic]} / ${imp_s[vmnest]}" | bc)× (target ≥ 3×)"
-      echo "- restore: restic / vmnest = $(echo "scale=2; ${rest_s[restic]} / ${rest_s[vmnest]}" | bc)× synced, $(echo "scale=2; ${rest_nosync_s[restic]} / ${rest_nosync_s[vmnest]}" | bc)× unsynced (target ≥ 2×)"
+      echo "- import: restic / vmnest = $(ratio "${imp_s[restic]}" "${imp_s[vmnest]}")× (target ≥ 3×)"
+      echo "- restore: restic / vmnest = $(ratio "${rest_s[restic]}" "${rest_s[vmnest]}")× synced, $(ratio "${rest_nosync_s[restic]}" "${rest_nosync_s[vmnest]}")× unsynced (target ≥ 2×)"
     fi
     echo "- peak memory: vmnest $(( ${peak[vmnest]} >> 10 )) MiB (target ≤ 512 MiB)"
   fi
