@@ -12,7 +12,7 @@ use dedup_store::ChunkId;
 use dedup_store::map::{MapRoot, diff as map_diff, walk};
 use dedup_store::store::gc::{GcOptions, gc, live_snapshots};
 use dedup_store::store::import::DiskImporter;
-use dedup_store::store::stream::{export_stream, import_stream, part_chunks};
+use dedup_store::store::stream::{export_stream, import_stream, import_stream_with, part_chunks};
 use dedup_store::store::verify::verify;
 use dedup_store::store::{
     Access, Layout, Member, MemberKind, RefUpdate, SnapshotId, Store, StoreConfig,
@@ -308,7 +308,21 @@ fn import_file_stream(
         // data structures, and the recipe's size check catches truncation.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {}", shown(src)))?;
-        import_stream(store.chunks().as_ref(), &map)?
+        let mut released = 0usize;
+        import_stream_with(store.chunks().as_ref(), &map, &mut |upto| {
+            let upto = upto / 4096 * 4096;
+            // Pages behind the cursor are not read again: drop them from our memory.
+            // SAFETY: the mapping is a read-only private map of a file; after MADV_DONTNEED
+            // the pages read back from the file, so the bytes seen through `map` do not change.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    released,
+                    upto - released,
+                )
+            };
+            released = upto;
+        })?
     };
     if let Some(why) = &report.stopped {
         eprintln!(

@@ -49,7 +49,7 @@ use crate::pack::{OpenReport, PackStore, create_locked_temp, io_err, sync_dir, t
 /// Default chunk size of disks (chosen by measurement: docs/chunk-size.md).
 pub const DEFAULT_CHUNK_SIZE: u32 = 16 << 10;
 /// Default zstd level of pack frames (docs/chunk-size.md).
-pub const DEFAULT_COMPRESSION_LEVEL: i32 = 6;
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
 /// Default plaintext bytes of a pack frame (docs/chunk-size.md).
 pub const DEFAULT_FRAME_SIZE: u32 = 1 << 20;
 /// Largest config file accepted.

@@ -305,6 +305,21 @@ pub fn import_stream<S: ChunkStore + ?Sized>(
     store: &S,
     data: &[u8],
 ) -> Result<(Layout, u64, StreamReport)> {
+    import_stream_with(store, data, &mut |_| {})
+}
+
+/// Bytes of input between calls of the `done` callback of [`import_stream_with`].
+pub const RELEASE_STEP: usize = 64 << 20;
+
+/// Like [`import_stream`]; `done(n)` is called every [`RELEASE_STEP`] bytes with the length of the
+/// input prefix that is no longer needed (a caller that mapped the file drops those pages, so a
+/// multi-GiB stream does not stay resident).
+pub fn import_stream_with<S: ChunkStore + ?Sized>(
+    store: &S,
+    data: &[u8],
+    done: &mut dyn FnMut(usize),
+) -> Result<(Layout, u64, StreamReport)> {
+    let mut released = 0usize;
     let mut w = RecipeWriter::new(store);
     let mut report = StreamReport::default();
     let is_migration = data.len() >= 8
@@ -325,11 +340,19 @@ pub fn import_stream<S: ChunkStore + ?Sized>(
                 }
                 Segment::Bytes(_) | Segment::ZeroPage { .. } => w.bytes(bytes)?,
             }
+            if range.end as usize >= released + RELEASE_STEP {
+                released = range.end as usize;
+                done(released);
+            }
         }
         report.stopped = split.stop().map(|s| format!("{s:?}"));
     } else {
         report.cutter = "cdc".into();
-        w.bytes(data)?;
+        for piece in data.chunks(RELEASE_STEP) {
+            w.bytes(piece)?;
+            released += piece.len();
+            done(released);
+        }
     }
     let cutter = report.cutter.clone();
     let (layout, size) = w.finish(&cutter)?;
