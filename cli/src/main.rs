@@ -6,6 +6,7 @@ mod cmd_compare;
 mod cmd_convert;
 mod cmd_info;
 mod cmd_map;
+mod cmd_serve;
 mod common;
 mod presets;
 
@@ -37,6 +38,8 @@ enum Command {
     /// Compare the guest content of two images of any formats; exit 0 identical, 1 different,
     /// 2 error.
     Compare(cmd_compare::Args),
+    /// Export images over NBD (loopback unless --allow-remote; read-only unless --rw).
+    Serve(cmd_serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => (cmd_compare::run(args), 2),
         Command::Convert(args) => (cmd_convert::run_convert(*args), 1),
         Command::Create(args) => (cmd_convert::run_create(args), 1),
+        Command::Serve(args) => (cmd_serve::run(args), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,0 +1,179 @@
+//! `vmnest serve`: export images over NBD, like `qemu-nbd`, several at once by name.
+//!
+//! Loopback only unless `--allow-remote` (there is no TLS yet, and an export is the whole disk);
+//! read-only unless `--rw`. Stops on SIGINT or SIGTERM.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use fuse_mount::nbd::{Export, Server};
+use image_format::BlockDevice;
+
+use crate::common::{OpenArgs, SourceOptions, open_source};
+
+/// The IANA port of NBD.
+const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+/// Threads for device I/O (requests of all connections run there).
+const MAX_IO_THREADS: usize = 64;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Images to serve, one export each.
+    #[arg(required = true, value_name = "SOURCE")]
+    sources: Vec<String>,
+    /// TCP address to listen on (port 0 picks a free port; the line printed names it).
+    #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN, conflicts_with = "socket")]
+    listen: String,
+    /// Listen on a Unix socket at PATH instead of TCP.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Let clients write (raw images only; name the format with `-f raw`).
+    #[arg(long)]
+    rw: bool,
+    /// Export name, once per SOURCE in order (default: the file name; the first export also
+    /// answers the empty name).
+    #[arg(long = "export-name", value_name = "NAME")]
+    export_names: Vec<String>,
+    /// Allow listening on an address that is not loopback.
+    #[arg(long)]
+    allow_remote: bool,
+    /// Format of the sources (probed when absent).
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    #[command(flatten)]
+    open: OpenArgs,
+}
+
+pub fn run(args: Args) -> Result<u8> {
+    if args.export_names.len() > args.sources.len() {
+        bail!(
+            "{} export names for {} sources",
+            args.export_names.len(),
+            args.sources.len()
+        );
+    }
+    let listen = match &args.socket {
+        Some(_) => None,
+        None => Some(listen_addr(&args.listen, args.allow_remote)?),
+    };
+    let mut exports = Vec::new();
+    for (i, spec) in args.sources.iter().enumerate() {
+        let name = match args.export_names.get(i) {
+            Some(n) => n.clone(),
+            None => default_name(spec),
+        };
+        exports.push(open_export(spec, name, &args)?);
+    }
+    let server = Server::new(exports).context("export names (set them with --export-name)")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_IO_THREADS)
+        .thread_name("vmnest-nbd")
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(serve(server, listen, args.socket))
+}
+
+/// The file name of a source, as its export name.
+fn default_name(spec: &str) -> String {
+    Path::new(spec)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| spec.to_string())
+}
+
+/// Resolves `--listen` and enforces the loopback rule.
+fn listen_addr(text: &str, allow_remote: bool) -> Result<SocketAddr> {
+    let addr = text
+        .to_socket_addrs()
+        .with_context(|| format!("--listen {text}"))?
+        .next()
+        .with_context(|| format!("--listen {text}: no address"))?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        bail!(
+            "--listen {text}: {} is not a loopback address; exports have no encryption or \
+             authentication, so pass --allow-remote to serve other hosts",
+            addr.ip()
+        );
+    }
+    Ok(addr)
+}
+
+fn open_export(spec: &str, name: String, args: &Args) -> Result<Export> {
+    let how = SourceOptions {
+        format: args.format.as_deref(),
+        writable: false,
+    };
+    let image = open_source(spec, &how, &args.open)?;
+    let description = format!("{} image {spec}", image.format());
+    if !args.rw {
+        let device: Arc<dyn BlockDevice> = image;
+        return Ok(Export::read_only(name, device).with_description(description));
+    }
+    // Learn the format read-only first: a format that cannot be written in place is refused
+    // before its file is ever opened for writing.
+    let format = image.format();
+    if format != "raw" {
+        bail!("{spec}: {format} images cannot be served writable (--rw) yet; only raw images can");
+    }
+    drop(image);
+    let how = SourceOptions {
+        writable: true,
+        ..how
+    };
+    let image = open_source(spec, &how, &args.open)?;
+    let format = image.format();
+    let Some(device) = image.into_mut_device() else {
+        bail!("{spec}: the {format} driver cannot write this image in place");
+    };
+    Ok(Export::writable(name, device).with_description(description))
+}
+
+async fn serve(server: Server, listen: Option<SocketAddr>, socket: Option<PathBuf>) -> Result<u8> {
+    let names: Vec<String> = server.exports().iter().map(|e| e.name.clone()).collect();
+    let serving = async {
+        match (&socket, listen) {
+            (Some(path), _) => {
+                let listener = tokio::net::UnixListener::bind(path)
+                    .with_context(|| format!("listening on {}", path.display()))?;
+                for name in &names {
+                    println!("serving nbd+unix:///{name}?socket={}", path.display());
+                }
+                flush_stdout();
+                server.serve_unix_listener(listener).await?;
+            }
+            (None, Some(addr)) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listening on {addr}"))?;
+                let local = listener.local_addr()?;
+                for name in &names {
+                    println!("serving nbd://{local}/{name}");
+                }
+                flush_stdout();
+                server.serve_tcp_listener(listener).await?;
+            }
+            (None, None) => bail!("nowhere to listen"),
+        }
+        anyhow::Ok(())
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let result = tokio::select! {
+        r = serving => r,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+    };
+    if let Some(path) = &socket {
+        let _ = std::fs::remove_file(path);
+    }
+    result.map(|()| 0)
+}
+
+fn flush_stdout() {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+}
