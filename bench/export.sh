@@ -74,7 +74,7 @@ best_iops() {
   for _ in 1 2 3; do
     iops=$(fio --name=rand --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=32 \
       --runtime=10 --time_based --size=3G --output-format=json 2>"$work/err.last" |
-      python3 -c 'import json,sys; print(int(json.load(sys.stdin)["jobs"][0]["read"]["iops"]))') ||
+      python3 -c 'import json,sys; t=sys.stdin.read(); print(int(json.loads(t[t.index("{"):])["jobs"][0]["read"]["iops"]))') ||
       { cat "$work/err.last" >&2; return 1; }
     [ "$iops" -gt "$best" ] && best=$iops
   done

@@ -17,6 +17,7 @@
 //! ```
 
 pub mod handshake;
+pub mod pool;
 pub mod proto;
 pub mod server;
 

@@ -41,6 +41,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::handshake::{self, Negotiated, Outcome};
+use super::pool::{BufferPool, Reply};
 use super::proto::{
     self, CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
     Command, Request, errno,
@@ -60,12 +61,17 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most chunks in one structured READ reply (data and holes); past that, the rest of the range
 /// is sent as data.
 pub const MAX_READ_FRAGMENTS: usize = 64;
+/// Smallest structured READ whose zero ranges are sent as holes: below it, looking up the
+/// allocation costs more than sending the zeros.
+pub const MIN_HOLE_SCAN: u32 = 64 * 1024;
 /// Most descriptors in one BLOCK_STATUS reply.
 pub const MAX_STATUS_DESCRIPTORS: usize = 1024;
 /// Most `block_status` calls made for one request (a device may answer in small pieces).
 pub const MAX_STATUS_CALLS: usize = 16 * 1024;
 /// Most error lines logged per connection; a misbehaving client cannot flood the log.
 pub const MAX_LOGGED_ERRORS: u32 = 20;
+/// Most bytes of free buffers kept for reuse (see [`super::pool`]).
+pub const POOLED_BYTES: usize = 64 << 20;
 /// Buffer of the reply writer.
 const WRITE_BUFFER: usize = 256 * 1024;
 /// Buffer of the request reader.
@@ -251,6 +257,7 @@ impl Default for ServerOptions {
 struct Shared {
     exports: Exports,
     log: Log,
+    pool: Arc<BufferPool>,
     budget: Arc<Semaphore>,
     connections: Arc<Semaphore>,
     next_id: AtomicU64,
@@ -293,6 +300,7 @@ impl Server {
             shared: Arc::new(Shared {
                 exports: Exports(exports.into_iter().map(Arc::new).collect()),
                 log: options.log,
+                pool: Arc::new(BufferPool::new(POOLED_BYTES)),
                 budget: Arc::new(Semaphore::new(MAX_SERVER_INFLIGHT_BYTES as usize)),
                 connections: Arc::new(Semaphore::new(MAX_CONNECTIONS as usize)),
                 next_id: AtomicU64::new(1),
@@ -434,7 +442,7 @@ where
 
 /// A reply on its way to the writer task, with the budget it holds until written.
 struct Outgoing {
-    bytes: Vec<u8>,
+    reply: Reply,
     _budget: Budget,
 }
 
@@ -453,6 +461,7 @@ struct Context {
     allocation_context: bool,
     flags: u16,
     logged_errors: AtomicU64,
+    pool: Arc<BufferPool>,
 }
 
 impl Context {
@@ -489,11 +498,13 @@ async fn transmission<R, W>(
         allocation_context,
         flags,
         logged_errors: AtomicU64::new(0),
+        pool: Arc::clone(&shared.pool),
     });
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer_conn = conn.clone();
+    let pool = Arc::clone(&shared.pool);
     let writer_task = tokio::spawn(async move {
-        if let Err(e) = write_replies(writer, rx).await {
+        if let Err(e) = write_replies(writer, rx, &pool).await {
             writer_conn.log(format_args!("writing replies failed: {e}"));
         }
     });
@@ -544,8 +555,9 @@ async fn transmission<R, W>(
         };
         let payload = if request.command == Command::Write {
             // Capped by MAX_IO above, and reserved from the budgets.
-            let mut buf = vec![0u8; request.len as usize];
-            if let Err(e) = reader.read_exact(&mut buf).await {
+            let len = request.len as usize;
+            let mut buf = shared.pool.take(len);
+            if let Err(e) = reader.read_exact(&mut buf[..len]).await {
                 conn.log(format_args!(
                     "reading the {}-byte payload of a WRITE failed: {e}",
                     request.len
@@ -562,10 +574,12 @@ async fn transmission<R, W>(
         let ctx = Arc::clone(&ctx);
         let tx = tx.clone();
         tokio::task::spawn_blocking(move || {
-            let bytes = execute_guarded(&ctx, &request, payload);
+            let len = payload.len().min(request.payload_len() as usize);
+            let reply = execute_guarded(&ctx, &request, &payload[..len]);
+            ctx.pool.give(payload);
             // The writer is gone only when the connection is broken; the reply is moot then.
             let _ = tx.send(Outgoing {
-                bytes,
+                reply,
                 _budget: budget,
             });
         });
@@ -610,13 +624,15 @@ async fn reserve(
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    pool: &BufferPool,
 ) -> io::Result<()> {
     let mut w = BufWriter::with_capacity(WRITE_BUFFER, writer);
     while let Some(first) = rx.recv().await {
-        w.write_all(&first.bytes).await?;
-        drop(first);
+        w.write_all(first.reply.bytes()).await?;
+        pool.give(first.reply.into_buffer());
         while let Ok(next) = rx.try_recv() {
-            w.write_all(&next.bytes).await?;
+            w.write_all(next.reply.bytes()).await?;
+            pool.give(next.reply.into_buffer());
         }
         w.flush().await?;
     }
@@ -624,7 +640,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 }
 
 /// Runs a request, turning a panic in a device into an `EIO` reply.
-fn execute_guarded(ctx: &Context, request: &Request, payload: Vec<u8>) -> Vec<u8> {
+fn execute_guarded(ctx: &Context, request: &Request, payload: &[u8]) -> Reply {
     let run = std::panic::AssertUnwindSafe(|| execute(ctx, request, payload));
     match std::panic::catch_unwind(run) {
         Ok(bytes) => bytes,
@@ -665,11 +681,11 @@ fn device_failure(what: &str, e: image_format::Error) -> Failure {
     fail(errno, format!("{what}: {e}"))
 }
 
-fn execute(ctx: &Context, request: &Request, payload: Vec<u8>) -> Vec<u8> {
+fn execute(ctx: &Context, request: &Request, payload: &[u8]) -> Reply {
     let result = match check_flags(ctx, request) {
         Ok(()) => match request.command {
             Command::Read => return read(ctx, request),
-            Command::Write => write(ctx, request, &payload),
+            Command::Write => write(ctx, request, payload),
             Command::Flush => flush(ctx),
             Command::Trim => trim(ctx, request),
             Command::WriteZeroes => write_zeroes(ctx, request),
@@ -684,13 +700,13 @@ fn execute(ctx: &Context, request: &Request, payload: Vec<u8>) -> Vec<u8> {
         Ok(()) => {
             let mut out = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
             proto::put_simple_reply(&mut out, 0, request.handle);
-            out
+            out.into()
         }
         Err(f) => failure_reply(ctx, request, f),
     }
 }
 
-fn failure_reply(ctx: &Context, request: &Request, f: Failure) -> Vec<u8> {
+fn failure_reply(ctx: &Context, request: &Request, f: Failure) -> Reply {
     ctx.log_error(format_args!(
         "{} at {:#x}+{}: {} (error {})",
         request.command, request.offset, request.len, f.message, f.errno
@@ -698,14 +714,14 @@ fn failure_reply(ctx: &Context, request: &Request, f: Failure) -> Vec<u8> {
     error_reply(ctx, request.handle, f.errno, &f.message)
 }
 
-fn error_reply(ctx: &Context, handle: u64, error: u32, message: &str) -> Vec<u8> {
+fn error_reply(ctx: &Context, handle: u64, error: u32, message: &str) -> Reply {
     let mut out = Vec::new();
     if ctx.structured {
         proto::put_error_chunk(&mut out, handle, error, message);
     } else {
         proto::put_simple_reply(&mut out, error, handle);
     }
-    out
+    out.into()
 }
 
 /// Flags must belong to the command and to what was advertised.
@@ -899,7 +915,7 @@ fn read_pieces(dev: &dyn BlockDevice, offset: u64, len: u64) -> image_format::Re
     Ok(pieces)
 }
 
-fn read(ctx: &Context, r: &Request) -> Vec<u8> {
+fn read(ctx: &Context, r: &Request) -> Reply {
     if r.len > proto::MAX_IO {
         let f = fail(
             errno::EINVAL,
@@ -917,21 +933,24 @@ fn read(ctx: &Context, r: &Request) -> Vec<u8> {
     let dev = &ctx.export.device;
     let len = r.len as usize;
     if !ctx.structured {
-        let mut out = vec![0u8; proto::SIMPLE_REPLY_LEN + len];
-        if let Err(e) = dev.read_at(&mut out[proto::SIMPLE_REPLY_LEN..], r.offset) {
-            return failure_reply(ctx, r, device_failure("read", e));
-        }
+        let mut out = Reply::in_buffer(ctx.pool.take(proto::SIMPLE_REPLY_LEN + len));
         let mut header = [0u8; proto::SIMPLE_REPLY_LEN];
         proto::write_simple_reply(&mut header, 0, r.handle);
-        out[..proto::SIMPLE_REPLY_LEN].copy_from_slice(&header);
+        out.put(&header);
+        if let Err(e) = dev.read_at(out.space(len), r.offset) {
+            return failure_reply(ctx, r, device_failure("read", e));
+        }
         return out;
     }
     if len == 0 {
         let mut out = Vec::new();
         proto::put_none_chunk(&mut out, r.handle);
-        return out;
+        return out.into();
     }
-    let pieces = if r.flags & CMD_FLAG_DF == 0 && dev.caps().contains(Caps::EXTENTS) {
+    let pieces = if r.flags & CMD_FLAG_DF == 0
+        && r.len >= MIN_HOLE_SCAN
+        && dev.caps().contains(Caps::EXTENTS)
+    {
         match read_pieces(dev.as_ref(), r.offset, u64::from(r.len)) {
             Ok(p) => p,
             Err(e) => return failure_reply(ctx, r, device_failure("block status", e)),
@@ -948,27 +967,28 @@ fn read(ctx: &Context, r: &Request) -> Vec<u8> {
         .filter(|p| !p.zero)
         .map(|p| p.len as usize)
         .sum();
-    let mut out = Vec::with_capacity(
-        pieces.len() * (proto::CHUNK_HEADER_LEN + proto::OFFSET_DATA_PREFIX + 4) + data_bytes,
-    );
+    let headers = pieces.len() * (proto::CHUNK_HEADER_LEN + proto::OFFSET_DATA_PREFIX + 4);
+    let mut out = Reply::in_buffer(ctx.pool.take(headers + data_bytes));
     let last = pieces.len() - 1;
+    let mut header = [0u8; proto::CHUNK_HEADER_LEN];
     for (i, p) in pieces.iter().enumerate() {
         let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };
         if p.zero {
-            proto::put_hole_chunk(&mut out, flags, r.handle, p.offset, p.len as u32);
+            let mut hole = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 12);
+            proto::put_hole_chunk(&mut hole, flags, r.handle, p.offset, p.len as u32);
+            out.put(&hole);
             continue;
         }
-        proto::put_chunk_header(
-            &mut out,
+        proto::write_chunk_header(
+            &mut header,
             flags,
             proto::chunk::OFFSET_DATA,
             r.handle,
             (p.len as u32) + proto::OFFSET_DATA_PREFIX as u32,
         );
-        out.extend_from_slice(&p.offset.to_be_bytes());
-        let start = out.len();
-        out.resize(start + p.len as usize, 0);
-        if let Err(e) = dev.read_at(&mut out[start..], p.offset) {
+        out.put(&header);
+        out.put(&p.offset.to_be_bytes());
+        if let Err(e) = dev.read_at(out.space(p.len as usize), p.offset) {
             return failure_reply(ctx, r, device_failure("read", e));
         }
     }
@@ -984,7 +1004,7 @@ fn allocation_flags(kind: ExtentKind) -> u32 {
     }
 }
 
-fn block_status(ctx: &Context, r: &Request) -> Vec<u8> {
+fn block_status(ctx: &Context, r: &Request) -> Reply {
     if !ctx.allocation_context {
         let f = fail(
             errno::EINVAL,
@@ -1012,7 +1032,7 @@ fn block_status(ctx: &Context, r: &Request) -> Vec<u8> {
                 handshake::BASE_ALLOCATION_ID,
                 &descriptors,
             );
-            out
+            out.into()
         }
         Err(e) => failure_reply(ctx, r, device_failure("block status", e)),
     }
@@ -1058,6 +1078,10 @@ mod tests {
     use super::*;
     use image_format::{Extent, blockdev::check_range, blockdev::check_status_range};
     use std::sync::Mutex;
+
+    /// Size of the test disk, and of its quarters.
+    const DISK: usize = 256 * 1024;
+    const Q: u32 = (DISK / 4) as u32;
 
     /// A memory disk whose second quarter is a hole, third quarter known zeros.
     struct MemDisk {
@@ -1128,7 +1152,7 @@ mod tests {
     }
 
     fn context(structured: bool, writable: bool) -> (Context, Arc<MemDisk>) {
-        let disk = MemDisk::new(64 * 1024);
+        let disk = MemDisk::new(DISK);
         let export = if writable {
             Export::writable("d", disk.clone())
         } else {
@@ -1146,6 +1170,7 @@ mod tests {
             allocation_context: structured,
             flags,
             logged_errors: AtomicU64::new(0),
+            pool: Arc::new(BufferPool::new(1 << 20)),
         };
         (ctx, disk)
     }
@@ -1158,6 +1183,11 @@ mod tests {
             offset,
             len,
         }
+    }
+
+    /// Runs a request and returns the reply's bytes.
+    fn exec(ctx: &Context, r: &Request, payload: &[u8]) -> Vec<u8> {
+        execute(ctx, r, payload).bytes().to_vec()
     }
 
     fn simple_error(reply: &[u8]) -> u32 {
@@ -1183,7 +1213,7 @@ mod tests {
     #[test]
     fn simple_read_returns_the_bytes() {
         let (ctx, disk) = context(false, false);
-        let reply = execute(&ctx, &req(Command::Read, 0, 100, 50), Vec::new());
+        let reply = exec(&ctx, &req(Command::Read, 0, 100, 50), &[]);
         assert_eq!(simple_error(&reply), 0);
         assert_eq!(&reply[16..], &disk.data.lock().unwrap()[100..150]);
     }
@@ -1191,7 +1221,7 @@ mod tests {
     #[test]
     fn read_past_the_end_is_einval() {
         let (ctx, _) = context(false, false);
-        let reply = execute(&ctx, &req(Command::Read, 0, 64 * 1024 - 10, 20), Vec::new());
+        let reply = exec(&ctx, &req(Command::Read, 0, DISK as u64 - 10, 20), &[]);
         assert_eq!(reply.len(), 16);
         assert_eq!(simple_error(&reply), errno::EINVAL);
     }
@@ -1199,7 +1229,7 @@ mod tests {
     #[test]
     fn read_with_overflowing_range_is_einval() {
         let (ctx, _) = context(true, false);
-        let reply = execute(&ctx, &req(Command::Read, 0, u64::MAX - 1, 20), Vec::new());
+        let reply = exec(&ctx, &req(Command::Read, 0, u64::MAX - 1, 20), &[]);
         let c = chunks(&reply);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].1, proto::chunk::ERROR);
@@ -1209,18 +1239,18 @@ mod tests {
     #[test]
     fn oversized_read_is_refused_without_allocating() {
         let (ctx, _) = context(false, false);
-        let reply = execute(&ctx, &req(Command::Read, 0, 0, u32::MAX), Vec::new());
+        let reply = exec(&ctx, &req(Command::Read, 0, 0, u32::MAX), &[]);
         assert_eq!(simple_error(&reply), errno::EINVAL);
     }
 
     #[test]
     fn structured_read_sends_holes_for_zero_extents() {
         let (ctx, disk) = context(true, false);
-        let q = 16 * 1024u64;
-        let reply = execute(
+        let q = Q as u64;
+        let reply = exec(
             &ctx,
             &req(Command::Read, 0, q - 8, (2 * q + 16) as u32),
-            Vec::new(),
+            &[],
         );
         let c = chunks(&reply);
         assert_eq!(c.len(), 3, "data, hole, data");
@@ -1240,34 +1270,30 @@ mod tests {
     #[test]
     fn structured_read_with_df_is_one_data_chunk() {
         let (ctx, _) = context(true, false);
-        let reply = execute(
-            &ctx,
-            &req(Command::Read, CMD_FLAG_DF, 0, 64 * 1024),
-            Vec::new(),
-        );
+        let reply = exec(&ctx, &req(Command::Read, CMD_FLAG_DF, 0, DISK as u32), &[]);
         let c = chunks(&reply);
         assert_eq!(c.len(), 1);
-        assert_eq!(c[0].2.len(), 8 + 64 * 1024);
+        assert_eq!(c[0].2.len(), 8 + DISK);
     }
 
     #[test]
     fn write_to_a_read_only_export_is_eperm() {
         let (ctx, _) = context(false, false);
-        let reply = execute(&ctx, &req(Command::Write, 0, 0, 4), vec![1, 2, 3, 4]);
+        let reply = exec(&ctx, &req(Command::Write, 0, 0, 4), &[1, 2, 3, 4]);
         assert_eq!(simple_error(&reply), errno::EPERM);
     }
 
     #[test]
     fn write_past_the_end_is_enospc() {
         let (ctx, _) = context(false, true);
-        let reply = execute(&ctx, &req(Command::Write, 0, 64 * 1024 - 2, 4), vec![1; 4]);
+        let reply = exec(&ctx, &req(Command::Write, 0, DISK as u64 - 2, 4), &[1; 4]);
         assert_eq!(simple_error(&reply), errno::ENOSPC);
     }
 
     #[test]
     fn fua_write_lands_and_flushes() {
         let (ctx, disk) = context(false, true);
-        let reply = execute(&ctx, &req(Command::Write, CMD_FLAG_FUA, 10, 4), vec![9; 4]);
+        let reply = exec(&ctx, &req(Command::Write, CMD_FLAG_FUA, 10, 4), &[9; 4]);
         assert_eq!(simple_error(&reply), 0);
         assert_eq!(&disk.data.lock().unwrap()[10..14], &[9; 4]);
         assert_eq!(disk.flushes.load(Ordering::Relaxed), 1);
@@ -1276,10 +1302,10 @@ mod tests {
     #[test]
     fn fast_zero_fails_on_data_and_succeeds_on_a_hole() {
         let (ctx, disk) = context(false, true);
-        let on_data = execute(
+        let on_data = exec(
             &ctx,
             &req(Command::WriteZeroes, CMD_FLAG_FAST_ZERO, 0, 512),
-            Vec::new(),
+            &[],
         );
         assert_eq!(simple_error(&on_data), errno::ENOTSUP);
         assert_ne!(
@@ -1287,10 +1313,10 @@ mod tests {
             0,
             "a failed fast zero leaves data alone"
         );
-        let on_hole = execute(
+        let on_hole = exec(
             &ctx,
-            &req(Command::WriteZeroes, CMD_FLAG_FAST_ZERO, 16 * 1024, 512),
-            Vec::new(),
+            &req(Command::WriteZeroes, CMD_FLAG_FAST_ZERO, u64::from(Q), 512),
+            &[],
         );
         assert_eq!(simple_error(&on_hole), 0);
     }
@@ -1298,10 +1324,10 @@ mod tests {
     #[test]
     fn write_zeroes_with_no_hole_zeroes_the_range() {
         let (ctx, disk) = context(false, true);
-        let reply = execute(
+        let reply = exec(
             &ctx,
             &req(Command::WriteZeroes, CMD_FLAG_NO_HOLE, 1, 3000),
-            Vec::new(),
+            &[],
         );
         assert_eq!(simple_error(&reply), 0);
         let data = disk.data.lock().unwrap();
@@ -1312,25 +1338,21 @@ mod tests {
     #[test]
     fn flags_not_belonging_to_the_command_are_einval() {
         let (ctx, _) = context(false, true);
-        let reply = execute(&ctx, &req(Command::Write, CMD_FLAG_REQ_ONE, 0, 1), vec![0]);
+        let reply = exec(&ctx, &req(Command::Write, CMD_FLAG_REQ_ONE, 0, 1), &[0]);
         assert_eq!(simple_error(&reply), errno::EINVAL);
     }
 
     #[test]
     fn unknown_commands_are_einval() {
         let (ctx, _) = context(false, false);
-        let reply = execute(&ctx, &req(Command::Unknown(77), 0, 0, 0), Vec::new());
+        let reply = exec(&ctx, &req(Command::Unknown(77), 0, 0, 0), &[]);
         assert_eq!(simple_error(&reply), errno::EINVAL);
     }
 
     #[test]
     fn block_status_maps_kinds_to_allocation_flags() {
         let (ctx, _) = context(true, false);
-        let reply = execute(
-            &ctx,
-            &req(Command::BlockStatus, 0, 0, 64 * 1024),
-            Vec::new(),
-        );
+        let reply = exec(&ctx, &req(Command::BlockStatus, 0, 0, DISK as u32), &[]);
         let c = chunks(&reply);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].1, proto::chunk::BLOCK_STATUS);
@@ -1344,7 +1366,7 @@ mod tests {
                 )
             })
             .collect();
-        let q = 16 * 1024;
+        let q = Q;
         assert_eq!(
             d,
             vec![
@@ -1359,21 +1381,21 @@ mod tests {
     #[test]
     fn block_status_req_one_is_one_descriptor_within_the_request() {
         let (ctx, _) = context(true, false);
-        let reply = execute(
+        let reply = exec(
             &ctx,
-            &req(Command::BlockStatus, CMD_FLAG_REQ_ONE, 100, 50_000),
-            Vec::new(),
+            &req(Command::BlockStatus, CMD_FLAG_REQ_ONE, 100, 100_000),
+            &[],
         );
         let c = chunks(&reply);
         assert_eq!(c[0].2.len(), 4 + 8);
-        assert_eq!(&c[0].2[4..8], &(16 * 1024 - 100u32).to_be_bytes());
+        assert_eq!(&c[0].2[4..8], &(Q - 100).to_be_bytes());
     }
 
     #[test]
     fn block_status_without_a_context_is_einval() {
         let (mut ctx, _) = context(true, false);
         ctx.allocation_context = false;
-        let reply = execute(&ctx, &req(Command::BlockStatus, 0, 0, 512), Vec::new());
+        let reply = exec(&ctx, &req(Command::BlockStatus, 0, 0, 512), &[]);
         let c = chunks(&reply);
         assert_eq!(c[0].1, proto::chunk::ERROR);
     }
