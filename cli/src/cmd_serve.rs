@@ -145,6 +145,10 @@ fn open_export(spec: &str, name: String, args: &Args) -> Result<Export> {
 }
 
 async fn serve(server: Server, listen: Option<SocketAddr>, socket: Option<PathBuf>) -> Result<u8> {
+    // Handlers first: a signal that comes right after the `serving` lines must not kill us.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let names: Vec<String> = server.exports().iter().map(|e| e.name.clone()).collect();
     let serving = async {
         match (&socket, listen) {
@@ -172,11 +176,9 @@ async fn serve(server: Server, listen: Option<SocketAddr>, socket: Option<PathBu
         }
         anyhow::Ok(())
     };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     let result = tokio::select! {
         r = serving => r,
-        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = int.recv() => Ok(()),
         _ = term.recv() => Ok(()),
     };
     if let Some(path) = &socket {

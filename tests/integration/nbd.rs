@@ -608,3 +608,40 @@ fn serve_refuses_remote_listening_without_allow_remote_and_rw_on_qcow2() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--export-name"));
 }
+
+#[test]
+fn sigterm_and_sigint_stop_the_server_cleanly() {
+    let dir = scratch("nbd-signals");
+    let (_, qcow2, _) = pattern_images(&dir);
+    for signal in ["-TERM", "-INT"] {
+        let socket = dir.join("stop.sock");
+        let mut child = vmnest()
+            .args(["serve", "--socket", s(&socket), s(&qcow2)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("serving nbd+unix:///"), "{line}");
+        // A connected client does not keep the server from stopping.
+        let _client = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        run_ok(Command::new("kill").arg(signal).arg(child.id().to_string()));
+        let mut status = None;
+        for _ in 0..100 {
+            status = child.try_wait().unwrap();
+            if status.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let Some(status) = status else {
+            let _ = child.kill();
+            panic!("vmnest serve did not stop on SIG{signal}");
+        };
+        assert_eq!(status.code(), Some(0), "{signal}");
+        assert!(!socket.exists(), "the socket file is removed on {signal}");
+    }
+}
