@@ -1,14 +1,14 @@
 //! `vmnest serve`: export images over NBD, like `qemu-nbd`, several at once by name.
 //!
-//! Loopback only unless `--allow-remote` (there is no TLS yet, and an export is the whole disk);
-//! read-only unless `--rw`. Stops on SIGINT or SIGTERM.
+//! Loopback only unless `--allow-remote` (an export is the whole disk); TLS required with
+//! `--tls-cert`/`--tls-key`; read-only unless `--rw`. Stops on SIGINT or SIGTERM.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use fuse_mount::nbd::{Export, Server};
+use fuse_mount::nbd::{Export, Server, ServerOptions, Tls};
 use image_format::BlockDevice;
 
 use crate::common::{OpenArgs, SourceOptions, open_source};
@@ -45,6 +45,12 @@ pub struct Args {
     /// Allow listening on an address that is not loopback.
     #[arg(long)]
     allow_remote: bool,
+    /// Require TLS, with this PEM certificate chain (server certificate first).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Format of the sources (probed when absent).
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
@@ -72,14 +78,26 @@ pub fn run(args: Args) -> Result<u8> {
         };
         exports.push(open_export(spec, name, &args)?);
     }
-    let server = Server::new(exports).context("export names (set them with --export-name)")?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(Tls::from_pem_files(cert, key).context("--tls-cert/--tls-key")?)
+        }
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "nbds" } else { "nbd" };
+    let options = ServerOptions {
+        tls,
+        ..Default::default()
+    };
+    let server = Server::with_options(exports, options)
+        .context("export names (set them with --export-name)")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(io_threads())
         .thread_name("vmnest-nbd")
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(serve(server, listen, args.socket))
+    runtime.block_on(serve(server, listen, args.socket, scheme))
 }
 
 /// The size of the blocking pool that runs device I/O.
@@ -106,8 +124,8 @@ fn listen_addr(text: &str, allow_remote: bool) -> Result<SocketAddr> {
         .with_context(|| format!("--listen {text}: no address"))?;
     if !addr.ip().is_loopback() && !allow_remote {
         bail!(
-            "--listen {text}: {} is not a loopback address; exports have no encryption or \
-             authentication, so pass --allow-remote to serve other hosts",
+            "--listen {text}: {} is not a loopback address; pass --allow-remote to serve other \
+             hosts (and --tls-cert/--tls-key to encrypt)",
             addr.ip()
         );
     }
@@ -144,7 +162,12 @@ fn open_export(spec: &str, name: String, args: &Args) -> Result<Export> {
     Ok(Export::writable(name, device).with_description(description))
 }
 
-async fn serve(server: Server, listen: Option<SocketAddr>, socket: Option<PathBuf>) -> Result<u8> {
+async fn serve(
+    server: Server,
+    listen: Option<SocketAddr>,
+    socket: Option<PathBuf>,
+    scheme: &str,
+) -> Result<u8> {
     // Handlers first: a signal that comes right after the `serving` lines must not kill us.
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -156,7 +179,7 @@ async fn serve(server: Server, listen: Option<SocketAddr>, socket: Option<PathBu
                 let listener = tokio::net::UnixListener::bind(path)
                     .with_context(|| format!("listening on {}", path.display()))?;
                 for name in &names {
-                    println!("serving nbd+unix:///{name}?socket={}", path.display());
+                    println!("serving {scheme}+unix:///{name}?socket={}", path.display());
                 }
                 flush_stdout();
                 server.serve_unix_listener(listener).await?;
@@ -167,7 +190,7 @@ async fn serve(server: Server, listen: Option<SocketAddr>, socket: Option<PathBu
                     .with_context(|| format!("listening on {addr}"))?;
                 let local = listener.local_addr()?;
                 for name in &names {
-                    println!("serving nbd://{local}/{name}");
+                    println!("serving {scheme}://{local}/{name}");
                 }
                 flush_stdout();
                 server.serve_tcp_listener(listener).await?;

@@ -54,7 +54,11 @@ impl Served {
 
     /// `127.0.0.1:PORT`.
     fn addr(&self) -> String {
-        let rest = self.urls[0].strip_prefix("nbd://").expect("nbd url");
+        let url = &self.urls[0];
+        let rest = url
+            .strip_prefix("nbd://")
+            .or_else(|| url.strip_prefix("nbds://"))
+            .expect("nbd url");
         rest.split('/').next().expect("host:port").to_string()
     }
 
@@ -644,4 +648,132 @@ fn sigterm_and_sigint_stop_the_server_cleanly() {
         assert_eq!(status.code(), Some(0), "{signal}");
         assert!(!socket.exists(), "the socket file is removed on {signal}");
     }
+}
+
+/// A throwaway CA and a server certificate for 127.0.0.1 made with openssl, in `dir/pki`; the CA
+/// alone is copied to `dir/ca` (the folder qemu and libnbd read `ca-cert.pem` from).
+fn make_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let pki = dir.join("pki");
+    let ca_dir = dir.join("ca");
+    std::fs::create_dir_all(&pki).unwrap();
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    let openssl = require("openssl");
+    let at = |name: &str| pki.join(name).to_str().unwrap().to_string();
+    run_ok(Command::new(&openssl).args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=vmnest test CA",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout",
+        &at("ca-key.pem"),
+        "-out",
+        &at("ca-cert.pem"),
+    ]));
+    run_ok(Command::new(&openssl).args([
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &at("server-key.pem"),
+        "-out",
+        &at("server.csr"),
+    ]));
+    std::fs::write(
+        pki.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run_ok(Command::new(&openssl).args([
+        "x509",
+        "-req",
+        "-days",
+        "2",
+        "-in",
+        &at("server.csr"),
+        "-CA",
+        &at("ca-cert.pem"),
+        "-CAkey",
+        &at("ca-key.pem"),
+        "-CAcreateserial",
+        "-extfile",
+        &at("ext.cnf"),
+        "-out",
+        &at("server-cert.pem"),
+    ]));
+    std::fs::copy(pki.join("ca-cert.pem"), ca_dir.join("ca-cert.pem")).unwrap();
+    (
+        pki.join("server-cert.pem"),
+        pki.join("server-key.pem"),
+        ca_dir,
+    )
+}
+
+#[test]
+fn tls_exports_serve_clients_that_upgrade_and_refuse_the_others() {
+    let dir = scratch("nbd-tls");
+    let (raw, qcow2, _) = pattern_images(&dir);
+    let (cert, key) = {
+        let (c, k, _) = make_pki(&dir);
+        (c, k)
+    };
+    let ca = dir.join("ca");
+    let served = Served::start(
+        &dir,
+        &["--tls-cert", s(&cert), "--tls-key", s(&key), s(&qcow2)],
+        1,
+    );
+    let url = &served.urls[0];
+    assert!(url.starts_with("nbds://127.0.0.1:"), "{url}");
+    let port = served.addr().rsplit(':').next().unwrap().to_string();
+
+    // qemu, verifying the server against the CA.
+    let out = dir.join("copy.raw");
+    qemu_img(&[
+        "convert",
+        "--object",
+        &format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", s(&ca)),
+        "--image-opts",
+        &format!("driver=nbd,host=127.0.0.1,port={port},export=pattern.qcow2,tls-creds=tls0"),
+        "-O",
+        "raw",
+        s(&out),
+    ]);
+    assert_eq!(hash_file(&out), hash_file(&raw));
+
+    // libnbd: nbdinfo says TLS, nbdcopy copies over two encrypted connections.
+    let tls_url = format!("{url}?tls-certificates={}", s(&ca));
+    let info = run_ok(Command::new(require("nbdinfo")).arg(&tls_url));
+    assert!(info.contains("with TLS"), "{info}");
+    let out2 = dir.join("copy2.raw");
+    run_ok(
+        Command::new(require("nbdcopy"))
+            .args(["--connections", "2"])
+            .arg(&tls_url)
+            .arg(&out2),
+    );
+    assert_eq!(hash_file(&out2), hash_file(&raw));
+
+    // Without TLS: refused (ERR_TLS_REQD), and no data leaks.
+    let plain = format!("nbd://127.0.0.1:{port}/pattern.qcow2");
+    let refused = run(Command::new(require("nbdinfo")).arg(&plain));
+    assert!(!refused.status.success());
+    let mut client = connect(&served.addr());
+    greet(&mut client);
+    send_option(&mut client, OPT_GO, &[0, 0, 0, 0, 0, 0]);
+    let (_, kind, _) = option_reply(&mut client);
+    assert_eq!(kind, (1 << 31) + 5, "NBD_REP_ERR_TLS_REQD");
+    // EXPORT_NAME cannot be refused politely: the connection ends.
+    send_option(&mut client, 1, b"pattern.qcow2");
+    assert!(closed_by_server(&mut client));
 }

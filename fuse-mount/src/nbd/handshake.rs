@@ -9,7 +9,11 @@
 //! | `INFO`, `GO` | `INFO` replies (`EXPORT`, `BLOCK_SIZE`, and `NAME` / `DESCRIPTION` when asked), then `ACK`; `ERR_UNKNOWN` for an unknown export |
 //! | `STRUCTURED_REPLY` | `ACK` (once) |
 //! | `LIST_META_CONTEXT`, `SET_META_CONTEXT` | `base:allocation` when asked for (or, for LIST, for no query or `base:`) |
-//! | `STARTTLS`, `EXTENDED_HEADERS`, anything else | `ERR_UNSUP` (clients fall back) |
+//! | `STARTTLS` | with TLS configured: `ACK`, then the TLS handshake and a fresh negotiation; without: `ERR_UNSUP` |
+//! | `EXTENDED_HEADERS`, anything else | `ERR_UNSUP` (clients fall back) |
+//!
+//! With TLS configured and not yet started, every option but `STARTTLS` and `ABORT` gets
+//! `ERR_TLS_REQD`, and `EXPORT_NAME` ends the connection (FORCEDTLS, see [`super::tls`]).
 //!
 //! A malformed option gets `ERR_INVALID` and haggling goes on; a wrong magic, an option payload
 //! over [`proto::MAX_OPTION_DATA`], unknown client flags, or more than [`MAX_OPTIONS`] options end
@@ -47,13 +51,27 @@ pub struct Negotiated {
     pub flags: u16,
 }
 
-/// How a handshake ended.
+/// How a negotiation ended.
 #[derive(Debug)]
 pub enum Outcome {
     /// The client chose an export.
     Transmission(Negotiated),
     /// The client aborted (`NBD_OPT_ABORT`) or hung up between options.
     Closed,
+    /// `NBD_OPT_STARTTLS` was acknowledged: upgrade the connection, then negotiate again with
+    /// [`TlsMode::Active`].
+    StartTls,
+}
+
+/// Where the connection stands with TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// The server offers no TLS.
+    Off,
+    /// The server requires TLS and the client has not started it.
+    Required,
+    /// The connection is encrypted.
+    Active,
 }
 
 /// A handshake failure: an I/O error or a rule broken by the client. The connection ends.
@@ -65,35 +83,45 @@ pub enum HandshakeError {
     Protocol(String),
 }
 
-/// Runs the server side of the handshake on a fresh connection.
-pub async fn negotiate<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    exports: &Exports,
-) -> Result<Outcome, HandshakeError>
+/// Sends the greeting and reads the client's flags; unknown flags end the connection.
+pub async fn greet<S>(stream: &mut S) -> Result<u32, HandshakeError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    writer.write_all(&proto::greeting()).await?;
-    writer.flush().await?;
+    stream.write_all(&proto::greeting()).await?;
+    stream.flush().await?;
     let mut flags = [0u8; 4];
-    reader.read_exact(&mut flags).await?;
+    stream.read_exact(&mut flags).await?;
     let client_flags = u32::from_be_bytes(flags);
     if client_flags & !proto::KNOWN_CLIENT_FLAGS != 0 {
         return Err(HandshakeError::Protocol(format!(
             "unknown client flags {client_flags:#x}"
         )));
     }
+    Ok(client_flags)
+}
+
+/// Answers options until the client picks an export, aborts, or (with TLS required) asks for
+/// `STARTTLS`.
+pub async fn haggle<S>(
+    stream: &mut S,
+    exports: &Exports,
+    client_flags: u32,
+    tls: TlsMode,
+) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut state = State {
         exports,
         no_zeroes: client_flags & proto::FLAG_C_NO_ZEROES != 0,
         structured: false,
         meta: None,
+        tls,
     };
     for _ in 0..MAX_OPTIONS {
         let mut header = [0u8; proto::OPTION_HEADER_LEN];
-        match reader.read_exact(&mut header).await {
+        match stream.read_exact(&mut header).await {
             Ok(_) => {}
             // Hanging up between options is how some clients (and probes) leave.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Outcome::Closed),
@@ -103,20 +131,36 @@ where
             .map_err(|e| HandshakeError::Protocol(e.to_string()))?;
         // Bounded by MAX_OPTION_DATA (64 KiB).
         let mut data = vec![0u8; header.len as usize];
-        reader.read_exact(&mut data).await?;
+        stream.read_exact(&mut data).await?;
         let mut out = Vec::new();
-        let step = match proto::parse_option(header.option, &data) {
-            Ok(request) => state.answer(header.option, request, &mut out),
-            Err(e) => {
-                proto::put_option_error(&mut out, header.option, rep::ERR_INVALID, &e.0);
-                Step::Continue
-            }
-        };
-        writer.write_all(&out).await?;
-        writer.flush().await?;
+        let step =
+            if tls == TlsMode::Required && !matches!(header.option, opt::STARTTLS | opt::ABORT) {
+                if header.option == opt::EXPORT_NAME {
+                    Step::Fail("NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server".into())
+                } else {
+                    proto::put_option_error(
+                        &mut out,
+                        header.option,
+                        rep::ERR_TLS_REQD,
+                        "this server requires TLS: send NBD_OPT_STARTTLS first",
+                    );
+                    Step::Continue
+                }
+            } else {
+                match proto::parse_option(header.option, &data) {
+                    Ok(request) => state.answer(header.option, request, &mut out),
+                    Err(e) => {
+                        proto::put_option_error(&mut out, header.option, rep::ERR_INVALID, &e.0);
+                        Step::Continue
+                    }
+                }
+            };
+        stream.write_all(&out).await?;
+        stream.flush().await?;
         match step {
             Step::Continue => {}
             Step::Close => return Ok(Outcome::Closed),
+            Step::StartTls => return Ok(Outcome::StartTls),
             Step::Go(n) => return Ok(Outcome::Transmission(n)),
             Step::Fail(msg) => return Err(HandshakeError::Protocol(msg)),
         }
@@ -129,6 +173,7 @@ where
 enum Step {
     Continue,
     Close,
+    StartTls,
     Go(Negotiated),
     Fail(String),
 }
@@ -140,6 +185,7 @@ struct State<'a> {
     /// The export name of the last successful `SET_META_CONTEXT`, and whether it selected
     /// `base:allocation`.
     meta: Option<(String, bool)>,
+    tls: TlsMode,
 }
 
 impl State<'_> {
@@ -255,10 +301,20 @@ impl State<'_> {
                 proto::put_option_reply(out, option, rep::ACK, &[]);
                 Step::Continue
             }
-            OptionRequest::StartTls => {
-                proto::put_option_error(out, option, rep::ERR_UNSUP, "TLS is not offered");
-                Step::Continue
-            }
+            OptionRequest::StartTls => match self.tls {
+                TlsMode::Off => {
+                    proto::put_option_error(out, option, rep::ERR_UNSUP, "TLS is not offered");
+                    Step::Continue
+                }
+                TlsMode::Required => {
+                    proto::put_option_reply(out, option, rep::ACK, &[]);
+                    Step::StartTls
+                }
+                TlsMode::Active => {
+                    proto::put_option_error(out, option, rep::ERR_INVALID, "TLS is already on");
+                    Step::Continue
+                }
+            },
             OptionRequest::ExtendedHeaders => {
                 proto::put_option_error(
                     out,

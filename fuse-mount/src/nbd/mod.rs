@@ -5,6 +5,8 @@
 //! * [`handshake`]: fixed newstyle option haggling.
 //! * [`server`]: listeners, connections, and the transmission phase (concurrency and limits are
 //!   documented there).
+//! * [`tls`]: `NBD_OPT_STARTTLS` with rustls (certificates).
+//! * [`pool`]: reusable reply and payload buffers.
 //!
 //! ```no_run
 //! # async fn demo(device: std::sync::Arc<dyn image_format::BlockDevice>) -> std::io::Result<()> {
@@ -20,5 +22,7 @@ pub mod handshake;
 pub mod pool;
 pub mod proto;
 pub mod server;
+pub mod tls;
 
-pub use server::{Export, Exports, Log, Server, ServerError, ServerOptions};
+pub use server::{Connection, Export, Exports, Log, Server, ServerError, ServerOptions};
+pub use tls::{Tls, TlsError};

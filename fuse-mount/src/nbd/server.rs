@@ -40,12 +40,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use super::handshake::{self, Negotiated, Outcome};
+use super::handshake::{self, Negotiated, Outcome, TlsMode};
 use super::pool::{BufferPool, Reply};
 use super::proto::{
     self, CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
     Command, Request, errno,
 };
+use super::tls::Tls;
 
 /// Most requests of one connection being served at once.
 pub const MAX_INFLIGHT_REQUESTS: u32 = 64;
@@ -238,6 +239,8 @@ pub struct ServerOptions {
     /// Receives one line per event worth telling (a connection broken by its client, a device
     /// error). Default: standard error, prefixed `vmnest nbd: `.
     pub log: Log,
+    /// TLS: when set, clients must upgrade with `NBD_OPT_STARTTLS` before anything else.
+    pub tls: Option<Tls>,
 }
 
 impl fmt::Debug for ServerOptions {
@@ -250,6 +253,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             log: Arc::new(|line: &str| eprintln!("vmnest nbd: {line}")),
+            tls: None,
         }
     }
 }
@@ -258,6 +262,7 @@ struct Shared {
     exports: Exports,
     log: Log,
     pool: Arc<BufferPool>,
+    tls: Option<Tls>,
     budget: Arc<Semaphore>,
     connections: Arc<Semaphore>,
     next_id: AtomicU64,
@@ -301,6 +306,7 @@ impl Server {
                 exports: Exports(exports.into_iter().map(Arc::new).collect()),
                 log: options.log,
                 pool: Arc::new(BufferPool::new(POOLED_BYTES)),
+                tls: options.tls,
                 budget: Arc::new(Semaphore::new(MAX_SERVER_INFLIGHT_BYTES as usize)),
                 connections: Arc::new(Semaphore::new(MAX_CONNECTIONS as usize)),
                 next_id: AtomicU64::new(1),
@@ -327,8 +333,7 @@ impl Server {
                 Ok((stream, peer)) => {
                     // Replies are written whole; waiting to coalesce them only adds latency.
                     let _ = stream.set_nodelay(true);
-                    let (r, w) = stream.into_split();
-                    self.spawn_connection(peer.to_string(), r, w);
+                    self.spawn_connection(peer.to_string(), stream);
                 }
                 Err(e) => self.accept_failed(e).await?,
             }
@@ -346,8 +351,7 @@ impl Server {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    let (r, w) = stream.into_split();
-                    self.spawn_connection("unix".to_string(), r, w);
+                    self.spawn_connection("unix".to_string(), stream);
                 }
                 Err(e) => self.accept_failed(e).await?,
             }
@@ -372,11 +376,7 @@ impl Server {
         }
     }
 
-    fn spawn_connection<R, W>(&self, peer: String, reader: R, writer: W)
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
+    fn spawn_connection<S: Connection>(&self, peer: String, stream: S) {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Conn {
             id,
@@ -392,7 +392,7 @@ impl Server {
         let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
             let _slot = slot;
-            serve_connection(shared, conn, reader, writer).await;
+            serve_connection(shared, conn, stream).await;
         });
     }
 }
@@ -411,33 +411,89 @@ impl Conn {
     }
 }
 
-async fn serve_connection<R, W>(shared: Arc<Shared>, conn: Conn, reader: R, mut writer: W)
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
-    let negotiated = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        handshake::negotiate(&mut reader, &mut writer, &shared.exports),
-    )
-    .await;
-    let negotiated = match negotiated {
-        Err(_) => {
-            conn.log(format_args!(
-                "handshake not finished in {}s; closing",
-                HANDSHAKE_TIMEOUT.as_secs()
-            ));
-            return;
-        }
-        Ok(Err(e)) => {
-            conn.log(format_args!("handshake failed: {e}; closing"));
-            return;
-        }
-        Ok(Ok(Outcome::Closed)) => return,
-        Ok(Ok(Outcome::Transmission(n))) => n,
+/// A byte stream a connection runs on, and how to split it into halves that a reader task and
+/// a writer task own.
+pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The read half.
+    type Read: AsyncRead + Unpin + Send + 'static;
+    /// The write half.
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    /// Splits the stream.
+    fn split(self) -> (Self::Read, Self::Write);
+}
+
+impl Connection for tokio::net::TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn split(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl Connection for tokio::net::UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn split(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl<S: Connection> Connection for tokio_rustls::server::TlsStream<S> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn split(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+/// How the handshake of one connection ended.
+enum Handshake<S: Connection> {
+    Plain(S, Negotiated),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>, Negotiated),
+    Closed,
+}
+
+/// Greeting, option haggling, and the TLS upgrade when the client asks for it.
+async fn handshake<S: Connection>(
+    shared: &Shared,
+    mut stream: S,
+) -> Result<Handshake<S>, handshake::HandshakeError> {
+    let flags = handshake::greet(&mut stream).await?;
+    let mode = if shared.tls.is_some() {
+        TlsMode::Required
+    } else {
+        TlsMode::Off
     };
-    transmission(shared, conn, negotiated, reader, writer).await;
+    match handshake::haggle(&mut stream, &shared.exports, flags, mode).await? {
+        Outcome::Transmission(n) => Ok(Handshake::Plain(stream, n)),
+        Outcome::Closed => Ok(Handshake::Closed),
+        Outcome::StartTls => {
+            let Some(tls) = &shared.tls else {
+                return Err(handshake::HandshakeError::Protocol(
+                    "STARTTLS acknowledged without TLS".into(),
+                ));
+            };
+            let mut stream = tls.acceptor().accept(stream).await?;
+            match handshake::haggle(&mut stream, &shared.exports, flags, TlsMode::Active).await? {
+                Outcome::Transmission(n) => Ok(Handshake::Tls(Box::new(stream), n)),
+                Outcome::Closed | Outcome::StartTls => Ok(Handshake::Closed),
+            }
+        }
+    }
+}
+
+async fn serve_connection<S: Connection>(shared: Arc<Shared>, conn: Conn, stream: S) {
+    let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&shared, stream)).await;
+    match result {
+        Err(_) => conn.log(format_args!(
+            "handshake not finished in {}s; closing",
+            HANDSHAKE_TIMEOUT.as_secs()
+        )),
+        Ok(Err(e)) => conn.log(format_args!("handshake failed: {e}; closing")),
+        Ok(Ok(Handshake::Closed)) => {}
+        Ok(Ok(Handshake::Plain(stream, n))) => transmission(shared, conn, n, stream).await,
+        Ok(Ok(Handshake::Tls(stream, n))) => transmission(shared, conn, n, *stream).await,
+    }
 }
 
 /// A reply on its way to the writer task, with the budget it holds until written.
@@ -475,16 +531,14 @@ impl Context {
     }
 }
 
-async fn transmission<R, W>(
+async fn transmission<S: Connection>(
     shared: Arc<Shared>,
     conn: Conn,
     negotiated: Negotiated,
-    mut reader: BufReader<R>,
-    writer: W,
-) where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+    stream: S,
+) {
+    let (reader, writer) = stream.split();
+    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
     let Negotiated {
         export,
         structured,
