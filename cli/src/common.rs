@@ -68,6 +68,33 @@ pub fn open_image(path: &Path, format: Option<&str>, args: &OpenArgs) -> Result<
     Ok(image_format::open(path, &options)?)
 }
 
+/// How [`open_source`] opens a source.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SourceOptions<'a> {
+    /// The image format (probed when absent).
+    pub format: Option<&'a str>,
+    /// Open for writing.
+    pub writable: bool,
+}
+
+/// Opens what a command names as a SOURCE: for now an image file in any format. This is the
+/// one place that turns a source spec into an image, so other kinds of sources (a stored
+/// snapshot, `store:NAME[@SNAP]`) are added here once and every command takes them.
+pub fn open_source(spec: &str, how: &SourceOptions<'_>, args: &OpenArgs) -> Result<Arc<dyn Image>> {
+    let path = Path::new(spec);
+    if !how.writable {
+        return open_image(path, how.format, args);
+    }
+    let options = OpenOptions {
+        format: how.format.map(str::to_string),
+        writable: true,
+        allow_external_paths: args.allow_external_paths,
+        max_chain_depth: args.max_chain_depth,
+        open_backing: true,
+    };
+    Ok(image_format::open(path, &options)?)
+}
+
 /// `1.5 MiB`, as qemu-img prints sizes.
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];

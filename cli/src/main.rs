@@ -7,6 +7,7 @@ mod cmd_convert;
 mod cmd_info;
 mod cmd_map;
 mod cmd_store;
+mod cmd_serve;
 mod common;
 mod presets;
 mod store_args;
@@ -65,6 +66,8 @@ enum Command {
     Gc(cmd_store::GcArgs),
     /// Re-read and re-hash everything; name the snapshots a damaged chunk touches.
     Verify(cmd_store::VerifyArgs),
+    /// Export images over NBD (loopback unless --allow-remote; read-only unless --rw).
+    Serve(cmd_serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
         Command::Du(args) => (cmd_store::run_du(args), 1),
         Command::Gc(args) => (cmd_store::run_gc(args), 1),
         Command::Verify(args) => (cmd_store::run_verify(args), 2),
+        Command::Serve(args) => (cmd_serve::run(args), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -181,6 +181,34 @@ impl ImageFile {
         Ok(())
     }
 
+    /// Deallocates `[off, off + len)` (`fallocate(PUNCH_HOLE | KEEP_SIZE)`), so it reads as zeros
+    /// and takes no space. Returns false when the file system cannot punch holes; the caller then
+    /// writes zeros.
+    pub fn punch_hole(&self, off: u64, len: u64) -> Result<bool> {
+        let (Ok(off_t), Ok(len_t)) = (libc::off_t::try_from(off), libc::off_t::try_from(len))
+        else {
+            return Ok(false);
+        };
+        // SAFETY: fallocate on a descriptor we own; it changes only the file's allocation in the
+        // given range, which the caller asked to read as zeros.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off_t,
+                len_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(false),
+            _ => Err(self.io_error("punch hole", off, err)),
+        }
+    }
+
     /// Stops starting writeback as writes accumulate (for files that will not be synced).
     pub fn disable_writeback(&mut self) {
         self.writeback = false;

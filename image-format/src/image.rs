@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::blockdev::BlockDevice;
+use crate::blockdev::{BlockDevice, BlockDeviceMut};
 use crate::error::{Error, Result};
 
 /// An image opened by a format driver, with its backing chain resolved.
@@ -27,6 +27,13 @@ pub trait Image: BlockDevice {
 
     /// The next image of the backing chain, if any.
     fn backing(&self) -> Option<&Arc<dyn Image>> {
+        None
+    }
+
+    /// The same image as a device that can be written, when its driver writes in place and it
+    /// was opened writable (`OpenOptions::writable`); `None` otherwise. Exports (NBD, FUSE)
+    /// use it to serve an image read-write.
+    fn into_mut_device(self: Arc<Self>) -> Option<Arc<dyn BlockDeviceMut>> {
         None
     }
 }

@@ -4,6 +4,7 @@
 mod cli;
 mod conformance;
 mod convert;
+mod nbd;
 mod parallels;
 mod qcow2;
 mod qcow2_write;

@@ -96,6 +96,8 @@ pub fn require(tool: &str) -> PathBuf {
         "vhdiinfo" => "libvhdi-utils",
         "qcowinfo" => "libqcow-utils",
         "bzip2" => "bzip2",
+        "nbdinfo" | "nbdcopy" => "libnbd-bin",
+        "nbdsh" => "python3-libnbd",
         other => other,
     };
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {

@@ -105,7 +105,7 @@ impl BlockDevice for RawImage {
     fn caps(&self) -> Caps {
         let base = Caps::EXTENTS | Caps::MULTI_CONN;
         if self.file.is_writable() {
-            base | Caps::WRITE | Caps::FLUSH | Caps::WRITE_ZEROES
+            base | Caps::WRITE | Caps::FLUSH | Caps::WRITE_ZEROES | Caps::DISCARD
         } else {
             base
         }
@@ -135,6 +135,9 @@ impl BlockDeviceMut for RawImage {
     fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
         check_range(off, len, self.size())?;
         let file = self.writable_file()?;
+        if len > 0 && file.punch_hole(off, len)? {
+            return Ok(());
+        }
         // Write zeros in bounded pieces (a block device or a file system without hole punching
         // must still end up reading zeros).
         const PIECE: u64 = 1 << 20;
@@ -178,5 +181,13 @@ impl Image for RawImage {
     fn info(&self) -> Result<ImageInfo> {
         let path = self.file.path().to_path_buf();
         Ok(ImageInfo::new(path.clone(), "raw", self.size(), vec![path]))
+    }
+
+    fn into_mut_device(self: Arc<Self>) -> Option<Arc<dyn BlockDeviceMut>> {
+        if self.file.is_writable() {
+            Some(self)
+        } else {
+            None
+        }
     }
 }

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# NBD export: `vmnest serve` vs `qemu-nbd -r -f qcow2`, serving the same qcow2 file, side by side in
+# one run. Input: bench/work/linux.qcow2, the 3 GiB Debian disk of bench/make-linux-disk.sh
+# (built, then converted by qemu-img, when missing).
+#
+# Cases (best of 3 each, the two servers' runs alternating, page cache warm for both alike):
+#   seq nbdcopy      nbdcopy NBD-URL null:            (libnbd's defaults: 4 connections when the
+#                                                       server allows multi-conn, block status
+#                                                       to skip holes)
+#   seq nbdcopy 1c   nbdcopy --connections 1 NBD-URL null:
+#   seq qemu-img     qemu-img convert -f raw NBD-URL -O raw FILE (one connection)
+#   rand 4k iops     fio --ioengine=nbd, 4 KiB random reads, queue depth 32, 10 s
+#   rand 4k cpu      the server's CPU time (all threads) per request in those runs: less
+#                    sensitive than IOPS to load from elsewhere on a shared machine
+# Ratios: qemu-nbd time / vmnest time, vmnest IOPS / qemu-nbd IOPS, and qemu-nbd CPU per request /
+# vmnest CPU per request (> 1: vmnest better).
+#
+# Usage: bench/export.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work=bench/work
+mkdir -p "$work/out"
+for tool in qemu-nbd:qemu-utils nbdcopy:libnbd-bin fio:fio; do
+  command -v "${tool%%:*}" >/dev/null || {
+    echo "${tool%%:*} missing: apt-get install ${tool##*:}" >&2
+    exit 1
+  }
+done
+src=$work/linux.qcow2
+if [ ! -f "$src" ]; then
+  bench/make-linux-disk.sh "$work/linux.raw" 3
+  qemu-img convert -f raw -O qcow2 "$work/linux.raw" "$src"
+fi
+cargo build --release -q -p vmnest
+vmnest=$PWD/target/release/vmnest
+
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -f "$work/out/"*
+}
+trap cleanup EXIT
+
+# vmnest serve on a free port; the line it prints names the port.
+"$vmnest" serve --export-name linux --listen 127.0.0.1:0 "$src" >"$work/vmnest-serve.out" 2>"$work/vmnest-serve.err" &
+vpid=$!
+pids+=("$vpid")
+for _ in $(seq 50); do grep -q '^serving' "$work/vmnest-serve.out" && break; sleep 0.1; done
+vurl=$(awk '/^serving/ {print $2; exit}' "$work/vmnest-serve.out")
+[ -n "$vurl" ] || { cat "$work/vmnest-serve.err" >&2; exit 1; }
+
+# qemu-nbd read-only, several connections allowed (so nbdcopy can use multi-conn).
+qport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+qemu-nbd -r -f qcow2 -t -e 16 -x linux -b 127.0.0.1 -p "$qport" "$src" 2>"$work/qemu-nbd.err" &
+qpid=$!
+pids+=("$qpid")
+qurl=nbd://127.0.0.1:$qport/linux
+for _ in $(seq 50); do nbdinfo --can connect "$qurl" 2>/dev/null && break; sleep 0.1; done
+
+cat "$src" >/dev/null # warm the page cache for both servers alike
+
+# secs CMD...: wall time of one run.
+secs() {
+  local t0 t1
+  rm -f "$work/out/"*
+  t0=$(date +%s.%N)
+  "$@" >/dev/null 2>"$work/err.last" || { cat "$work/err.last" >&2; return 1; }
+  t1=$(date +%s.%N)
+  awk "BEGIN{printf \"%.3f\", $t1 - $t0}"
+}
+
+# cpu PID: CPU seconds (user + system, all threads) the process has used so far.
+cpu() {
+  awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$1/stat"
+}
+
+# iops URL PID: "IOPS server-CPU-microseconds-per-request" of one fio run.
+iops() {
+  local c0 c1 out
+  c0=$(cpu "$2")
+  out=$(fio --name=rand --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=32 \
+    --runtime=10 --time_based --size=3G --output-format=json 2>"$work/err.last") ||
+    { cat "$work/err.last" >&2; return 1; }
+  c1=$(cpu "$2")
+  # fio prints a line before its JSON.
+  python3 -c 'import json,sys
+t=sys.stdin.read(); r=json.loads(t[t.index("{"):])["jobs"][0]["read"]
+print(int(r["iops"]), "%.1f" % ((float(sys.argv[2]) - float(sys.argv[1])) * 1e6 / r["total_ios"]))' "$c0" "$c1" <<<"$out"
+}
+
+min() { awk 'BEGIN{m=""} NF {if (m == "" || $1 < m) m = $1} END{print m}'; }
+max() { awk 'BEGIN{m=""} NF {if (m == "" || $1 > m) m = $1} END{print m}'; }
+
+# seq NAME CMD-WITH-URL...: three runs of each server, alternating so that load from elsewhere
+# falls on both alike; best times; ratio qemu-nbd / vmnest. "URL" in the command is replaced.
+seq_case() {
+  local name=$1; shift
+  local q="" v="" qcmd vcmd
+  for _ in 1 2 3; do
+    qcmd=("${@//URL/$qurl}")
+    vcmd=("${@//URL/$vurl}")
+    q+="$(secs "${qcmd[@]}")"$'\n'
+    v+="$(secs "${vcmd[@]}")"$'\n'
+  done
+  q=$(min <<<"$q")
+  v=$(min <<<"$v")
+  printf '%-16s %12s %12s %7sx  (s)\n' "$name" "$q" "$v" "$(awk "BEGIN{printf \"%.2f\", $q / $v}")"
+}
+
+printf '%-16s %12s %12s %8s\n' case qemu-nbd vmnest ratio
+seq_case "seq nbdcopy" nbdcopy URL null:
+seq_case "seq nbdcopy 1c" nbdcopy --connections 1 URL null:
+seq_case "seq qemu-img" qemu-img convert -f raw -O raw URL "$work/out/copy.raw"
+qi="" vi="" qc="" vc=""
+for _ in 1 2 3; do
+  read -r i c < <(iops "$qurl" "$qpid"); qi+="$i"$'\n'; qc+="$c"$'\n'
+  read -r i c < <(iops "$vurl" "$vpid"); vi+="$i"$'\n'; vc+="$c"$'\n'
+done
+qi=$(max <<<"$qi"); vi=$(max <<<"$vi"); qc=$(min <<<"$qc"); vc=$(min <<<"$vc")
+printf '%-16s %12s %12s %7sx  (IOPS, best)\n' "rand 4k iops" "$qi" "$vi" "$(awk "BEGIN{printf \"%.2f\", $vi / $qi}")"
+printf '%-16s %12s %12s %7sx  (server CPU us per request, qemu-nbd / vmnest)\n' "rand 4k cpu" "$qc" "$vc" "$(awk "BEGIN{printf \"%.2f\", $qc / $vc}")"
+echo "($(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), qemu-nbd $(qemu-nbd --version | head -1 | awk '{print $2}'), libnbd $(nbdcopy --version | awk 'NR==2 {print $2}'), fio $(fio --version))"

@@ -1,0 +1,779 @@
+//! `vmnest serve`: the NBD server, against real clients (qemu-img, qemu-io, libnbd's nbdinfo,
+//! nbdcopy and nbdsh) and against a hand-written misbehaving client.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use vmnest_tests::*;
+
+/// A running `vmnest serve`, killed when dropped.
+struct Served {
+    child: Child,
+    /// The `nbd://` URL of each export, in order.
+    urls: Vec<String>,
+    stderr: PathBuf,
+}
+
+impl Served {
+    /// `vmnest serve ARGS --listen 127.0.0.1:0`, waiting for one `serving` line per export.
+    fn start(dir: &Path, args: &[&str], exports: usize) -> Served {
+        let stderr = dir.join("serve.stderr");
+        let mut child = vmnest()
+            .arg("serve")
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawn vmnest serve");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut urls = Vec::new();
+        while urls.len() < exports {
+            let mut line = String::new();
+            let n = lines.read_line(&mut line).expect("read serve output");
+            assert!(
+                n > 0,
+                "vmnest serve exited early: {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+            let url = line
+                .trim()
+                .strip_prefix("serving ")
+                .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+            urls.push(url.to_string());
+        }
+        Served {
+            child,
+            urls,
+            stderr,
+        }
+    }
+
+    /// `127.0.0.1:PORT`.
+    fn addr(&self) -> String {
+        let url = &self.urls[0];
+        let rest = url
+            .strip_prefix("nbd://")
+            .or_else(|| url.strip_prefix("nbds://"))
+            .expect("nbd url");
+        rest.split('/').next().expect("host:port").to_string()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A pattern raw image and its qcow2 and (monolithicSparse) VMDK copies, written by qemu-img.
+fn pattern_images(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let raw = dir.join("pattern.raw");
+    write_pattern_raw(&raw, PATTERN_SIZE - 7 * 512, 11);
+    let qcow2 = dir.join("pattern.qcow2");
+    let vmdk = dir.join("pattern.vmdk");
+    qemu_from_raw(&raw, "qcow2", &qcow2);
+    qemu_from_raw(&raw, "vmdk", &vmdk);
+    (raw, qcow2, vmdk)
+}
+
+#[test]
+fn qemu_img_reads_qcow2_and_vmdk_exports() {
+    let dir = scratch("nbd-qemu-img");
+    let (raw, qcow2, vmdk) = pattern_images(&dir);
+    let served = Served::start(&dir, &[s(&qcow2), s(&vmdk)], 2);
+    assert!(
+        served.urls[0].ends_with("/pattern.qcow2"),
+        "{:?}",
+        served.urls
+    );
+    assert!(served.urls[1].ends_with("/pattern.vmdk"));
+    let size = std::fs::metadata(&raw).unwrap().len();
+    for url in &served.urls {
+        let info: serde_json::Value =
+            serde_json::from_str(&qemu_img(&["info", "--output=json", url])).unwrap();
+        assert_eq!(info["virtual-size"].as_u64(), Some(size), "{url}");
+        qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&raw), url]);
+        let out = dir.join("copy.raw");
+        qemu_img(&["convert", "-f", "raw", "-O", "raw", url, s(&out)]);
+        assert_eq!(hash_file(&out), hash_file(&raw), "{url}");
+    }
+    // No export name: the first export.
+    let default = format!("nbd://{}", served.addr());
+    qemu_img(&["compare", "-f", "raw", "-F", "qcow2", &default, s(&qcow2)]);
+}
+
+#[test]
+fn unix_socket_export_reads_like_the_file() {
+    let dir = scratch("nbd-unix");
+    let (raw, qcow2, _) = pattern_images(&dir);
+    let socket = dir.join("nbd.sock");
+    let stderr = dir.join("serve.stderr");
+    let mut child = vmnest()
+        .args([
+            "serve",
+            "--export-name",
+            "disk",
+            "--socket",
+            s(&socket),
+            s(&qcow2),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let guard = Served {
+        child,
+        urls: vec![],
+        stderr,
+    };
+    let url = format!("nbd+unix:///disk?socket={}", socket.display());
+    assert_eq!(line.trim(), format!("serving {url}"));
+    qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&raw), &url]);
+    drop(guard);
+}
+
+#[test]
+fn qemu_io_writes_land_in_a_writable_raw_export() {
+    let dir = scratch("nbd-qemu-io");
+    let original = dir.join("original.raw");
+    write_pattern_raw(&original, 16 << 20, 5);
+    let disk = dir.join("disk.raw");
+    std::fs::copy(&original, &disk).unwrap();
+    let served = Served::start(&dir, &["--rw", "-f", "raw", s(&disk)], 1);
+    let url = &served.urls[0];
+    run_ok(Command::new(require("qemu-io")).args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0xab 4096 65536",
+        "-c",
+        "write -f -P 0xcd 1048576 8192",
+        "-c",
+        "write -z 0 4096",
+        "-c",
+        "discard 131072 65536",
+        "-c",
+        "write -z 3145728 1048576",
+        "-c",
+        "flush",
+        "-c",
+        "read -P 0xab 4096 65536",
+        "-c",
+        "read -P 0 131072 65536",
+        url,
+    ]));
+    drop(served);
+    let before = read_raw(&original);
+    let after = read_raw(&disk);
+    let mut want = before.clone();
+    want[4096..4096 + 65536].fill(0xab);
+    want[1 << 20..(1 << 20) + 8192].fill(0xcd);
+    want[..4096].fill(0);
+    want[131072..131072 + 65536].fill(0);
+    want[3 << 20..4 << 20].fill(0);
+    assert_eq!(after.len(), want.len());
+    if let Some(i) = image_format::bytes::first_difference(&after, &want) {
+        panic!("disk differs from the expected content at {i:#x}");
+    }
+}
+
+#[test]
+fn writes_to_a_read_only_export_fail() {
+    let dir = scratch("nbd-read-only");
+    let (raw, _, _) = pattern_images(&dir);
+    let before = hash_file(&raw);
+    let served = Served::start(&dir, &["-f", "raw", s(&raw)], 1);
+    let out = run(Command::new(require("qemu-io")).args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 1 0 4096",
+        &served.urls[0],
+    ]));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("ermission") || text.contains("read-only") || text.contains("Read-only"),
+        "{text}"
+    );
+    drop(served);
+    assert_eq!(hash_file(&raw), before);
+}
+
+#[test]
+fn nbdinfo_lists_exports_and_maps_like_vmnest_map() {
+    let dir = scratch("nbd-nbdinfo");
+    let (raw, qcow2, vmdk) = pattern_images(&dir);
+    let served = Served::start(
+        &dir,
+        &[
+            "--export-name",
+            "q",
+            "--export-name",
+            "v",
+            s(&qcow2),
+            s(&vmdk),
+            s(&raw),
+        ],
+        3,
+    );
+    let list: serde_json::Value = serde_json::from_str(&run_ok(
+        Command::new(require("nbdinfo"))
+            .args(["--list", "--json"])
+            .arg(format!("nbd://{}", served.addr())),
+    ))
+    .unwrap();
+    let names: Vec<&str> = list["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["q", "v", "pattern.raw"]);
+    assert_eq!(
+        list["exports"][0]["description"],
+        "qcow2 image ".to_string() + s(&qcow2)
+    );
+    assert_eq!(list["exports"][0]["is_read_only"], true);
+    assert_eq!(list["exports"][0]["can_multi_conn"], true);
+    for (url, path) in served.urls.iter().zip([&qcow2, &vmdk, &raw]) {
+        let map: serde_json::Value = serde_json::from_str(&run_ok(
+            Command::new(require("nbdinfo"))
+                .args(["--map", "--json"])
+                .arg(url),
+        ))
+        .unwrap();
+        let mut data: Vec<(u64, u64)> = Vec::new();
+        for e in map.as_array().unwrap() {
+            if e["type"].as_u64() != Some(0) {
+                continue;
+            }
+            let start = e["offset"].as_u64().unwrap();
+            let end = start + e["length"].as_u64().unwrap();
+            match data.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => data.push((start, end)),
+            }
+        }
+        assert_eq!(data, vmnest_map_data(path), "{url}");
+        assert!(!data.is_empty());
+    }
+}
+
+#[test]
+fn nbdcopy_with_four_connections_copies_both_ways() {
+    let dir = scratch("nbd-nbdcopy");
+    let (raw, qcow2, _) = pattern_images(&dir);
+    let served = Served::start(&dir, &[s(&qcow2)], 1);
+    let out = dir.join("out.raw");
+    run_ok(
+        Command::new(require("nbdcopy"))
+            .args(["--connections", "4", "--requests", "16"])
+            .arg(&served.urls[0])
+            .arg(&out),
+    );
+    assert_eq!(hash_file(&out), hash_file(&raw));
+    drop(served);
+
+    // Into a writable export, over four connections at once (multi-conn).
+    let target = dir.join("target.raw");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(std::fs::metadata(&raw).unwrap().len())
+        .unwrap();
+    let served = Served::start(&dir, &["--rw", "-f", "raw", s(&target)], 1);
+    run_ok(
+        Command::new(require("nbdcopy"))
+            .args(["--connections", "4", "--flush"])
+            .arg(&raw)
+            .arg(&served.urls[0]),
+    );
+    drop(served);
+    assert_eq!(hash_file(&target), hash_file(&raw));
+}
+
+/// `nbdsh` runs Debian's python3 (which has the `nbd` module), whatever python3 comes first in
+/// PATH.
+fn nbdsh(script: &str) -> String {
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    run_ok(
+        Command::new(require("nbdsh"))
+            .env("PATH", path)
+            .args(["-c", script]),
+    )
+}
+
+#[test]
+fn simple_replies_serve_clients_without_structured_replies() {
+    let dir = scratch("nbd-simple");
+    let (raw, qcow2, _) = pattern_images(&dir);
+    let served = Served::start(&dir, &[s(&qcow2)], 1);
+    let script = format!(
+        r#"
+import hashlib
+h.set_request_structured_replies(False)
+h.set_strict_mode(0)
+h.connect_uri("{url}")
+assert not h.get_structured_replies_negotiated()
+assert not h.can_meta_context("base:allocation")
+size = h.get_size()
+digest = hashlib.sha256()
+off = 0
+while off < size:
+    n = min(1 << 20, size - off)
+    digest.update(h.pread(n, off))
+    off += n
+try:
+    h.pread(4096, size - 512)
+    raise SystemExit("read past the end succeeded")
+except nbd.Error as e:
+    assert "EINVAL" in str(e), e
+assert len(h.pread(512, 0)) == 512
+print(digest.hexdigest())
+"#,
+        url = served.urls[0]
+    );
+    let out = nbdsh(&script);
+    let want = {
+        use std::process::Command as C;
+        let o = run_ok(C::new("sha256sum").arg(&raw));
+        o.split_whitespace().next().unwrap().to_string()
+    };
+    assert_eq!(out.trim(), want);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A hand-written client that breaks the rules
+// ---------------------------------------------------------------------------------------------
+
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+
+fn connect(addr: &str) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream
+}
+
+/// Reads the greeting and sends the client flags (fixed newstyle, no zeroes).
+fn greet(stream: &mut TcpStream) {
+    let mut greeting = [0u8; 18];
+    stream.read_exact(&mut greeting).expect("greeting");
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    assert_eq!(&greeting[8..16], b"IHAVEOPT");
+    stream.write_all(&3u32.to_be_bytes()).unwrap();
+}
+
+fn send_option(stream: &mut TcpStream, option: u32, data: &[u8]) {
+    let mut msg = IHAVEOPT.to_be_bytes().to_vec();
+    msg.extend_from_slice(&option.to_be_bytes());
+    msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    msg.extend_from_slice(data);
+    stream.write_all(&msg).unwrap();
+}
+
+/// Reads one option reply: (option, reply type, data).
+fn option_reply(stream: &mut TcpStream) -> (u32, u32, Vec<u8>) {
+    let mut h = [0u8; 20];
+    stream.read_exact(&mut h).expect("option reply");
+    assert_eq!(
+        u64::from_be_bytes(h[..8].try_into().unwrap()),
+        0x0003_e889_0455_65a9
+    );
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+    let mut data = vec![0u8; len];
+    stream.read_exact(&mut data).unwrap();
+    (
+        u32::from_be_bytes(h[8..12].try_into().unwrap()),
+        u32::from_be_bytes(h[12..16].try_into().unwrap()),
+        data,
+    )
+}
+
+/// Handshake with GO on the default export; returns the export size.
+fn go(stream: &mut TcpStream, structured: bool) -> u64 {
+    greet(stream);
+    if structured {
+        send_option(stream, OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(option_reply(stream).1, 1);
+    }
+    send_option(stream, OPT_GO, &[0, 0, 0, 0, 0, 0]);
+    let mut size = None;
+    loop {
+        let (opt, kind, data) = option_reply(stream);
+        assert_eq!(opt, OPT_GO);
+        match kind {
+            3 if data[..2] == [0, 0] => {
+                size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()));
+            }
+            3 => {}
+            1 => break,
+            other => panic!("GO failed with reply {other:#x}"),
+        }
+    }
+    size.expect("NBD_INFO_EXPORT")
+}
+
+fn request(stream: &mut TcpStream, kind: u16, handle: u64, offset: u64, len: u32) {
+    let mut msg = 0x2560_9513u32.to_be_bytes().to_vec();
+    msg.extend_from_slice(&0u16.to_be_bytes());
+    msg.extend_from_slice(&kind.to_be_bytes());
+    msg.extend_from_slice(&handle.to_be_bytes());
+    msg.extend_from_slice(&offset.to_be_bytes());
+    msg.extend_from_slice(&len.to_be_bytes());
+    stream.write_all(&msg).unwrap();
+}
+
+/// Reads a simple reply header: (error, handle).
+fn simple_reply(stream: &mut TcpStream) -> (u32, u64) {
+    let mut h = [0u8; 16];
+    stream.read_exact(&mut h).expect("simple reply");
+    assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes());
+    (
+        u32::from_be_bytes(h[4..8].try_into().unwrap()),
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+    )
+}
+
+/// True when the server closes the connection (EOF or reset) within the read timeout.
+fn closed_by_server(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn misbehaving_clients_get_errors_or_disconnect_while_others_keep_working() {
+    let dir = scratch("nbd-misbehaving");
+    let (raw, qcow2, _) = pattern_images(&dir);
+    let served = Served::start(&dir, &[s(&qcow2)], 1);
+    let addr = served.addr();
+
+    // A client that connects and never speaks stays open while others are served.
+    let mut idle = connect(&addr);
+    let mut greeting = [0u8; 18];
+    idle.read_exact(&mut greeting).unwrap();
+
+    // A good connection, opened before the trouble and used after it.
+    let mut good = connect(&addr);
+    let size = go(&mut good, false);
+
+    // Garbage instead of the client flags and options.
+    let mut garbage = connect(&addr);
+    let mut junk = vec![0u8; 4096];
+    pattern_bytes(&mut junk, 0, 3);
+    garbage.write_all(&junk).unwrap();
+    assert!(
+        closed_by_server(&mut garbage),
+        "garbage must end the connection"
+    );
+
+    // An option announcing 4 GiB of data: disconnected, nothing allocated.
+    let mut huge_option = connect(&addr);
+    greet(&mut huge_option);
+    let mut msg = IHAVEOPT.to_be_bytes().to_vec();
+    msg.extend_from_slice(&OPT_GO.to_be_bytes());
+    msg.extend_from_slice(&u32::MAX.to_be_bytes());
+    huge_option.write_all(&msg).unwrap();
+    assert!(closed_by_server(&mut huge_option));
+
+    // An unknown option is refused with ERR_UNSUP, a malformed GO with ERR_INVALID, an unknown
+    // export with ERR_UNKNOWN; the connection goes on and enters transmission.
+    let mut picky = connect(&addr);
+    greet(&mut picky);
+    send_option(&mut picky, 0x4242, b"what is this");
+    assert_eq!(
+        option_reply(&mut picky),
+        (
+            0x4242,
+            (1 << 31) + 1,
+            option_reply_text("option 16962 is not supported")
+        )
+    );
+    send_option(&mut picky, OPT_GO, &[0, 0, 1, 0, b'x']);
+    assert_eq!(option_reply(&mut picky).1, (1 << 31) + 3);
+    send_option(
+        &mut picky,
+        OPT_GO,
+        &[0, 0, 0, 4, b'n', b'o', b'p', b'e', 0, 0],
+    );
+    assert_eq!(option_reply(&mut picky).1, (1 << 31) + 6);
+    send_option(&mut picky, OPT_GO, &[0, 0, 0, 0, 0, 0]);
+    while option_reply(&mut picky).1 != 1 {}
+
+    // Reads past the end, overflowing, and over the 32 MiB cap get EINVAL; the connection goes on.
+    request(&mut picky, 0, 1, size - 100, 4096);
+    assert_eq!(simple_reply(&mut picky), (22, 1));
+    request(&mut picky, 0, 2, u64::MAX - 10, 4096);
+    assert_eq!(simple_reply(&mut picky), (22, 2));
+    request(&mut picky, 0, 3, 0, u32::MAX);
+    assert_eq!(simple_reply(&mut picky), (22, 3));
+    // An unknown command: EINVAL. A write to the read-only export: EPERM.
+    request(&mut picky, 99, 4, 0, 0);
+    assert_eq!(simple_reply(&mut picky), (22, 4));
+    request(&mut picky, 1, 5, 0, 4);
+    picky.write_all(&[1, 2, 3, 4]).unwrap();
+    assert_eq!(simple_reply(&mut picky), (1, 5));
+    // BLOCK_STATUS without a negotiated context: EINVAL.
+    request(&mut picky, 7, 6, 0, 4096);
+    assert_eq!(simple_reply(&mut picky), (22, 6));
+    // A read that is fine still works.
+    request(&mut picky, 0, 7, 0, 512);
+    assert_eq!(simple_reply(&mut picky), (0, 7));
+    let mut data = [0u8; 512];
+    picky.read_exact(&mut data).unwrap();
+    assert_eq!(&data[..], &read_raw(&raw)[..512]);
+    // A WRITE announcing a payload over the cap: disconnected (its payload cannot be skipped).
+    request(&mut picky, 1, 8, 0, 1 << 30);
+    assert!(closed_by_server(&mut picky));
+
+    // A request with a wrong magic after a good handshake: disconnected.
+    let mut bad_magic = connect(&addr);
+    go(&mut bad_magic, true);
+    bad_magic.write_all(&[0xffu8; 28]).unwrap();
+    assert!(closed_by_server(&mut bad_magic));
+
+    // The good connection, and new ones, still work.
+    request(&mut good, 0, 9, 4096, 4096);
+    assert_eq!(simple_reply(&mut good), (0, 9));
+    let mut data = vec![0u8; 4096];
+    good.read_exact(&mut data).unwrap();
+    assert_eq!(data, read_raw(&raw)[4096..8192]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        s(&raw),
+        &served.urls[0],
+    ]);
+    drop(idle);
+
+    // Each broken connection was logged by number with what was wrong.
+    let log = served.log();
+    assert!(log.contains("handshake failed"), "{log}");
+    assert!(
+        log.contains("exceeds the 33554432-byte cap; closing"),
+        "{log}"
+    );
+    assert!(log.contains("is not NBD_REQUEST_MAGIC"), "{log}");
+}
+
+fn option_reply_text(text: &str) -> Vec<u8> {
+    text.as_bytes().to_vec()
+}
+
+#[test]
+fn serve_refuses_remote_listening_without_allow_remote_and_rw_on_qcow2() {
+    let dir = scratch("nbd-refusals");
+    let (_, qcow2, _) = pattern_images(&dir);
+    let out = run(vmnest().args(["serve", "--listen", "0.0.0.0:0", s(&qcow2)]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--allow-remote"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(vmnest().args(["serve", "--rw", s(&qcow2)]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("qcow2 images cannot be served writable"),
+        "{err}"
+    );
+    let out = run(vmnest().args(["serve", s(&qcow2), s(&qcow2)]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--export-name"));
+}
+
+#[test]
+fn sigterm_and_sigint_stop_the_server_cleanly() {
+    let dir = scratch("nbd-signals");
+    let (_, qcow2, _) = pattern_images(&dir);
+    for signal in ["-TERM", "-INT"] {
+        let socket = dir.join("stop.sock");
+        let mut child = vmnest()
+            .args(["serve", "--socket", s(&socket), s(&qcow2)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("serving nbd+unix:///"), "{line}");
+        // A connected client does not keep the server from stopping.
+        let _client = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        run_ok(Command::new("kill").arg(signal).arg(child.id().to_string()));
+        let mut status = None;
+        for _ in 0..100 {
+            status = child.try_wait().unwrap();
+            if status.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let Some(status) = status else {
+            let _ = child.kill();
+            panic!("vmnest serve did not stop on SIG{signal}");
+        };
+        assert_eq!(status.code(), Some(0), "{signal}");
+        assert!(!socket.exists(), "the socket file is removed on {signal}");
+    }
+}
+
+/// A throwaway CA and a server certificate for 127.0.0.1 made with openssl, in `dir/pki`; the CA
+/// alone is copied to `dir/ca` (the folder qemu and libnbd read `ca-cert.pem` from).
+fn make_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let pki = dir.join("pki");
+    let ca_dir = dir.join("ca");
+    std::fs::create_dir_all(&pki).unwrap();
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    let openssl = require("openssl");
+    let at = |name: &str| pki.join(name).to_str().unwrap().to_string();
+    run_ok(Command::new(&openssl).args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=vmnest test CA",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout",
+        &at("ca-key.pem"),
+        "-out",
+        &at("ca-cert.pem"),
+    ]));
+    run_ok(Command::new(&openssl).args([
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &at("server-key.pem"),
+        "-out",
+        &at("server.csr"),
+    ]));
+    std::fs::write(
+        pki.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run_ok(Command::new(&openssl).args([
+        "x509",
+        "-req",
+        "-days",
+        "2",
+        "-in",
+        &at("server.csr"),
+        "-CA",
+        &at("ca-cert.pem"),
+        "-CAkey",
+        &at("ca-key.pem"),
+        "-CAcreateserial",
+        "-extfile",
+        &at("ext.cnf"),
+        "-out",
+        &at("server-cert.pem"),
+    ]));
+    std::fs::copy(pki.join("ca-cert.pem"), ca_dir.join("ca-cert.pem")).unwrap();
+    (
+        pki.join("server-cert.pem"),
+        pki.join("server-key.pem"),
+        ca_dir,
+    )
+}
+
+#[test]
+fn tls_exports_serve_clients_that_upgrade_and_refuse_the_others() {
+    let dir = scratch("nbd-tls");
+    let (raw, qcow2, _) = pattern_images(&dir);
+    let (cert, key) = {
+        let (c, k, _) = make_pki(&dir);
+        (c, k)
+    };
+    let ca = dir.join("ca");
+    let served = Served::start(
+        &dir,
+        &["--tls-cert", s(&cert), "--tls-key", s(&key), s(&qcow2)],
+        1,
+    );
+    let url = &served.urls[0];
+    assert!(url.starts_with("nbds://127.0.0.1:"), "{url}");
+    let port = served.addr().rsplit(':').next().unwrap().to_string();
+
+    // qemu, verifying the server against the CA.
+    let out = dir.join("copy.raw");
+    qemu_img(&[
+        "convert",
+        "--object",
+        &format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", s(&ca)),
+        "--image-opts",
+        &format!("driver=nbd,host=127.0.0.1,port={port},export=pattern.qcow2,tls-creds=tls0"),
+        "-O",
+        "raw",
+        s(&out),
+    ]);
+    assert_eq!(hash_file(&out), hash_file(&raw));
+
+    // libnbd: nbdinfo says TLS, nbdcopy copies over two encrypted connections.
+    let tls_url = format!("{url}?tls-certificates={}", s(&ca));
+    let info = run_ok(Command::new(require("nbdinfo")).arg(&tls_url));
+    assert!(info.contains("with TLS"), "{info}");
+    let out2 = dir.join("copy2.raw");
+    run_ok(
+        Command::new(require("nbdcopy"))
+            .args(["--connections", "2"])
+            .arg(&tls_url)
+            .arg(&out2),
+    );
+    assert_eq!(hash_file(&out2), hash_file(&raw));
+
+    // Without TLS: refused (ERR_TLS_REQD), and no data leaks.
+    let plain = format!("nbd://127.0.0.1:{port}/pattern.qcow2");
+    let refused = run(Command::new(require("nbdinfo")).arg(&plain));
+    assert!(!refused.status.success());
+    let mut client = connect(&served.addr());
+    greet(&mut client);
+    send_option(&mut client, OPT_GO, &[0, 0, 0, 0, 0, 0]);
+    let (_, kind, _) = option_reply(&mut client);
+    assert_eq!(kind, (1 << 31) + 5, "NBD_REP_ERR_TLS_REQD");
+    // EXPORT_NAME cannot be refused politely: the connection ends.
+    send_option(&mut client, 1, b"pattern.qcow2");
+    assert!(closed_by_server(&mut client));
+}
