@@ -54,7 +54,8 @@ pub struct ImportArgs {
     /// A disk of the VM, in any image format (with --vm; repeatable: disk0, disk1, ...).
     #[arg(long, requires = "vm")]
     disk: Vec<PathBuf>,
-    /// The VM's memory: a QEMU migration stream, or a page-aligned memory image (with --vm).
+    /// The VM's memory: a QEMU migration stream, an ELF dump (dump-guest-memory), or a
+    /// page-aligned memory image such as a .vmem or a Firecracker memory file (with --vm).
     #[arg(long, requires = "vm")]
     memory: Option<PathBuf>,
     /// A label, `key=value` (repeatable).
@@ -344,12 +345,14 @@ fn import_file_stream(
     })
 }
 
-fn is_migration_stream(path: &Path) -> bool {
+/// A QEMU migration stream or an ELF memory dump: stored as a recipe whose pages are chunks
+/// wherever they sit in the file.
+fn is_structured_memory(path: &Path) -> bool {
     let mut head = [0u8; 8];
     std::fs::File::open(path)
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
         .is_ok()
-        && head[..4] == *b"QEVM"
+        && (head[..4] == *b"QEVM" || head[..4] == *b"\x7fELF")
 }
 
 fn pack_bytes(store: &Store) -> u64 {
@@ -399,7 +402,7 @@ pub fn run_import(args: ImportArgs) -> Result<u8> {
             let len = std::fs::metadata(mem)
                 .with_context(|| format!("memory {}", shown(mem)))?
                 .len();
-            if !is_migration_stream(mem) && len % 4096 == 0 && len > 0 {
+            if !is_structured_memory(mem) && len % 4096 == 0 && len > 0 {
                 // A page-aligned memory image: 4 KiB pages in a map.
                 members.push(import_disk(
                     &store,
