@@ -699,7 +699,7 @@ pub fn run_ls(args: ListArgs) -> Result<u8> {
                 .collect::<Vec<_>>(),
         )?,
         Output::Human => {
-            println!("{:<24} {:<12} {:<19} {}", "NAME", "SNAPSHOT", "CREATED (UTC)", "MEMBERS");
+            println!("{:<24} {:<12} {:<19} MEMBERS", "NAME", "SNAPSHOT", "CREATED (UTC)");
             for (n, id, m) in &rows {
                 println!(
                     "{n:<24} {:<12} {:<19} {}",
