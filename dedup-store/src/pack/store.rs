@@ -281,16 +281,7 @@ impl PackStore {
         let mut written = 0;
         let mut writer: Option<PackWriter> = None;
         let mut finish = |w: PackWriter| -> Result<()> {
-            let done = w.finish()?;
-            let reader = Arc::new(PackReader::open(done.id, &done.path)?);
-            self.readers
-                .write()
-                .map_err(|_| poisoned())?
-                .insert(done.id, reader);
-            self.index
-                .write()
-                .map_err(|_| poisoned())?
-                .insert_pack(done.id, &done.entries);
+            self.adopt(w)?;
             written += 1;
             Ok(())
         };
@@ -416,6 +407,22 @@ impl PackStore {
             .find_map(|l| readers.get(&l.pack).map(|r| (r.clone(), l.loc))))
     }
 
+    /// Finishes a pack (durable, named) and makes it readable and indexed (in memory; the
+    /// index file is written by the next `persist_delta`).
+    fn adopt(&self, w: PackWriter) -> Result<()> {
+        let done = w.finish()?;
+        let reader = Arc::new(PackReader::open(done.id, &done.path)?);
+        self.readers
+            .write()
+            .map_err(|_| poisoned())?
+            .insert(done.id, reader);
+        self.index
+            .write()
+            .map_err(|_| poisoned())?
+            .insert_pack(done.id, &done.entries);
+        Ok(())
+    }
+
     /// Finishes the open pack (durable) and records its entries; the caller holds `open`.
     ///
     /// The pending chunks are dropped first: if finishing fails they are not in the store (the
@@ -427,16 +434,7 @@ impl PackStore {
             if w.is_empty() {
                 w.abandon();
             } else {
-                let done = w.finish()?;
-                let reader = Arc::new(PackReader::open(done.id, &done.path)?);
-                self.readers
-                    .write()
-                    .map_err(|_| poisoned())?
-                    .insert(done.id, reader);
-                self.index
-                    .write()
-                    .map_err(|_| poisoned())?
-                    .insert_pack(done.id, &done.entries);
+                self.adopt(w)?;
             }
         }
         if persist_index {
