@@ -174,7 +174,13 @@ pub fn sample(rel: &str) -> PathBuf {
     } else {
         let out = dir.join(&name);
         if !out.exists() {
-            std::fs::copy(&src, &out).expect("copy sample");
+            // Copied under a temporary name, then renamed: a test running alongside never sees a
+            // half-copied sample.
+            static COPIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = dir.join(format!("{name}.tmp{}-{n}", std::process::id()));
+            std::fs::copy(&src, &tmp).expect("copy sample");
+            std::fs::rename(&tmp, &out).expect("rename sample");
         }
         out
     }
