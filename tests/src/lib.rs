@@ -161,7 +161,7 @@ pub fn sample(rel: &str) -> PathBuf {
     if let Some(stem) = name.strip_suffix(".bz2") {
         let out = dir.join(stem);
         if !out.exists() {
-            let tmp = dir.join(format!("{stem}.tmp{}", std::process::id()));
+            let tmp = dir.join(format!("{stem}.tmp{}-{}", std::process::id(), unique()));
             run_ok(
                 Command::new(require("bzip2"))
                     .arg("-dc")
@@ -176,14 +176,18 @@ pub fn sample(rel: &str) -> PathBuf {
         if !out.exists() {
             // Copied under a temporary name, then renamed: a test running alongside never sees a
             // half-copied sample.
-            static COPIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let tmp = dir.join(format!("{name}.tmp{}-{n}", std::process::id()));
+            let tmp = dir.join(format!("{name}.tmp{}-{}", std::process::id(), unique()));
             std::fs::copy(&src, &tmp).expect("copy sample");
             std::fs::rename(&tmp, &out).expect("rename sample");
         }
         out
     }
+}
+
+/// A number no other call in this process gets (for temporary file names).
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Opens an image with the library, probing its format.
