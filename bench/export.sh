@@ -40,6 +40,7 @@ cleanup() {
   rm -f "$work/out/"*
 }
 trap cleanup EXIT
+trap 'exit 1' INT TERM HUP PIPE
 
 # vmnest serve on a free port; the line it prints names the port.
 "$vmnest" serve --export-name linux --listen 127.0.0.1:0 "$src" >"$work/vmnest-serve.out" 2>"$work/vmnest-serve.err" &

@@ -777,3 +777,90 @@ fn tls_exports_serve_clients_that_upgrade_and_refuse_the_others() {
     send_option(&mut client, 1, b"pattern.qcow2");
     assert!(closed_by_server(&mut client));
 }
+
+#[test]
+fn pipelined_requests_get_one_reply_each_with_the_right_data() {
+    let dir = scratch("nbd-pipelined");
+    let disk = dir.join("disk.raw");
+    write_pattern_raw(&disk, 16 << 20, 9);
+    let before = read_raw(&disk);
+    let served = Served::start(&dir, &["--rw", "-f", "raw", s(&disk)], 1);
+    let mut client = connect(&served.addr());
+    go(&mut client, false);
+
+    // Sent back to back without waiting: small reads (batched by the server), small writes
+    // (with their payloads), large reads (run alone), and an invalid request in the middle.
+    let mut expected: std::collections::HashMap<u64, (u32, Option<Vec<u8>>)> =
+        std::collections::HashMap::new();
+    let mut msg = Vec::new();
+    let push = |msg: &mut Vec<u8>, kind: u16, handle: u64, offset: u64, len: u32| {
+        msg.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        msg.extend_from_slice(&0u16.to_be_bytes());
+        msg.extend_from_slice(&kind.to_be_bytes());
+        msg.extend_from_slice(&handle.to_be_bytes());
+        msg.extend_from_slice(&offset.to_be_bytes());
+        msg.extend_from_slice(&len.to_be_bytes());
+    };
+    let mut handle = 100u64;
+    for i in 0..40u64 {
+        handle += 1;
+        match i % 5 {
+            0 | 1 => {
+                let off = i * 12_345;
+                push(&mut msg, 0, handle, off, 4096);
+                expected.insert(
+                    handle,
+                    (0, Some(before[off as usize..off as usize + 4096].to_vec())),
+                );
+            }
+            2 => {
+                // Writes go past 8 MiB, reads stay below: no request depends on another.
+                let off = (8 << 20) + i * 8192;
+                push(&mut msg, 1, handle, off, 512);
+                msg.extend_from_slice(&[i as u8; 512]);
+                expected.insert(handle, (0, None));
+            }
+            3 => {
+                let off = i * 65_536;
+                push(&mut msg, 0, handle, off, 1 << 20);
+                expected.insert(
+                    handle,
+                    (
+                        0,
+                        Some(before[off as usize..off as usize + (1 << 20)].to_vec()),
+                    ),
+                );
+            }
+            _ => {
+                push(&mut msg, 0, handle, 16 << 20, 4096);
+                expected.insert(handle, (22, None));
+            }
+        }
+    }
+    client.write_all(&msg).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..expected.len() {
+        let (error, h) = simple_reply(&mut client);
+        let (want_error, data) = expected
+            .get(&h)
+            .unwrap_or_else(|| panic!("unknown handle {h}"));
+        assert!(seen.insert(h), "two replies for handle {h}");
+        assert_eq!(error, *want_error, "handle {h}");
+        if let (0, Some(want)) = (error, data) {
+            let mut got = vec![0u8; want.len()];
+            client.read_exact(&mut got).unwrap();
+            assert!(got == *want, "data of handle {h}");
+        }
+    }
+    request(&mut client, 2, 0, 0, 0); // DISC
+    assert!(closed_by_server(&mut client));
+    drop(served);
+    let after = read_raw(&disk);
+    for i in (0..40u64).filter(|i| i % 5 == 2) {
+        let off = ((8 << 20) + i * 8192) as usize;
+        assert!(
+            after[off..off + 512].iter().all(|&b| b == i as u8),
+            "write {i}"
+        );
+    }
+}

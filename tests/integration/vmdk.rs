@@ -316,13 +316,18 @@ fn vmdk_rs_sample(name: &str) -> PathBuf {
     sample(&format!("vmdk-rs/{name}"))
 }
 
-/// The 10 MiB content the vmdk-rs images share, as qemu-img converts it.
+/// The 10 MiB content the vmdk-rs images share, as qemu-img converts it. Computed once: tests
+/// running in parallel each emptied the shared scratch folder under the others' feet.
 fn vmdk_rs_reference_hash() -> String {
-    let src = vmdk_rs_sample("monolithicSparse.vmdk");
-    let dir = scratch("vmdk-rs-reference");
-    let raw = dir.join("ref.raw");
-    qemu_to_raw(&src, "vmdk", &raw);
-    hash_file(&raw)
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        let src = vmdk_rs_sample("monolithicSparse.vmdk");
+        let dir = scratch("vmdk-rs-reference");
+        let raw = dir.join("ref.raw");
+        qemu_to_raw(&src, "vmdk", &raw);
+        hash_file(&raw)
+    })
+    .clone()
 }
 
 fn assert_vmdk_rs_sample(path: &Path, expect_size: u64) -> std::sync::Arc<dyn Image> {

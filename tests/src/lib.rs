@@ -161,7 +161,7 @@ pub fn sample(rel: &str) -> PathBuf {
     if let Some(stem) = name.strip_suffix(".bz2") {
         let out = dir.join(stem);
         if !out.exists() {
-            let tmp = dir.join(format!("{stem}.tmp{}", std::process::id()));
+            let tmp = dir.join(format!("{stem}.tmp{}-{}", std::process::id(), unique()));
             run_ok(
                 Command::new(require("bzip2"))
                     .arg("-dc")
@@ -174,10 +174,20 @@ pub fn sample(rel: &str) -> PathBuf {
     } else {
         let out = dir.join(&name);
         if !out.exists() {
-            std::fs::copy(&src, &out).expect("copy sample");
+            // Copied under a temporary name, then renamed: a test running alongside never sees a
+            // half-copied sample.
+            let tmp = dir.join(format!("{name}.tmp{}-{}", std::process::id(), unique()));
+            std::fs::copy(&src, &tmp).expect("copy sample");
+            std::fs::rename(&tmp, &out).expect("rename sample");
         }
         out
     }
+}
+
+/// A number no other call in this process gets (for temporary file names).
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Opens an image with the library, probing its format.

@@ -11,8 +11,14 @@
 //!   and the server's ([`MAX_SERVER_INFLIGHT_BYTES`]), and at most [`MAX_INFLIGHT_REQUESTS`]
 //!   requests of a connection run at once: a client that sends faster than the disk answers is
 //!   slowed down, never buffered without bound.
-//! * Each request runs on tokio's blocking pool (device I/O is synchronous and never runs on the
-//!   async threads), so requests of one connection are served concurrently.
+//! * Requests run on tokio's blocking pool (device I/O is synchronous and never runs on the
+//!   async threads), so requests of one connection are served concurrently. Small READs and
+//!   WRITEs (up to [`MAX_BATCHED_BYTES`]) and BLOCK_STATUS requests that arrive together (already
+//!   in the read buffer) run as one batch of at most [`MAX_BATCH`], one after the other on one
+//!   pool thread, their replies handed to the writer together: per request, the hand-offs
+//!   between threads cost more than a 4 KiB read from the page cache (strace of random 4 KiB
+//!   reads: 4.4 system calls per request, 3 of them futex, before; 1.3 after). A batch starts
+//!   before the reader waits for anything, so batching adds no latency.
 //! * Replies go through a channel to one writer task per connection, which writes each reply
 //!   whole (replies never interleave) and flushes when the channel is empty, so a burst of small
 //!   replies leaves in few packets. A reply keeps its budget reservation until it is written.
@@ -65,6 +71,10 @@ pub const MAX_READ_FRAGMENTS: usize = 64;
 /// Smallest structured READ whose zero ranges are sent as holes: below it, looking up the
 /// allocation costs more than sending the zeros.
 pub const MIN_HOLE_SCAN: u32 = 64 * 1024;
+/// Most requests run together as one batch.
+pub const MAX_BATCH: usize = 16;
+/// READs and WRITEs moving more bytes than this run alone (in parallel with others).
+pub const MAX_BATCHED_BYTES: u32 = 64 * 1024;
 /// Most descriptors in one BLOCK_STATUS reply.
 pub const MAX_STATUS_DESCRIPTORS: usize = 1024;
 /// Most `block_status` calls made for one request (a device may answer in small pieces).
@@ -554,7 +564,7 @@ async fn transmission<S: Connection>(
         logged_errors: AtomicU64::new(0),
         pool: Arc::clone(&shared.pool),
     });
-    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<Outgoing>>();
     let writer_conn = conn.clone();
     let pool = Arc::clone(&shared.pool);
     let writer_task = tokio::spawn(async move {
@@ -565,7 +575,15 @@ async fn transmission<S: Connection>(
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS as usize));
     let conn_bytes = Arc::new(Semaphore::new(MAX_CONNECTION_INFLIGHT_BYTES as usize));
 
+    // Small requests that arrive together run together: one trip to the blocking pool and one
+    // wake of the writer per batch instead of per request (random 4 KiB reads spent most of their
+    // server time in those hand-offs).
+    let mut batch: Vec<Job> = Vec::new();
     loop {
+        if reader.buffer().len() < proto::REQUEST_LEN {
+            // The next read may wait: start what has been collected first.
+            dispatch(&ctx, &tx, &mut batch);
+        }
         let mut header = [0u8; proto::REQUEST_LEN];
         match reader.read_exact(&mut header).await {
             Ok(_) => {}
@@ -603,14 +621,24 @@ async fn transmission<S: Connection>(
             Command::Write => request.len,
             _ => 0,
         };
-        let budget = match reserve(&slots, &conn_bytes, &shared.budget, data_bytes).await {
+        let budget = match try_reserve(&slots, &conn_bytes, &shared.budget, data_bytes) {
             Some(b) => b,
-            None => break,
+            None => {
+                // Waiting for budget that the collected requests may hold: start them first.
+                dispatch(&ctx, &tx, &mut batch);
+                match reserve(&slots, &conn_bytes, &shared.budget, data_bytes).await {
+                    Some(b) => b,
+                    None => break,
+                }
+            }
         };
         let payload = if request.command == Command::Write {
             // Capped by MAX_IO above, and reserved from the budgets.
             let len = request.len as usize;
             let mut buf = shared.pool.take(len);
+            if reader.buffer().len() < len {
+                dispatch(&ctx, &tx, &mut batch);
+            }
             if let Err(e) = reader.read_exact(&mut buf[..len]).await {
                 conn.log(format_args!(
                     "reading the {}-byte payload of a WRITE failed: {e}",
@@ -625,22 +653,90 @@ async fn transmission<S: Connection>(
         if tx.is_closed() {
             break;
         }
-        let ctx = Arc::clone(&ctx);
-        let tx = tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let len = payload.len().min(request.payload_len() as usize);
-            let reply = execute_guarded(&ctx, &request, &payload[..len]);
-            ctx.pool.give(payload);
-            // The writer is gone only when the connection is broken; the reply is moot then.
-            let _ = tx.send(Outgoing {
-                reply,
-                _budget: budget,
-            });
-        });
+        let job = Job {
+            request,
+            payload,
+            budget,
+        };
+        let quick = matches!(
+            request.command,
+            Command::Read | Command::Write | Command::BlockStatus | Command::Cache
+        ) && data_bytes <= MAX_BATCHED_BYTES;
+        if !quick {
+            // Large reads and writes (the copy dominates, not the hand-off) and requests that
+            // may take long (FLUSH, TRIM and WRITE_ZEROES of any length) run on their own, in
+            // parallel with the rest.
+            dispatch(&ctx, &tx, &mut vec![job]);
+        } else {
+            batch.push(job);
+            if batch.len() >= MAX_BATCH {
+                dispatch(&ctx, &tx, &mut batch);
+            }
+        }
     }
+    dispatch(&ctx, &tx, &mut batch);
     // Requests still running hold senders; the writer ends after their replies are sent.
     drop(tx);
     let _ = writer_task.await;
+}
+
+/// A request waiting to run, with its WRITE payload and its budget.
+struct Job {
+    request: Request,
+    payload: Vec<u8>,
+    budget: Budget,
+}
+
+/// Runs the jobs of `batch` (leaving it empty) on the blocking pool, one after the other, and
+/// sends their replies to the writer together.
+fn dispatch(ctx: &Arc<Context>, tx: &mpsc::UnboundedSender<Vec<Outgoing>>, batch: &mut Vec<Job>) {
+    if batch.is_empty() {
+        return;
+    }
+    let jobs = std::mem::take(batch);
+    let ctx = Arc::clone(ctx);
+    let tx = tx.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut replies = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let len = job.payload.len().min(job.request.payload_len() as usize);
+            let reply = execute_guarded(&ctx, &job.request, &job.payload[..len]);
+            ctx.pool.give(job.payload);
+            replies.push(Outgoing {
+                reply,
+                _budget: job.budget,
+            });
+        }
+        // The writer is gone only when the connection is broken; the replies are moot then.
+        let _ = tx.send(replies);
+    });
+}
+
+/// [`reserve`] without waiting: `None` when a budget is exhausted.
+fn try_reserve(
+    slots: &Arc<Semaphore>,
+    conn_bytes: &Arc<Semaphore>,
+    server_bytes: &Arc<Semaphore>,
+    bytes: u32,
+) -> Option<Budget> {
+    let slot = Arc::clone(slots).try_acquire_owned().ok()?;
+    let (conn, server) = if bytes > 0 {
+        (
+            Some(Arc::clone(conn_bytes).try_acquire_many_owned(bytes).ok()?),
+            Some(
+                Arc::clone(server_bytes)
+                    .try_acquire_many_owned(bytes)
+                    .ok()?,
+            ),
+        )
+    } else {
+        (None, None)
+    };
+    Some(Budget {
+        _slot: slot,
+        _conn_bytes: conn,
+        _server_bytes: server,
+    })
 }
 
 async fn reserve(
@@ -677,16 +773,20 @@ async fn reserve(
 
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Outgoing>>,
     pool: &BufferPool,
 ) -> io::Result<()> {
     let mut w = BufWriter::with_capacity(WRITE_BUFFER, writer);
     while let Some(first) = rx.recv().await {
-        w.write_all(first.reply.bytes()).await?;
-        pool.give(first.reply.into_buffer());
+        for out in first {
+            w.write_all(out.reply.bytes()).await?;
+            pool.give(out.reply.into_buffer());
+        }
         while let Ok(next) = rx.try_recv() {
-            w.write_all(next.reply.bytes()).await?;
-            pool.give(next.reply.into_buffer());
+            for out in next {
+                w.write_all(out.reply.bytes()).await?;
+                pool.give(out.reply.into_buffer());
+            }
         }
         w.flush().await?;
     }
