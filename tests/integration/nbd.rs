@@ -864,3 +864,41 @@ fn pipelined_requests_get_one_reply_each_with_the_right_data() {
         );
     }
 }
+
+#[test]
+fn a_stored_snapshot_is_served_like_a_file() {
+    let dir = scratch("nbd-store");
+    let (raw, qcow2, _) = pattern_images(&dir);
+    let store = dir.join("store");
+    vmnest_tests::run_ok(
+        vmnest()
+            .arg("--store")
+            .arg(&store)
+            .arg("import")
+            .arg(&qcow2)
+            .arg("gold"),
+    );
+    vmnest_tests::run_ok(
+        vmnest()
+            .arg("--store")
+            .arg(&store)
+            .args(["clone", "gold", "web"]),
+    );
+    let served = Served::start(
+        &dir,
+        &["--store", s(&store), "store:web", "store:gold@~0"],
+        2,
+    );
+    assert!(served.urls[0].ends_with("/store:web"), "{:?}", served.urls);
+    for url in &served.urls {
+        qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&raw), url]);
+    }
+    // base:allocation agrees with vmnest map of the same snapshot.
+    let map = std::process::Command::new(vmnest_tests::require("nbdinfo"))
+        .args(["--map", &served.urls[0]])
+        .output()
+        .unwrap();
+    assert!(map.status.success(), "{}", served.log());
+    let text = String::from_utf8_lossy(&map.stdout);
+    assert!(text.contains("data") && text.contains("hole"), "{text}");
+}
