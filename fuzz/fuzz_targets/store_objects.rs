@@ -1,9 +1,11 @@
 //! Store objects other than packs and map nodes: snapshot manifests and recipe parts, as read
-//! back from a store directory or a remote (untrusted bytes).
+//! back from a store directory or a remote (untrusted bytes), and the memory-stream cutters
+//! (ELF program headers, QEMU migration streams) over untrusted memory files.
 #![no_main]
 
 use dedup_store::store::Manifest;
-use dedup_store::store::stream::{decode_part, encode_part};
+use dedup_store::MemoryChunkStore;
+use dedup_store::store::stream::{decode_part, encode_part, export_stream, import_stream};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,4 +20,11 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(entries) = decode_part("fuzz", data) {
         assert_eq!(encode_part(&entries), data, "parts are canonical");
     }
+    // Memory images as streams (ELF dumps, migration streams, anything else): cut, stored and
+    // given back byte for byte.
+    let store = MemoryChunkStore::new();
+    let (layout, _, _) = import_stream(&store, data).expect("a stream always imports");
+    let mut out = Vec::new();
+    export_stream(&store, &layout, &mut out).expect("export");
+    assert!(out == data, "stream round trip");
 });

@@ -393,14 +393,16 @@ const MAX_ELF_SEGMENTS: usize = 4096;
 /// The file ranges of the loadable segments of a little-endian ELF64 file, sorted, inside the
 /// file and not overlapping; None when `data` is not such a file (then it is cut by CDC).
 fn elf_loads(data: &[u8]) -> Option<Vec<(usize, usize)>> {
-    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    // Offsets come from the file: every addition is checked.
+    let field = |o: usize, n: usize| data.get(o..o.checked_add(n)?);
+    let u16_at = |o: usize| field(o, 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     let u32_at = |o: usize| {
-        data.get(o..o + 4)
+        field(o, 4)
             .and_then(|b| b.try_into().ok())
             .map(u32::from_le_bytes)
     };
     let u64_at = |o: usize| {
-        data.get(o..o + 8)
+        field(o, 8)
             .and_then(|b| b.try_into().ok())
             .map(u64::from_le_bytes)
     };
@@ -420,8 +422,8 @@ fn elf_loads(data: &[u8]) -> Option<Vec<(usize, usize)>> {
         if u32_at(ph)? != 1 {
             continue; // not PT_LOAD
         }
-        let off = usize::try_from(u64_at(ph + 8)?).ok()?;
-        let len = usize::try_from(u64_at(ph + 32)?).ok()?;
+        let off = usize::try_from(u64_at(ph.checked_add(8)?)?).ok()?;
+        let len = usize::try_from(u64_at(ph.checked_add(32)?)?).ok()?;
         let end = off.checked_add(len)?;
         if end > data.len() {
             return None;
@@ -586,6 +588,12 @@ mod tests {
         let mut bad = dump.clone();
         bad[0x38] = 0xff;
         bad[0x39] = 0xff;
+        assert_eq!(import_stream(&store, &bad).unwrap().2.cutter, "cdc");
+        // A program header table at the end of the address space (offsets would overflow).
+        let mut bad = dump.clone();
+        bad[0x20..0x28].copy_from_slice(&(u64::MAX - 3).to_le_bytes());
+        assert_eq!(import_stream(&store, &bad).unwrap().2.cutter, "cdc");
+        bad[0x20..0x28].copy_from_slice(&(u64::MAX - 40).to_le_bytes());
         assert_eq!(import_stream(&store, &bad).unwrap().2.cutter, "cdc");
     }
 
