@@ -356,7 +356,7 @@ fn is_structured_memory(path: &Path) -> bool {
 }
 
 fn pack_bytes(store: &Store) -> u64 {
-    store.chunks().packs().iter().map(|p| p.file_len()).sum()
+    store.chunks().packed_bytes()
 }
 
 fn labels(list: &[String]) -> Result<BTreeMap<String, String>> {
@@ -508,32 +508,16 @@ pub fn run_export(args: ExportArgs) -> Result<u8> {
         if args.dst.exists() && !args.force {
             bail!("{} exists: use --force to replace it", shown(&args.dst));
         }
-        let dir = args
-            .dst
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(
-            ".{}.vmnest-tmp-{}",
-            args.dst
-                .file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
+        // The convert engine's temporary output: removed unless committed, fsynced and renamed
+        // into place (with its directory) when complete.
         let result = (|| -> Result<u64> {
-            let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+            let out = image_format::create::TempOutput::create_with(&args.dst, !args.no_sync)?;
+            let mut f = std::io::BufWriter::with_capacity(1 << 20, out.file().as_file());
             let n = export_stream(store.chunks().as_ref(), &member.layout, &mut f)?;
-            let f = f.into_inner().map_err(|e| e.into_error())?;
-            if !args.no_sync {
-                f.sync_all()?;
-            }
-            std::fs::rename(&tmp, &args.dst)?;
+            f.into_inner().map_err(|e| e.into_error())?;
+            out.commit()?;
             Ok(n)
         })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
         let n = result.with_context(|| format!("exporting to {}", shown(&args.dst)))?;
         if args.output == Output::Json {
             print_json(&json!({"snapshot": snap.id.to_hex(), "member": member.name, "bytes": n}))?;

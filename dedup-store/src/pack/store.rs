@@ -395,6 +395,11 @@ impl PackStore {
         }))
     }
 
+    /// Bytes of the intact pack files.
+    pub fn packed_bytes(&self) -> u64 {
+        self.packs().iter().map(|p| p.file_len()).sum()
+    }
+
     /// Where `id` is durably stored in an intact pack, if anywhere.
     fn durable(&self, id: &ChunkId) -> Result<Option<(Arc<PackReader>, crate::pack::ChunkLoc)>> {
         let locs = self.index.read().map_err(|_| poisoned())?.lookup_all(id);

@@ -142,7 +142,7 @@ pub fn gc(store: &Store, options: GcOptions) -> Result<GcReport> {
     let chunks = store.chunks();
     let mut packs = chunks.packs();
     report.packs_before = packs.len();
-    report.bytes_before = packs.iter().map(|p| p.file_len()).sum();
+    report.bytes_before = chunks.packed_bytes();
     // Packs with the most live bytes first claim the chunks they hold.
     let live_bytes = |p: &crate::pack::PackReader| -> u64 {
         p.entries()
@@ -191,6 +191,6 @@ pub fn gc(store: &Store, options: GcOptions) -> Result<GcReport> {
     });
     report.packs_written = chunks.write_packs(moved)?;
     chunks.delete_packs(&delete)?;
-    report.bytes_after = chunks.packs().iter().map(|p| p.file_len()).sum();
+    report.bytes_after = chunks.packed_bytes();
     Ok(report)
 }
