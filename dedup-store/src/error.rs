@@ -31,6 +31,10 @@ pub enum Error {
     /// A request that makes no sense.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A remote (object storage or another directory) failed a request, after retries.
+    /// `object` is the remote's label and the key; never a credential.
+    #[error("remote {object}: {reason}")]
+    Remote { object: String, reason: String },
 }
 
 impl Error {
@@ -74,6 +78,12 @@ impl From<Error> for image_format::Error {
             Error::InvalidArgument(reason) => image_format::Error::InvalidArgument {
                 path: Default::default(),
                 reason,
+            },
+            Error::Remote { object, reason } => image_format::Error::Io {
+                path: object.into(),
+                op: "remote request",
+                offset: 0,
+                source: std::io::Error::other(reason),
             },
         }
     }
