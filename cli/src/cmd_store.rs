@@ -10,12 +10,13 @@ use anyhow::{Context, Result, bail, ensure};
 use convert::{ConvertOptions, Progress};
 use dedup_store::ChunkId;
 use dedup_store::map::{MapRoot, diff as map_diff, walk};
+use dedup_store::store::disk::DiskChunks;
 use dedup_store::store::gc::{GcOptions, gc, live_snapshots};
 use dedup_store::store::import::DiskImporter;
 use dedup_store::store::stream::{export_stream, import_stream, import_stream_with, part_chunks};
 use dedup_store::store::verify::verify;
 use dedup_store::store::{
-    Access, Layout, Member, MemberKind, RefUpdate, SnapshotId, Store, StoreConfig,
+    Access, Layout, Member, MemberKind, RefUpdate, Resolved, SnapshotId, Store, StoreConfig,
 };
 use serde_json::json;
 
@@ -192,6 +193,9 @@ pub struct GcArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
+    /// Check a remote instead: every manifest there refers only to objects that are there.
+    #[arg(long, value_name = "REMOTE")]
+    remote: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
@@ -486,8 +490,28 @@ pub fn run_import(args: ImportArgs) -> Result<u8> {
 }
 
 pub fn run_export(args: ExportArgs) -> Result<u8> {
-    let store = open_store(Access::Read)?;
-    let snap = store.resolve(&args.snapshot)?;
+    export_from(args, None)
+}
+
+/// Export (`remote` None) or restore (from remote `remote`, without a local copy): a disk goes
+/// through the convert engine from `store:` or `remote:` sources; a byte stream is
+/// concatenated.
+pub fn export_from(args: ExportArgs, remote: Option<&str>) -> Result<u8> {
+    let (snap, chunks, src_prefix): (Resolved, DiskChunks, String) = match remote {
+        None => {
+            let store = open_store(Access::Read)?;
+            let snap = store.resolve(&args.snapshot)?;
+            (
+                snap,
+                DiskChunks::Local(store.chunks().clone()),
+                "store:".into(),
+            )
+        }
+        Some(name) => {
+            let (snap, chunks) = crate::store_args::resolve_remote(name, &args.snapshot)?;
+            (snap, DiskChunks::Remote(chunks), format!("remote:{name}:"))
+        }
+    };
     let member = match &args.member {
         Some(m) => snap
             .manifest
@@ -513,7 +537,7 @@ pub fn run_export(args: ExportArgs) -> Result<u8> {
         let result = (|| -> Result<u64> {
             let out = image_format::create::TempOutput::create_with(&args.dst, !args.no_sync)?;
             let mut f = std::io::BufWriter::with_capacity(1 << 20, out.file().as_file());
-            let n = export_stream(store.chunks().as_ref(), &member.layout, &mut f)?;
+            let n = export_stream(&chunks, &member.layout, &mut f)?;
             f.into_inner().map_err(|e| e.into_error())?;
             out.commit()?;
             Ok(n)
@@ -524,8 +548,13 @@ pub fn run_export(args: ExportArgs) -> Result<u8> {
         }
         return Ok(0);
     }
-    drop(store);
-    let src = format!("store:{}@{}/{}", snap.name, snap.id.to_hex(), member.name);
+    drop(chunks);
+    let src = format!(
+        "{src_prefix}{}@{}/{}",
+        snap.name,
+        snap.id.to_hex(),
+        member.name
+    );
     let format = if args.target.is_none() && args.format.is_none() {
         Some("raw".to_string())
     } else {
@@ -950,6 +979,9 @@ pub fn run_gc(args: GcArgs) -> Result<u8> {
 }
 
 pub fn run_verify(args: VerifyArgs) -> Result<u8> {
+    if let Some(name) = &args.remote {
+        return crate::cmd_remote::run_verify_remote(name, args.output);
+    }
     let store = open_store(Access::Read)?;
     let r = verify(&store)?;
     match args.output {

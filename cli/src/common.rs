@@ -58,6 +58,12 @@ pub fn open_image(path: &Path, format: Option<&str>, args: &OpenArgs) -> Result<
     {
         return Ok(crate::store_args::open_stored(spec, member)?);
     }
+    if let Some((remote, spec, member)) = path
+        .to_str()
+        .and_then(crate::store_args::parse_remote_source)
+    {
+        return Ok(crate::store_args::open_remote_stored(remote, spec, member)?);
+    }
     let options = OpenOptions {
         format: format.map(str::to_string),
         writable: false,

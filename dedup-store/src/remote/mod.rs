@@ -30,7 +30,7 @@ mod pull;
 mod push;
 mod verify;
 
-pub use chunks::RemoteChunks;
+pub use chunks::{REMOTE_FRAME_CACHE, RemoteChunks};
 pub use pull::{PullReport, pull};
 pub use push::{PushOptions, PushReport, push};
 pub use verify::{RemoteVerifyReport, verify_remote};
