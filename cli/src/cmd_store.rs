@@ -542,7 +542,14 @@ pub fn export_from(args: ExportArgs, remote: Option<&str>) -> Result<u8> {
             out.commit()?;
             Ok(n)
         })();
-        let n = result.with_context(|| format!("exporting to {}", shown(&args.dst)))?;
+        let n = result.with_context(|| {
+            format!(
+                "exporting {}@{} to {}",
+                snap.name,
+                snap.id.short(),
+                shown(&args.dst)
+            )
+        })?;
         if args.output == Output::Json {
             print_json(&json!({"snapshot": snap.id.to_hex(), "member": member.name, "bytes": n}))?;
         }
@@ -559,6 +566,10 @@ pub fn export_from(args: ExportArgs, remote: Option<&str>) -> Result<u8> {
         Some("raw".to_string())
     } else {
         args.format
+    };
+    let what = match remote {
+        Some(r) => format!("restore {}@{} from remote {r}", snap.name, snap.id.short()),
+        None => format!("export {}@{}", snap.name, snap.id.short()),
     };
     run_convert(ConvertArgs {
         source_format: None,
@@ -579,6 +590,7 @@ pub fn export_from(args: ExportArgs, remote: Option<&str>) -> Result<u8> {
         src: PathBuf::from(src),
         dst: args.dst,
     })
+    .with_context(|| what)
 }
 
 /// Expands `prefix{A..B}suffix` (numbers; zero-padded when A is), as bash does.

@@ -9,6 +9,7 @@ mod parallels;
 mod qcow2;
 mod qcow2_write;
 mod raw;
+mod remote;
 mod store;
 mod vhd;
 mod vhd_write;

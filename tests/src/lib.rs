@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use image_format::{BlockDevice, Image, OpenOptions};
 
+pub mod s3;
+
 /// The `target/<profile>` directory the test binary runs from.
 fn target_profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");

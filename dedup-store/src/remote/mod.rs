@@ -63,7 +63,8 @@ pub const MAX_INDEX_OBJECT: u64 = crate::pack::MAX_PACK_CHUNKS * crate::pack::EN
     + TRAILER_LEN;
 /// Largest ref object accepted.
 const MAX_REF_LEN: u64 = 256;
-/// Attempts of one request before its error is final.
+/// Attempts of one request before its error is final, unless `VMNEST_REMOTE_ATTEMPTS` says
+/// otherwise (1..=50).
 const ATTEMPTS: u32 = 8;
 /// Request timeout unless `VMNEST_REMOTE_TIMEOUT` (seconds) says otherwise.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -426,11 +427,16 @@ impl Remote {
         F: FnMut() -> Fut,
         Fut: Future<Output = std::result::Result<T, object_store::Error>>,
     {
+        let attempts = std::env::var("VMNEST_REMOTE_ATTEMPTS")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|n| (1..=50).contains(n))
+            .unwrap_or(ATTEMPTS);
         let mut delay = Duration::from_millis(200);
-        for attempt in 1..=ATTEMPTS {
+        for attempt in 1..=attempts {
             match op().await {
                 Ok(v) => return Ok(v),
-                Err(e) if attempt < ATTEMPTS && transient(&e) => {
+                Err(e) if attempt < attempts && transient(&e) => {
                     self.traffic.retries.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
