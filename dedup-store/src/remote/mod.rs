@@ -856,3 +856,6 @@ pub(crate) fn member_ids<S: ChunkStore + ?Sized>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -126,19 +126,33 @@ pub fn pull(store: &Store, remote: &Arc<Remote>, spec: &str) -> Result<PullRepor
         if let Some(e) = failed {
             return Err(e);
         }
+        // One pack per fetcher at a time, in pack order: each range GET (with its read-ahead)
+        // then serves the chunks after it, and no two fetchers read the same frames.
         want.sort_by_key(|id| remote.locate(id).map(|(p, l, _)| (p, l.frame, l.offset)));
-        let per = want.len().div_ceil(FETCHERS).max(1);
+        let mut groups: Vec<&[ChunkId]> = Vec::new();
+        let mut start = 0;
+        for i in 1..=want.len() {
+            let pack = |k: usize| remote.locate(&want[k]).map(|(p, _, _)| p);
+            if i == want.len() || pack(i) != pack(start) {
+                groups.push(&want[start..i]);
+                start = i;
+            }
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
         let fetched: Vec<Result<u64>> = std::thread::scope(|s| {
-            let handles: Vec<_> = want
-                .chunks(per)
-                .map(|part| {
-                    let rc = &rc;
+            let handles: Vec<_> = (0..FETCHERS.min(groups.len()))
+                .map(|_| {
+                    let (rc, groups, next) = (&rc, &groups, &next);
                     s.spawn(move || -> Result<u64> {
                         let mut bytes = 0;
-                        for id in part {
-                            let data = rc.get(id)?;
-                            bytes += data.len() as u64;
-                            local.put(*id, &data)?;
+                        while let Some(group) =
+                            groups.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                        {
+                            for id in *group {
+                                let data = rc.get(id)?;
+                                bytes += data.len() as u64;
+                                local.put(*id, &data)?;
+                            }
                         }
                         Ok(bytes)
                     })
