@@ -422,3 +422,48 @@ fn credentials_never_appear_in_errors_or_json() {
         }
     }
 }
+
+#[test]
+fn pushes_and_pulls_killed_at_any_moment_leave_both_sides_consistent() {
+    let dir = scratch("remote-kill-anywhere");
+    let moto = Moto::start();
+    moto.bucket("vmnest-anywhere");
+    let imgs = images(&dir, 3);
+    let src = dir.join("src");
+    import_all(&src, &imgs);
+    let url = "s3://vmnest-anywhere/k";
+    run_ok(st(&src, None).args(["remote", "add", "r", url]));
+    let e = moto.endpoint();
+    let kill_after = |cmd: &mut Command, ms: u64| {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+    };
+    for ms in [30, 80, 150, 250, 400] {
+        kill_after(st(&src, Some(&e)).args(["push", "r", "--jobs", "1"]), ms);
+        remote_clean(&src, Some(&e));
+    }
+    run_ok(st(&src, Some(&e)).args(["push", "r"]));
+    remote_clean(&src, Some(&e));
+
+    let dst = dir.join("dst");
+    run_ok(st(&dst, None).args(["remote", "add", "r", url]));
+    for ms in [30, 80, 150, 250, 400] {
+        kill_after(st(&dst, Some(&e)).args(["pull", "r", "c3"]), ms);
+        let v = run(st(&dst, None).arg("verify"));
+        assert!(
+            v.status.success(),
+            "verify after a pull killed at {ms} ms: {}",
+            String::from_utf8_lossy(&v.stdout)
+        );
+    }
+    run_ok(st(&dst, Some(&e)).args(["pull", "r", "c3"]));
+    let out = dir.join("c3.out.raw");
+    run_ok(st(&dst, None).args(["export", "c3"]).arg(&out));
+    same(&out, &imgs[3].1);
+}
