@@ -760,36 +760,13 @@ impl Remote {
         Ok(())
     }
 
-    /// Parses an index object: returns the pack's entries, frames and file length.
+    /// Parses index object `rel` of this remote; see [`parse_index_object`].
     pub(crate) fn parse_index_object(
         &self,
         rel: &str,
         bytes: &[u8],
     ) -> Result<(Vec<crate::pack::PackEntry>, Vec<FrameInfo>, u64)> {
-        let object = format!("{}/{rel}", self.url.trim_end_matches('/'));
-        let n = bytes.len();
-        if (n as u64) < TRAILER_LEN {
-            return Err(Error::corrupt(object, 0, "index object too short"));
-        }
-        let tb = &bytes[n - TRAILER_LEN as usize..];
-        let at = |o: usize| u64::from_le_bytes(tb[o..o + 8].try_into().unwrap_or([0; 8]));
-        let file_len = at(24)
-            .checked_add(at(32))
-            .and_then(|v| v.checked_add(TRAILER_LEN))
-            .ok_or_else(|| Error::corrupt(&object, 0, "index offsets overflow"))?;
-        let t = parse_trailer(&object, tb, file_len)?;
-        if t.index_len + TRAILER_LEN != n as u64 {
-            return Err(Error::corrupt(
-                &object,
-                0,
-                format!(
-                    "{n} bytes, where the trailer says {}",
-                    t.index_len + TRAILER_LEN
-                ),
-            ));
-        }
-        let (entries, frames) = parse_index(&object, &t, &bytes[..t.index_len as usize])?;
-        Ok((entries, frames, file_len))
+        parse_index_object(&format!("{}/{rel}", self.url.trim_end_matches('/')), bytes)
     }
 
     /// Whether the remote's chunk set (as last refreshed) holds `id`.
@@ -820,6 +797,38 @@ impl Remote {
     pub fn chunk_count(&self) -> usize {
         self.index.read().map(|i| i.chunks.len()).unwrap_or(0)
     }
+}
+
+/// Parses an index object (a pack's bytes from its index section to its end), `object` naming
+/// it in errors: returns the pack's entries, frames and file length. Bounded and checked by the
+/// pack's own parsers (trailer checksum, index checksum, frames contiguous, entries sorted).
+pub fn parse_index_object(
+    object: &str,
+    bytes: &[u8],
+) -> Result<(Vec<crate::pack::PackEntry>, Vec<FrameInfo>, u64)> {
+    let n = bytes.len();
+    if (n as u64) < TRAILER_LEN {
+        return Err(Error::corrupt(object, 0, "index object too short"));
+    }
+    let tb = &bytes[n - TRAILER_LEN as usize..];
+    let at = |o: usize| u64::from_le_bytes(tb[o..o + 8].try_into().unwrap_or([0; 8]));
+    let file_len = at(24)
+        .checked_add(at(32))
+        .and_then(|v| v.checked_add(TRAILER_LEN))
+        .ok_or_else(|| Error::corrupt(object, 0, "index offsets overflow"))?;
+    let t = parse_trailer(object, tb, file_len)?;
+    if t.index_len + TRAILER_LEN != n as u64 {
+        return Err(Error::corrupt(
+            object,
+            0,
+            format!(
+                "{n} bytes, where the trailer says {}",
+                t.index_len + TRAILER_LEN
+            ),
+        ));
+    }
+    let (entries, frames) = parse_index(object, &t, &bytes[..t.index_len as usize])?;
+    Ok((entries, frames, file_len))
 }
 
 /// Visits the ids member `new` refers to that a replica holding `old` (the same member of an

@@ -207,3 +207,50 @@ fn a_store_without_the_remote_is_told_so() {
     let e = Remote::open(store.root(), "nope").unwrap_err().to_string();
     assert!(e.contains("no remote nope"), "{e}");
 }
+
+#[test]
+fn byte_stream_members_push_and_pull_too() {
+    use crate::store::stream::{export_stream, import_stream};
+    use crate::store::{Member, MemberKind, RefUpdate};
+    let dir = tmp("remote-stream");
+    let src = Store::create(&dir.join("src"), Default::default()).unwrap();
+    let mut data = xorshift_bytes(11, 3 << 20);
+    data.extend(std::iter::repeat_n(7u8, 1 << 20));
+    let commit = |data: &[u8]| {
+        let (layout, size, _) = import_stream(src.chunks().as_ref(), data).unwrap();
+        src.chunks().flush().unwrap();
+        let member = Member {
+            name: "memory".into(),
+            kind: MemberKind::Memory,
+            size,
+            layout,
+        };
+        src.commit("vm", RefUpdate::NewVersion, |parent| {
+            let mut m = Store::new_manifest("test".into(), vec![member]);
+            m.parent = parent;
+            Ok(m)
+        })
+        .unwrap()
+    };
+    commit(&data);
+    let remote = remote_at(&src, &dir.join("remote"));
+    push(&src, &remote, &all_refs(&src), &PushOptions::default()).unwrap();
+    data[100_000..100_100].copy_from_slice(&[1; 100]);
+    commit(&data);
+    let second = push(&src, &remote, &all_refs(&src), &PushOptions::default()).unwrap();
+    assert!(second.chunk_bytes_needed < 1 << 20, "{second:?}");
+    assert!(verify_remote(&remote).unwrap().is_clean());
+
+    let dst = Store::create(&dir.join("dst"), Default::default()).unwrap();
+    let remote2 = remote_at(&dst, &dir.join("remote"));
+    pull(&dst, &remote2, "vm").unwrap();
+    let snap = dst.resolve("vm").unwrap();
+    let mut out = Vec::new();
+    export_stream(
+        dst.chunks().as_ref(),
+        &snap.manifest.members[0].layout,
+        &mut out,
+    )
+    .unwrap();
+    assert!(out == data, "stream round trip through the remote");
+}
