@@ -10,7 +10,7 @@ use dedup_store::remote::{
 use dedup_store::store::Access;
 use serde_json::json;
 
-use crate::cmd_store::{ExportArgs, export_from};
+use crate::cmd_store::{ExportArgs, export_from, print_affected};
 use crate::common::{Output, human_size, print_json};
 use crate::store_args::{open_store, store_dir};
 
@@ -223,15 +223,7 @@ pub fn run_verify_remote(name: &str, output: Output) -> Result<u8> {
             for d in &r.dangling_refs {
                 println!("dangling ref {d}");
             }
-            for (snap, problems) in &r.affected {
-                println!("{snap} is incomplete or damaged:");
-                for p in problems.iter().take(20) {
-                    println!("  {p}");
-                }
-                if problems.len() > 20 {
-                    println!("  ... {} more", problems.len() - 20);
-                }
-            }
+            print_affected(&r.affected, "is incomplete or damaged");
             println!(
                 "remote {name}: {} packs, {} chunks, {} snapshots, {} refs: {}",
                 r.packs,

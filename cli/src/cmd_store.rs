@@ -990,6 +990,19 @@ pub fn run_gc(args: GcArgs) -> Result<u8> {
     Ok(0)
 }
 
+/// Prints each snapshot of `affected` and its first 20 problems.
+pub fn print_affected(affected: &BTreeMap<String, Vec<String>>, what: &str) {
+    for (snap, problems) in affected {
+        println!("{snap} {what}:");
+        for p in problems.iter().take(20) {
+            println!("  {p}");
+        }
+        if problems.len() > 20 {
+            println!("  ... {} more", problems.len() - 20);
+        }
+    }
+}
+
 pub fn run_verify(args: VerifyArgs) -> Result<u8> {
     if let Some(name) = &args.remote {
         return crate::cmd_remote::run_verify_remote(name, args.output);
@@ -1005,15 +1018,7 @@ pub fn run_verify(args: VerifyArgs) -> Result<u8> {
             for (path, why) in &r.damaged_packs {
                 println!("damaged pack {path}: {why}");
             }
-            for (snap, problems) in &r.affected {
-                println!("{snap} is damaged:");
-                for p in problems.iter().take(20) {
-                    println!("  {p}");
-                }
-                if problems.len() > 20 {
-                    println!("  ... {} more", problems.len() - 20);
-                }
-            }
+            print_affected(&r.affected, "is damaged");
             println!(
                 "{} packs, {} chunks ({}) checked, {} snapshots: {}",
                 r.packs,

@@ -38,6 +38,29 @@ pub enum Error {
 }
 
 impl Error {
+    /// The same error with `note` added to its reason (which snapshot or chunk it concerns).
+    pub fn noted(self, note: &str) -> Self {
+        match self {
+            Error::Corrupt {
+                object,
+                offset,
+                reason,
+            } => Error::Corrupt {
+                object,
+                offset,
+                reason: format!("{reason} ({note})"),
+            },
+            Error::Remote { object, reason } => Error::Remote {
+                object,
+                reason: format!("{reason} ({note})"),
+            },
+            Error::MissingChunk(id) => {
+                Error::InvalidArgument(format!("chunk {id} is not in the store ({note})"))
+            }
+            other => other,
+        }
+    }
+
     /// A corruption of `object` at `offset`.
     pub fn corrupt(object: impl Into<String>, offset: u64, reason: impl Into<String>) -> Self {
         Error::Corrupt {

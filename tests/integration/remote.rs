@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use vmnest_tests::s3::{Fault, FaultProxy, Moto};
-use vmnest_tests::{pattern_bytes, qemu_img, run, run_ok, scratch, vmnest, write_pattern_raw};
+use vmnest_tests::{pattern_bytes, poke, run, run_ok, same, scratch, vmnest, write_pattern_raw};
 
 const KEY: &str = "vmnest-test-key";
 const SECRET: &str = "vmnest-Secret-7Qz9xK2pL";
@@ -42,24 +42,6 @@ fn fails(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stdout)
     );
     out
-}
-
-fn same(a: &Path, b: &Path) {
-    let out = qemu_img(&[
-        "compare",
-        &a.display().to_string(),
-        &b.display().to_string(),
-    ]);
-    assert!(out.contains("identical"), "{out}");
-}
-
-/// Overwrites `len` bytes at `off` of a raw file with incompressible bytes.
-fn poke(path: &Path, off: u64, len: usize, seed: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    let mut buf = vec![0u8; len];
-    pattern_bytes(&mut buf, off, seed);
-    f.write_all_at(&buf, off).unwrap();
 }
 
 /// A gold image and `clones` changed copies (64 KiB changed at three places each); returns

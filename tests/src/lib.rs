@@ -231,6 +231,28 @@ pub fn pattern_bytes(buf: &mut [u8], off: u64, seed: u64) {
     }
 }
 
+/// Overwrites `len` bytes at `off` of a raw file with [`pattern_bytes`] (incompressible).
+pub fn poke(path: &Path, off: u64, len: usize, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut buf = vec![0u8; len];
+    pattern_bytes(&mut buf, off, seed);
+    f.write_all_at(&buf, off).expect("write");
+}
+
+/// Asserts that `qemu-img compare` finds the guest content of `a` and `b` identical.
+pub fn same(a: &Path, b: &Path) {
+    let out = qemu_img(&[
+        "compare",
+        &a.display().to_string(),
+        &b.display().to_string(),
+    ]);
+    assert!(out.contains("identical"), "{out}");
+}
+
 /// Size of [`write_pattern_raw`]'s images: 20 MiB plus 7 sectors, so not cluster-aligned.
 pub const PATTERN_SIZE: u64 = (20 << 20) + 7 * 512;
 

@@ -997,15 +997,7 @@ impl PackReader {
 
 fn name_chunk(e: Error, id: &ChunkId) -> Error {
     match e {
-        Error::Corrupt {
-            object,
-            offset,
-            reason,
-        } => Error::Corrupt {
-            object,
-            offset,
-            reason: format!("{reason} (reading chunk {id})"),
-        },
+        Error::Corrupt { .. } => e.noted(&format!("reading chunk {id}")),
         other => other,
     }
 }

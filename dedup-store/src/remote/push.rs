@@ -256,7 +256,8 @@ pub fn push(
         std::fs::create_dir_all(&staging)
             .map_err(crate::pack::io_err(&staging, "create staging"))?;
         let mut writer: Option<PackWriter> = None;
-        for (reader, id, loc) in rebuild {
+        let n = rebuild.len();
+        for (i, (reader, id, loc)) in rebuild.into_iter().enumerate() {
             let data = reader.read_at(&id, loc, Some(chunks.cache()))?;
             let w = match writer.as_mut() {
                 Some(w) => w,
@@ -267,7 +268,8 @@ pub fn push(
                 )?),
             };
             w.add(id, &data)?;
-            if w.is_full()
+            let last = i + 1 == n;
+            if (w.is_full() || last)
                 && let Some(w) = writer.take()
             {
                 let done = w.finish()?;
@@ -278,15 +280,6 @@ pub fn push(
                     size: done.size,
                 });
             }
-        }
-        if let Some(w) = writer.take() {
-            let done = w.finish()?;
-            report.packs_built += 1;
-            uploads.push(Upload {
-                id: done.id,
-                path: done.path,
-                size: done.size,
-            });
         }
     }
 
@@ -371,24 +364,5 @@ pub fn push(
 
 /// Adds the snapshot an error concerns to it.
 pub(crate) fn snapshot_err(e: Error, m: &Manifest, id: &SnapshotId) -> Error {
-    let who = format!("snapshot {}@{}", m.name, id.short());
-    match e {
-        Error::Corrupt {
-            object,
-            offset,
-            reason,
-        } => Error::Corrupt {
-            object,
-            offset,
-            reason: format!("{reason} (needed by {who})"),
-        },
-        Error::Remote { object, reason } => Error::Remote {
-            object,
-            reason: format!("{reason} (needed by {who})"),
-        },
-        Error::MissingChunk(id) => {
-            Error::InvalidArgument(format!("chunk {id} is not in the store (needed by {who})"))
-        }
-        other => other,
-    }
+    e.noted(&format!("needed by snapshot {}@{}", m.name, id.short()))
 }

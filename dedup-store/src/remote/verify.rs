@@ -3,16 +3,15 @@
 //! that every ref names a manifest there. Map nodes are fetched and checked (checksums,
 //! hashes); data chunks are checked for presence, not read.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::chunk::ChunkId;
 use crate::error::Result;
-use crate::map::walk;
 use crate::pack::PackId;
 use crate::remote::chunks::REMOTE_FRAME_CACHE;
 use crate::remote::{Remote, RemoteChunks};
-use crate::store::Layout;
+use crate::store::verify::check_member;
 
 /// What `verify --remote` found.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -62,7 +61,7 @@ pub fn verify_remote(remote: &Arc<Remote>) -> Result<RemoteVerifyReport> {
         match remote.manifest(&sid) {
             Ok(Some((_, m))) => {
                 label = format!("{}@{}", m.name, sid.short());
-                let need = |id: &ChunkId, what: &str, problems: &mut BTreeSet<String>| match remote
+                let need = |id: &ChunkId, problems: &mut BTreeSet<String>, what: &str| match remote
                     .locate(id)
                 {
                     None => {
@@ -76,45 +75,7 @@ pub fn verify_remote(remote: &Arc<Remote>) -> Result<RemoteVerifyReport> {
                     Some(_) => {}
                 };
                 for member in &m.members {
-                    match &member.layout {
-                        Layout::Map { .. } => {
-                            let Some(root) = member.map_root() else {
-                                continue;
-                            };
-                            let mut seen = HashSet::new();
-                            let mut errors = Vec::new();
-                            walk(
-                                &rc,
-                                &root,
-                                &mut |id, _| {
-                                    need(id, &member.name, &mut problems);
-                                    seen.insert(*id)
-                                },
-                                &mut |id, e| {
-                                    errors.push(format!("{}: map node {id}: {e}", member.name))
-                                },
-                            )?;
-                            problems.extend(errors);
-                        }
-                        Layout::Recipe { parts, .. } => {
-                            for part in parts {
-                                need(part, &member.name, &mut problems);
-                                match crate::store::stream::part_chunks(&rc, part) {
-                                    Ok(ids) => {
-                                        for id in ids {
-                                            need(&id, &member.name, &mut problems);
-                                        }
-                                    }
-                                    Err(e) => {
-                                        problems.insert(format!(
-                                            "{}: recipe part {part}: {e}",
-                                            member.name
-                                        ));
-                                    }
-                                }
-                            }
-                        }
-                    }
+                    check_member(&rc, member, &mut problems, &need)?;
                 }
             }
             Ok(None) => continue,
