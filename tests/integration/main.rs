@@ -16,3 +16,4 @@ mod vhdx;
 mod vhdx_write;
 mod vmdk;
 mod vmdk_write;
+mod volume;
