@@ -163,6 +163,38 @@ struct State {
     log_path: PathBuf,
 }
 
+/// The pieces of one read and the files they come from.
+struct ReadPlan {
+    pieces: Vec<overlay::Piece>,
+    base: Arc<StoredDisk>,
+    log: Arc<File>,
+    log_path: PathBuf,
+}
+
+impl ReadPlan {
+    /// Fills `buf`, which starts at guest offset `off`.
+    fn read(&self, buf: &mut [u8], off: u64) -> image_format::Result<()> {
+        for p in &self.pieces {
+            let dst = &mut buf[(p.start - off) as usize..(p.end - off) as usize];
+            match p.source {
+                None => self.base.read_at(dst, p.start)?,
+                Some(Source::Zero) => dst.fill(0),
+                Some(Source::Log(at)) => {
+                    self.log
+                        .read_exact_at(dst, at)
+                        .map_err(|e| image_format::Error::Io {
+                            path: self.log_path.clone(),
+                            op: "read volume log",
+                            offset: at,
+                            source: e,
+                        })?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 struct Append {
     /// Log offset of the next record.
     end: u64,
@@ -201,11 +233,6 @@ fn poisoned() -> Error {
 pub fn volume_dir(store: &Store, name: &str) -> Result<PathBuf> {
     check_name(name).map_err(|e| Error::InvalidArgument(format!("volume name: {e}")))?;
     Ok(store.root().join(VOLUMES_DIR).join(name))
-}
-
-/// Whether volume `name` exists.
-pub fn exists(store: &Store, name: &str) -> Result<bool> {
-    Ok(volume_dir(store, name)?.join("volume").exists())
 }
 
 /// The process id written in a lock file, if any.
@@ -296,7 +323,11 @@ impl Volume {
     /// Fails when another process holds the volume.
     pub fn open_or_create(store: Arc<Store>, name: &str, spec: &str) -> Result<Arc<Volume>> {
         let dir = volume_dir(&store, name)?;
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir, "create volume directory"))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir, "create volume directory"))?;
+            sync_dir(&store.root().join(VOLUMES_DIR))?;
+            sync_dir(store.root())?;
+        }
         let lock = take_lock(name, &dir)?;
         let (snap_spec, member) = match spec.split_once('/') {
             Some((s, m)) => (s, Some(m)),
@@ -510,27 +541,17 @@ impl Volume {
         Ok(())
     }
 
-    /// Reads `buf` at `off` from the state `s` (base + overlay).
-    fn read_in(&self, s: &State, buf: &mut [u8], off: u64) -> image_format::Result<()> {
-        let end = off + buf.len() as u64;
-        for p in s.overlay.pieces(off, end) {
-            let dst = &mut buf[(p.start - off) as usize..(p.end - off) as usize];
-            match p.source {
-                None => s.base.read_at(dst, p.start)?,
-                Some(Source::Zero) => dst.fill(0),
-                Some(Source::Log(at)) => {
-                    s.log
-                        .read_exact_at(dst, at)
-                        .map_err(|e| image_format::Error::Io {
-                            path: s.log_path.clone(),
-                            op: "read volume log",
-                            offset: at,
-                            source: e,
-                        })?
-                }
-            }
+    /// What a read of `off..end` needs, taken under the state lock so the I/O runs without
+    /// it. The plan stays valid after the lock is released: log records are never rewritten,
+    /// and a commit replaces the base and the log with new ones, leaving the old ones readable
+    /// (open, and kept from gc by the store lock) until the plan is dropped.
+    fn plan(s: &State, off: u64, end: u64) -> ReadPlan {
+        ReadPlan {
+            pieces: s.overlay.pieces(off, end),
+            base: s.base.clone(),
+            log: s.log.clone(),
+            log_path: s.log_path.clone(),
         }
-        Ok(())
     }
 
     /// Commits the volume (see the module documentation) and returns the new snapshot.
@@ -583,7 +604,8 @@ impl Volume {
                     None
                 } else {
                     let data = &mut buf[..(c_end - c_start) as usize];
-                    self.read_in(&s, data, c_start)
+                    Self::plan(&s, c_start, c_end)
+                        .read(data, c_start)
                         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
                     if is_zero_chunk(data) {
                         None
@@ -715,11 +737,14 @@ impl BlockDevice for Volume {
         if buf.is_empty() {
             return Ok(());
         }
-        let s = self
-            .state
-            .read()
-            .map_err(|_| image_format::Error::from(poisoned()))?;
-        self.read_in(&s, buf, off)
+        let plan = {
+            let s = self
+                .state
+                .read()
+                .map_err(|_| image_format::Error::from(poisoned()))?;
+            Self::plan(&s, off, off + buf.len() as u64)
+        };
+        plan.read(buf, off)
     }
 
     fn block_status(&self, off: u64, len: u64) -> image_format::Result<Extent> {
