@@ -276,3 +276,27 @@ fn gc_keeps_the_base_of_a_volume_whose_name_was_removed() {
     compare_stored(&dir, &store, &original, "store:vm@~1");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn nbdcopy_with_four_connections_writes_a_volume_that_commits_once_all_disconnect() {
+    let (dir, store, _) = setup("volume-nbdcopy");
+    let new = dir.join("new.raw");
+    write_pattern_raw(&new, 16 << 20, 77);
+    let served = Volserve::start(&dir, &store, &["--commit-on-disconnect", "store:vm"]);
+    run_ok(
+        Command::new(require("nbdcopy"))
+            .args(["--connections=4", "--flush"])
+            .arg(&new)
+            .arg(&served.url),
+    );
+    let line = served
+        .lines
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("no commit: {}", served.log()));
+    assert!(line.starts_with("committed vm@"), "{line}");
+    // The multi-conn copy wrote every byte, and each commit saw a finished copy.
+    compare_stored(&dir, &store, &read_raw(&new), "store:vm");
+    compare_with(&dir, &read_raw(&new), &served.url);
+    drop(served);
+    let _ = std::fs::remove_dir_all(&dir);
+}

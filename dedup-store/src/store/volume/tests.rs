@@ -145,6 +145,49 @@ fn reads_merge_unaligned_writes_zeroes_and_discards_with_the_base() {
 }
 
 #[test]
+fn concurrent_writers_and_readers_see_whole_writes() {
+    let (dir, store, base) = new_store("threads");
+    let vol = Volume::open_or_create(store.clone(), "vm", "vm").unwrap();
+    let size = base.len();
+    let stripe = size / 8;
+    std::thread::scope(|scope| {
+        for t in 0..8usize {
+            let vol = vol.clone();
+            scope.spawn(move || {
+                for i in 0..40usize {
+                    let off = t * stripe + (i * 997) % (stripe - 4096);
+                    vol.write_at(&[t as u8 + 1; 4096], off as u64).unwrap();
+                    let mut back = vec![0u8; 4096];
+                    vol.read_at(&mut back, off as u64).unwrap();
+                    assert!(
+                        back.iter().all(|&b| b == t as u8 + 1),
+                        "thread {t} write {i}"
+                    );
+                }
+            });
+        }
+        let vol = vol.clone();
+        scope.spawn(move || {
+            for _ in 0..50 {
+                vol.flush().unwrap();
+            }
+        });
+    });
+    let mut want = base.clone();
+    for t in 0..8usize {
+        for i in 0..40usize {
+            let off = t * stripe + (i * 997) % (stripe - 4096);
+            want[off..off + 4096].fill(t as u8 + 1);
+        }
+    }
+    assert_eq!(read_dev(vol.as_ref()), want);
+    vol.commit(None).unwrap();
+    assert_eq!(read_spec(&store, "vm"), want);
+    drop(vol);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_second_opener_is_refused_while_the_volume_is_held() {
     let (dir, store, _) = new_store("lock");
     let vol = Volume::open_or_create(store.clone(), "vm", "vm").unwrap();
