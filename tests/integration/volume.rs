@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use vmnest_tests::*;
 
 /// A `vmnest serve --socket` child whose stdout lines arrive on a channel.
 struct Volserve {
-    child: Child,
+    child: KilledOnDrop,
     url: String,
     lines: Receiver<String>,
     stderr: PathBuf,
@@ -55,7 +55,7 @@ impl Volserve {
             .unwrap_or_else(|| panic!("unexpected line {first:?}"))
             .to_string();
         Volserve {
-            child,
+            child: KilledOnDrop(child),
             url,
             lines,
             stderr,
@@ -64,19 +64,13 @@ impl Volserve {
 
     /// SIGKILL, as a crash.
     fn kill9(mut self) {
-        self.child.kill().expect("kill -9");
-        self.child.wait().expect("wait");
+        self.child.0.kill().expect("kill -9");
+        self.child.0.wait().expect("wait");
     }
 
-    fn log(&self) -> String {
+    /// What the server wrote on stderr.
+    fn stderr_text(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-}
-
-impl Drop for Volserve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -109,15 +103,8 @@ fn qemu_io(url: &str, commands: &[&str]) {
 fn compare_with(dir: &Path, bytes: &[u8], what: &str) {
     let want = dir.join("want.raw");
     std::fs::write(&want, bytes).unwrap();
-    qemu_img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        want.to_str().unwrap(),
-        what,
-    ]);
+    let raw_pair = ["compare", "-f", "raw", "-F", "raw"];
+    qemu_img(&[&raw_pair[..], &[want.to_str().unwrap(), what]].concat());
 }
 
 /// Compares `bytes` with a stored snapshot (`vmnest compare`, which takes `store:` sources).
@@ -130,6 +117,14 @@ fn compare_stored(dir: &Path, store: &Path, bytes: &[u8], spec: &str) {
             .arg(&want)
             .arg(spec),
     );
+}
+
+/// [`setup`], with the original bytes and what [`PATCH`] makes of them.
+fn setup_patched(name: &str) -> (PathBuf, PathBuf, Vec<u8>, Vec<u8>) {
+    let (dir, store, raw) = setup(name);
+    let original = read_raw(&raw);
+    let want = patched(&original);
+    (dir, store, original, want)
 }
 
 /// The content the qemu-io commands of these tests produce.
@@ -152,13 +147,11 @@ const PATCH: [&str; 5] = [
 
 #[test]
 fn flushed_writes_survive_kill_9_and_commit_makes_a_new_snapshot() {
-    let (dir, store, raw) = setup("volume-kill9");
-    let original = read_raw(&raw);
-    let want = patched(&original);
+    let (dir, store, original, want) = setup_patched("volume-kill9");
     let served = Volserve::start(&dir, &store, &["store:vm"]);
     qemu_io(&served.url, &PATCH);
     // A second server (or a commit) cannot take the volume while it is held.
-    let pid = served.child.id().to_string();
+    let pid = served.child.0.id().to_string();
     let busy = run(store_cmd(&store).args(["commit", "vm"]));
     let err = String::from_utf8_lossy(&busy.stderr);
     assert!(!busy.status.success());
@@ -222,9 +215,7 @@ fn flushed_writes_survive_kill_9_and_commit_makes_a_new_snapshot() {
 
 #[test]
 fn commit_on_disconnect_commits_when_qemu_io_disconnects() {
-    let (dir, store, raw) = setup("volume-disconnect");
-    let original = read_raw(&raw);
-    let want = patched(&original);
+    let (dir, store, original, want) = setup_patched("volume-disconnect");
     let served = Volserve::start(
         &dir,
         &store,
@@ -236,7 +227,7 @@ fn commit_on_disconnect_commits_when_qemu_io_disconnects() {
     let line = served
         .lines
         .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("no commit: {}", served.log()));
+        .unwrap_or_else(|_| panic!("no commit: {}", served.stderr_text()));
     let spec = line
         .strip_prefix("committed ")
         .unwrap_or_else(|| panic!("unexpected line {line:?}"));
@@ -256,9 +247,7 @@ fn commit_on_disconnect_commits_when_qemu_io_disconnects() {
 
 #[test]
 fn gc_keeps_the_base_of_a_volume_whose_name_was_removed() {
-    let (dir, store, raw) = setup("volume-gc");
-    let original = read_raw(&raw);
-    let want = patched(&original);
+    let (dir, store, original, want) = setup_patched("volume-gc");
     let served = Volserve::start(&dir, &store, &["store:vm"]);
     qemu_io(&served.url, &PATCH);
     drop(served);
@@ -292,7 +281,7 @@ fn nbdcopy_with_four_connections_writes_a_volume_that_commits_once_all_disconnec
     let line = served
         .lines
         .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("no commit: {}", served.log()));
+        .unwrap_or_else(|_| panic!("no commit: {}", served.stderr_text()));
     assert!(line.starts_with("committed vm@"), "{line}");
     // The multi-conn copy wrote every byte, and each commit saw a finished copy.
     compare_stored(&dir, &store, &read_raw(&new), "store:vm");

@@ -160,13 +160,11 @@ mod tests {
 
     #[test]
     fn overlapping_writes_split_and_replace_like_a_byte_model() {
-        let mut rng = 12345u64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let random = crate::chunker::cdc::xorshift_bytes(12345, 8 * 40_000);
+        let mut words = random
+            .chunks(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap()));
+        let mut next = || words.next().unwrap();
         for round in 0..200 {
             let size = 64;
             let mut ov = Overlay::default();

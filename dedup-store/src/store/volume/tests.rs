@@ -1,15 +1,14 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use image_format::create::ImageWriter;
 use image_format::{BlockDevice, BlockDeviceMut};
 
 use super::*;
 use crate::chunker::cdc::xorshift_bytes;
+use crate::store::Access;
 use crate::store::gc::{GcOptions, gc};
-use crate::store::import::DiskImporter;
+use crate::store::tests::{commit_disk, read_all};
 use crate::store::verify::verify;
-use crate::store::{Access, Member, MemberKind};
 
 const CHUNK: u32 = 16384;
 
@@ -17,39 +16,6 @@ fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vmnest-volume-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
-}
-
-/// Imports `data` as disk0 of a new version of `name`.
-fn commit_disk(store: &Store, name: &str, data: &[u8]) -> SnapshotId {
-    let (w, handle) = DiskImporter::new(store.chunks().clone(), data.len() as u64, CHUNK).unwrap();
-    let w: Box<dyn ImageWriter> = Box::new(w);
-    let p = w.prepare(0, data.to_vec()).unwrap();
-    w.commit(p).unwrap();
-    w.finish().unwrap();
-    let member = Member {
-        name: "disk0".into(),
-        kind: MemberKind::Disk,
-        size: data.len() as u64,
-        layout: Layout::Map {
-            chunk_size: CHUNK,
-            root: handle.root().unwrap().root,
-        },
-    };
-    store
-        .commit(name, RefUpdate::NewVersion, |parent| {
-            let mut m = Store::new_manifest(format!("test {name}"), vec![member]);
-            m.parent = parent;
-            Ok(m)
-        })
-        .unwrap()
-}
-
-fn read_spec(store: &Arc<Store>, spec: &str) -> Vec<u8> {
-    let snap = store.resolve(spec).unwrap();
-    let disk = StoredDisk::open(store, &snap, None).unwrap();
-    let mut out = vec![0u8; disk.size() as usize];
-    disk.read_at(&mut out, 0).unwrap();
-    out
 }
 
 fn read_dev(dev: &dyn BlockDevice) -> Vec<u8> {
@@ -74,19 +40,23 @@ fn new_store(name: &str) -> (PathBuf, Arc<Store>, Vec<u8>) {
     (dir, store, base)
 }
 
+/// [`new_store`] and a volume `vol` over `vm`.
+fn new_volume(name: &str, vol: &str) -> (PathBuf, Arc<Store>, Vec<u8>, Arc<Volume>) {
+    let (dir, store, base) = new_store(name);
+    let volume = Volume::open_or_create(store.clone(), vol, "vm").unwrap();
+    (dir, store, base, volume)
+}
+
 #[test]
 fn reads_merge_unaligned_writes_zeroes_and_discards_with_the_base() {
-    let (dir, store, base) = new_store("overlay");
-    let vol = Volume::open_or_create(store.clone(), "vm", "vm").unwrap();
+    let (dir, store, base, vol) = new_volume("overlay", "vm");
     let mut want = base.clone();
     let size = want.len() as u64;
-    let mut rng = 99u64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let random = xorshift_bytes(99, 8 * 5000);
+    let mut words = random
+        .chunks(8)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap()));
+    let mut next = || words.next().unwrap();
     for i in 0..300 {
         let off = next() % size;
         let len = (1 + next() % 50_000).min(size - off);
@@ -132,7 +102,7 @@ fn reads_merge_unaligned_writes_zeroes_and_discards_with_the_base() {
     assert!(vol.write_at(&[1], size).is_err());
     assert!(vol.read_at(&mut [0u8; 2], size - 1).is_err());
     // The base is untouched.
-    assert_eq!(read_spec(&store, "vm"), base);
+    assert_eq!(read_all(&store, "vm"), base);
     drop(vol);
     // Reopened, the log replays to the same bytes.
     let vol = Volume::open(store.clone(), "vm").unwrap();
@@ -146,8 +116,7 @@ fn reads_merge_unaligned_writes_zeroes_and_discards_with_the_base() {
 
 #[test]
 fn concurrent_writers_and_readers_see_whole_writes() {
-    let (dir, store, base) = new_store("threads");
-    let vol = Volume::open_or_create(store.clone(), "vm", "vm").unwrap();
+    let (dir, store, base, vol) = new_volume("threads", "vm");
     let size = base.len();
     let stripe = size / 8;
     std::thread::scope(|scope| {
@@ -182,15 +151,14 @@ fn concurrent_writers_and_readers_see_whole_writes() {
     }
     assert_eq!(read_dev(vol.as_ref()), want);
     vol.commit(None).unwrap();
-    assert_eq!(read_spec(&store, "vm"), want);
+    assert_eq!(read_all(&store, "vm"), want);
     drop(vol);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_second_opener_is_refused_while_the_volume_is_held() {
-    let (dir, store, _) = new_store("lock");
-    let vol = Volume::open_or_create(store.clone(), "vm", "vm").unwrap();
+    let (dir, store, _, vol) = new_volume("lock", "vm");
     let err = Volume::open(store.clone(), "vm").unwrap_err().to_string();
     assert!(
         err.contains("volume vm is in use by another process")
@@ -207,8 +175,7 @@ fn a_second_opener_is_refused_while_the_volume_is_held() {
 
 #[test]
 fn a_torn_tail_is_cut_and_reported_and_flushed_writes_survive() {
-    let (dir, store, base) = new_store("torn");
-    let vol = Volume::open_or_create(store.clone(), "vm", "vm").unwrap();
+    let (dir, store, base, vol) = new_volume("torn", "vm");
     vol.write_at(&[7u8; 5000], 100).unwrap();
     vol.flush().unwrap();
     let flushed_end = vol.log_bytes().unwrap() + LOG_HEADER_LEN;
@@ -270,8 +237,8 @@ fn commit_makes_a_snapshot_of_base_plus_writes_and_rebases() {
     let m = store.manifest(&c.id).unwrap();
     assert_eq!(m.parent, Some(base_id));
     assert_eq!(m.labels.get("message").map(String::as_str), Some("patched"));
-    assert_eq!(read_spec(&store, "vm"), want);
-    assert_eq!(read_spec(&store, "vm@~1"), base);
+    assert_eq!(read_all(&store, "vm"), want);
+    assert_eq!(read_all(&store, "vm@~1"), base);
     // Rebased: the volume reads the same, over the new snapshot, with an empty log.
     assert_eq!(vol.file().unwrap().base, c.id);
     assert_eq!(vol.log_bytes().unwrap(), 0);
@@ -285,7 +252,7 @@ fn commit_makes_a_snapshot_of_base_plus_writes_and_rebases() {
     want[..4].fill(4);
     let c2 = vol.commit(None).unwrap();
     assert_eq!(store.manifest(&c2).unwrap().parent, Some(c.id));
-    assert_eq!(read_spec(&store, "vm"), want);
+    assert_eq!(read_all(&store, "vm"), want);
     drop(vol);
     // Only the current log is left, and the volume opens over the new base.
     let files: Vec<String> = std::fs::read_dir(dir.join("volumes/vm"))
@@ -313,7 +280,7 @@ fn commit_when_the_name_moved_keeps_the_base_as_parent_and_says_so() {
     assert_eq!(store.manifest(&c.id).unwrap().parent, Some(base_id));
     let mut want = base.clone();
     want[..10].fill(8);
-    assert_eq!(read_spec(&store, "vm"), want);
+    assert_eq!(read_all(&store, "vm"), want);
     drop(vol);
     // The volume is over the new snapshot now: a spec naming the old one is refused.
     let err = Volume::open_or_create(store.clone(), "other", &format!("vm@{}", base_id.short()))
@@ -325,8 +292,7 @@ fn commit_when_the_name_moved_keeps_the_base_as_parent_and_says_so() {
 
 #[test]
 fn gc_keeps_the_base_of_a_volume() {
-    let (dir, store, base) = new_store("gc");
-    let vol = Volume::open_or_create(store.clone(), "keep", "vm").unwrap();
+    let (dir, store, base, vol) = new_volume("gc", "keep");
     vol.write_at(&[1u8; 10], 0).unwrap();
     vol.flush().unwrap();
     drop(vol);
@@ -421,13 +387,13 @@ fn a_fault_at_any_operation_of_write_flush_commit_then_a_power_cut_loses_nothing
             assert!(seen == base || seen == with_a, "op {n}");
         }
         // Whatever the name points at is base, or base + A + B (a commit that landed).
-        let head = read_spec(&store, "vm");
+        let head = read_all(&store, "vm");
         assert!(
             head == base || head == with_ab,
             "op {n}: the name reads neither"
         );
         assert_eq!(
-            read_spec(&store, &format!("@{}", vol.file().unwrap().base.short())).len(),
+            read_all(&store, &format!("@{}", vol.file().unwrap().base.short())).len(),
             base.len()
         );
         // The volume commits again after the failure.
@@ -435,7 +401,7 @@ fn a_fault_at_any_operation_of_write_flush_commit_then_a_power_cut_loses_nothing
         let mut last = seen.clone();
         last[0] = 1;
         vol.commit(None).unwrap();
-        assert_eq!(read_spec(&store, "vm"), last, "op {n}");
+        assert_eq!(read_all(&store, "vm"), last, "op {n}");
         drop(vol);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
