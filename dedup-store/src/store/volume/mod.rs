@@ -323,7 +323,10 @@ impl Volume {
     /// Fails when another process holds the volume.
     pub fn open_or_create(store: Arc<Store>, name: &str, spec: &str) -> Result<Arc<Volume>> {
         let dir = volume_dir(&store, name)?;
-        if !dir.exists() {
+        let made_dir = !dir.exists();
+        if made_dir {
+            // A spec that names nothing leaves no empty volume directory behind.
+            store.resolve(spec.split('/').next().unwrap_or(spec))?;
             std::fs::create_dir_all(&dir).map_err(io_err(&dir, "create volume directory"))?;
             sync_dir(&store.root().join(VOLUMES_DIR))?;
             sync_dir(store.root())?;

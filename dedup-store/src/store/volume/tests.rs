@@ -170,6 +170,11 @@ fn a_second_opener_is_refused_while_the_volume_is_held() {
     drop(vol);
     assert_eq!(list(&store).unwrap()[0].in_use_by, None);
     let _ = Volume::open(store.clone(), "vm").unwrap();
+    // A spec naming nothing creates nothing.
+    let err = Volume::open_or_create(store.clone(), "new", "nope").unwrap_err();
+    assert!(err.to_string().contains("no snapshot named nope"), "{err}");
+    assert!(!dir.join("volumes/new").exists());
+    assert!(Volume::open(store.clone(), "new").is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
