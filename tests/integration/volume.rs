@@ -19,15 +19,22 @@ struct Volserve {
 }
 
 impl Volserve {
-    fn start(dir: &Path, store: &Path, args: &[&str]) -> Volserve {
+    /// `vmnest serve --rw ARGS` on `nbd://127.0.0.1:PORT/vm`, or on a Unix socket in `dir`
+    /// when `unix`.
+    fn start(dir: &Path, store: &Path, unix: bool, args: &[&str]) -> Volserve {
         let socket = dir.join("nbd.sock");
         let _ = std::fs::remove_file(&socket);
         let stderr = dir.join("volserve.stderr");
-        let mut child = vmnest()
-            .arg("--store")
+        let mut cmd = vmnest();
+        cmd.arg("--store")
             .arg(store)
-            .args(["serve", "--rw", "--export-name", "vm", "--socket"])
-            .arg(&socket)
+            .args(["serve", "--rw", "--export-name", "vm"]);
+        if unix {
+            cmd.arg("--socket").arg(&socket);
+        } else {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
             .args(args)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
@@ -148,7 +155,7 @@ const PATCH: [&str; 5] = [
 #[test]
 fn flushed_writes_survive_kill_9_and_commit_makes_a_new_snapshot() {
     let (dir, store, original, want) = setup_patched("volume-kill9");
-    let served = Volserve::start(&dir, &store, &["store:vm"]);
+    let served = Volserve::start(&dir, &store, false, &["store:vm"]);
     qemu_io(&served.url, &PATCH);
     // A second server (or a commit) cannot take the volume while it is held.
     let pid = served.child.0.id().to_string();
@@ -167,7 +174,7 @@ fn flushed_writes_survive_kill_9_and_commit_makes_a_new_snapshot() {
     served.kill9();
 
     // Restarted, the server reads what was flushed.
-    let served = Volserve::start(&dir, &store, &["store:vm"]);
+    let served = Volserve::start(&dir, &store, false, &["store:vm"]);
     compare_with(&dir, &want, &served.url);
     // The snapshot itself is untouched until a commit.
     compare_stored(&dir, &store, &original, "store:vm");
@@ -219,6 +226,7 @@ fn commit_on_disconnect_commits_when_qemu_io_disconnects() {
     let served = Volserve::start(
         &dir,
         &store,
+        true,
         &["--volume", "patch", "--commit-on-disconnect", "store:vm"],
     );
     // Only reading: nothing to commit.
@@ -248,7 +256,7 @@ fn commit_on_disconnect_commits_when_qemu_io_disconnects() {
 #[test]
 fn gc_keeps_the_base_of_a_volume_whose_name_was_removed() {
     let (dir, store, original, want) = setup_patched("volume-gc");
-    let served = Volserve::start(&dir, &store, &["store:vm"]);
+    let served = Volserve::start(&dir, &store, false, &["store:vm"]);
     qemu_io(&served.url, &PATCH);
     drop(served);
     run_ok(store_cmd(&store).args(["rm", "vm"]));
@@ -271,7 +279,7 @@ fn nbdcopy_with_four_connections_writes_a_volume_that_commits_once_all_disconnec
     let (dir, store, _) = setup("volume-nbdcopy");
     let new = dir.join("new.raw");
     write_pattern_raw(&new, 16 << 20, 77);
-    let served = Volserve::start(&dir, &store, &["--commit-on-disconnect", "store:vm"]);
+    let served = Volserve::start(&dir, &store, true, &["--commit-on-disconnect", "store:vm"]);
     run_ok(
         Command::new(require("nbdcopy"))
             .args(["--connections=4", "--flush"])
