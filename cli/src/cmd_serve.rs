@@ -35,7 +35,7 @@ pub struct Args {
     /// Listen on a Unix socket at PATH instead of TCP.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Let clients write (raw images only; name the format with `-f raw`).
+    /// Let clients write (raw and qcow2 images; name raw with `-f raw`).
     #[arg(long)]
     rw: bool,
     /// Export name, once per SOURCE in order (default: the file name; the first export also
@@ -146,8 +146,11 @@ fn open_export(spec: &str, name: String, args: &Args) -> Result<Export> {
     // Learn the format read-only first: a format that cannot be written in place is refused
     // before its file is ever opened for writing.
     let format = image.format();
-    if format != "raw" {
-        bail!("{spec}: {format} images cannot be served writable (--rw) yet; only raw images can");
+    if !image.writes_in_place() {
+        bail!(
+            "{spec}: {format} images cannot be served writable (--rw): the {format} driver does \
+             not write in place (raw and qcow2 do)"
+        );
     }
     drop(image);
     let how = SourceOptions {

@@ -7,6 +7,7 @@ mod convert;
 mod nbd;
 mod parallels;
 mod qcow2;
+mod qcow2_rw;
 mod qcow2_write;
 mod raw;
 mod store;

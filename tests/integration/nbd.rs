@@ -591,9 +591,9 @@ fn option_reply_text(text: &str) -> Vec<u8> {
 }
 
 #[test]
-fn serve_refuses_remote_listening_without_allow_remote_and_rw_on_qcow2() {
+fn serve_refuses_remote_listening_without_allow_remote_and_rw_on_vmdk() {
     let dir = scratch("nbd-refusals");
-    let (_, qcow2, _) = pattern_images(&dir);
+    let (_, qcow2, vmdk) = pattern_images(&dir);
     let out = run(vmnest().args(["serve", "--listen", "0.0.0.0:0", s(&qcow2)]));
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -601,13 +601,15 @@ fn serve_refuses_remote_listening_without_allow_remote_and_rw_on_qcow2() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = run(vmnest().args(["serve", "--rw", s(&qcow2)]));
+    let vmdk_bytes = std::fs::read(&vmdk).unwrap();
+    let out = run(vmnest().args(["serve", "--rw", s(&vmdk)]));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("qcow2 images cannot be served writable"),
+        err.contains("vmdk images cannot be served writable"),
         "{err}"
     );
+    assert_eq!(std::fs::read(&vmdk).unwrap(), vmdk_bytes);
     let out = run(vmnest().args(["serve", s(&qcow2), s(&qcow2)]));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--export-name"));

@@ -183,6 +183,10 @@ impl Image for RawImage {
         Ok(ImageInfo::new(path.clone(), "raw", self.size(), vec![path]))
     }
 
+    fn writes_in_place(&self) -> bool {
+        true
+    }
+
     fn into_mut_device(self: Arc<Self>) -> Option<Arc<dyn BlockDeviceMut>> {
         if self.file.is_writable() {
             Some(self)
