@@ -149,15 +149,8 @@ fn unix_socket_export_reads_like_the_file() {
     drop(guard);
 }
 
-#[test]
-fn qemu_io_writes_land_in_a_writable_raw_export() {
-    let dir = scratch("nbd-qemu-io");
-    let original = dir.join("original.raw");
-    write_pattern_raw(&original, 16 << 20, 5);
-    let disk = dir.join("disk.raw");
-    std::fs::copy(&original, &disk).unwrap();
-    let served = Served::start(&dir, &["--rw", "-f", "raw", s(&disk)], 1);
-    let url = &served.urls[0];
+/// Writes, zeroes, discards and flushes through qemu-io on `url`, then reads back.
+fn qemu_io_edits(url: &str) {
     run_ok(Command::new(require("qemu-io")).args([
         "-f",
         "raw",
@@ -179,19 +172,117 @@ fn qemu_io_writes_land_in_a_writable_raw_export() {
         "read -P 0 131072 65536",
         url,
     ]));
-    drop(served);
-    let before = read_raw(&original);
-    let after = read_raw(&disk);
-    let mut want = before.clone();
+}
+
+/// `before` with [`qemu_io_edits`] applied (its discard covers one whole 64 KiB cluster, which
+/// reads back as zeros).
+fn edited(before: &[u8]) -> Vec<u8> {
+    let mut want = before.to_vec();
     want[4096..4096 + 65536].fill(0xab);
     want[1 << 20..(1 << 20) + 8192].fill(0xcd);
     want[..4096].fill(0);
     want[131072..131072 + 65536].fill(0);
     want[3 << 20..4 << 20].fill(0);
+    want
+}
+
+#[test]
+fn qemu_io_writes_land_in_a_writable_raw_export() {
+    let dir = scratch("nbd-qemu-io");
+    let original = dir.join("original.raw");
+    write_pattern_raw(&original, 16 << 20, 5);
+    let disk = dir.join("disk.raw");
+    std::fs::copy(&original, &disk).unwrap();
+    let served = Served::start(&dir, &["--rw", "-f", "raw", s(&disk)], 1);
+    qemu_io_edits(&served.urls[0]);
+    drop(served);
+    let after = read_raw(&disk);
+    let want = edited(&read_raw(&original));
     assert_eq!(after.len(), want.len());
     if let Some(i) = image_format::bytes::first_difference(&after, &want) {
         panic!("disk differs from the expected content at {i:#x}");
     }
+}
+
+#[test]
+fn qemu_io_writes_land_in_a_writable_qcow2_export_over_a_backing_file() {
+    let dir = scratch("nbd-qemu-io-qcow2");
+    let original = dir.join("original.raw");
+    write_pattern_raw(&original, 16 << 20, 6);
+    // The lower half in a compressed backing file, the upper half written into the overlay.
+    let base = dir.join("base.qcow2");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&original),
+        s(&base),
+    ]);
+    let disk = dir.join("disk.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&disk),
+    ]);
+    run_ok(Command::new(require("qemu-io")).args([
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x11 8388608 8388608",
+        s(&disk),
+    ]));
+    let mut before = read_raw(&original);
+    before[8 << 20..].fill(0x11);
+    let served = Served::start(&dir, &["--rw", s(&disk)], 1);
+    qemu_io_edits(&served.urls[0]);
+    // Writes into the overlay's own clusters (in place) and across the halves.
+    run_ok(Command::new(require("qemu-io")).args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x22 8323072 131072",
+        "-c",
+        "flush",
+        &served.urls[0],
+    ]));
+    drop(served);
+    let mut want = edited(&before);
+    want[8323072..8323072 + 131072].fill(0x22);
+    let out = run(Command::new(require("qemu-img")).args(["check", "-f", "qcow2", s(&disk)]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("No errors were found"),
+        "qemu-img check: {text}"
+    );
+    let expected = dir.join("expected.raw");
+    std::fs::write(&expected, &want).unwrap();
+    qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        s(&expected),
+        s(&disk),
+    ]);
+    // The backing file is unchanged.
+    qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        s(&original),
+        s(&base),
+    ]);
 }
 
 #[test]
