@@ -61,6 +61,9 @@ const MAX_CACHED_BLOCKS: usize = 256;
 const HEADER_REFCOUNT_TABLE: u64 = 48;
 /// Header offset of the autoclear feature bits (version 3).
 const HEADER_AUTOCLEAR: u64 = 88;
+/// Clusters past the end of the file that may carry a refcount (leaks of interrupted
+/// allocations) before the allocator calls the refcounts corrupt.
+const MAX_COUNTED_PAST_END: u64 = 1 << 16;
 /// Host offsets must fit the L2 entry's offset field.
 const MAX_HOST_OFFSET: u64 = OFFSET_MASK;
 
@@ -517,6 +520,21 @@ impl Qcow2Image {
                         .in_file(self.file.path()),
                 );
             }
+            // Past the end of the file only clusters allocated by a write that never finished
+            // can be counted (leaks); a long run of them means the refcounts are garbage, and
+            // searching on would take unbounded time.
+            let past_end = (idx * cs).saturating_sub(self.file.len()) / cs;
+            if past_end > MAX_COUNTED_PAST_END {
+                return Err(Error::corrupt(
+                    "qcow2 refcount block",
+                    idx * cs,
+                    format!(
+                        "more than {MAX_COUNTED_PAST_END} clusters past the end of the file are \
+                         counted as in use"
+                    ),
+                )
+                .in_file(self.file.path()));
+            }
             let b = idx / w.per_block;
             if b >= st.rt.len() as u64 {
                 self.grow_refcount_table(w, st, b)?;
@@ -944,6 +962,46 @@ mod tests {
             }
         }
         assert!(crashes >= 3 * 100.min(total as usize));
+    }
+
+    #[test]
+    fn refcounts_claiming_everything_past_the_file_end_are_a_corruption() {
+        let dir = scratch("qcow2-rw-garbage-refcounts");
+        let img = dir.join("bad.qcow2");
+        let out = qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            s(&img),
+            "64M",
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        // A 600-cluster refcount table (covering 9.8 million clusters) whose every entry names
+        // one block that counts every cluster as used.
+        let bytes = std::fs::read(&img).unwrap();
+        let rt = u64::from_be_bytes(bytes[48..56].try_into().unwrap());
+        let block = u64::from_be_bytes(bytes[rt as usize..rt as usize + 8].try_into().unwrap());
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[0xff; 512], block).unwrap();
+        let new_rt = (bytes.len() as u64).div_ceil(512) * 512;
+        let entries: Vec<u8> = (0..600 * 64).flat_map(|_| block.to_be_bytes()).collect();
+        f.write_all_at(&entries, new_rt).unwrap();
+        f.write_all_at(&new_rt.to_be_bytes(), 48).unwrap();
+        f.write_all_at(&600u32.to_be_bytes(), 56).unwrap();
+        drop(f);
+        let dev = open_rw(&img);
+        let err = dev.write_at(&[1; 512], 0).unwrap_err();
+        assert!(err.is_corruption(), "{err}");
+        assert!(
+            err.to_string().contains("past the end of the file"),
+            "{err}"
+        );
+        // Nothing more is written after a failed metadata update.
+        let err = dev.write_at(&[1; 512], 0).unwrap_err();
+        assert!(err.to_string().contains("reopen"), "{err}");
     }
 
     #[test]
