@@ -9,6 +9,7 @@
 //!  check.rs   refcount rebuild from every reference, compared with the stored refcounts
 //!  mod.rs     the driver: open (validate, load L1, snapshots, backing), read_at, block_status
 //!  write.rs   the writer of new images: options, allocator, compression, exact refcounts
+//!  rw.rs      in-place writes to an existing image opened writable (BlockDeviceMut)
 //! ```
 //!
 //! At open the header is validated against named caps (L1 entries, refcount table bytes,
@@ -23,8 +24,9 @@
 //! reads fail rather than read zeros.
 //!
 //! Dirty (incompatible bit 0) and corrupt (bit 1) images open read-only: reading needs only the
-//! L1/L2 tables, never the refcounts. Existing images are never written in place; new ones are
-//! made by [`write::create`] (see its module for the layout).
+//! L1/L2 tables, never the refcounts. Opened writable, an existing image is written in place by
+//! `rw.rs` (copy-on-write, allocation, crash-safe ordering: see that module); new images are made
+//! by [`write::create`] (see its module for the layout).
 
 mod check;
 pub mod header;
