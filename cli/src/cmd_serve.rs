@@ -35,7 +35,7 @@ pub struct Args {
     /// Listen on a Unix socket at PATH instead of TCP.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Let clients write (raw and qcow2 images; name raw with `-f raw`).
+    /// Let clients write (raw, qcow2, fixed and dynamic VHD images; name raw with `-f raw`).
     #[arg(long)]
     rw: bool,
     /// Export name, once per SOURCE in order (default: the file name; the first export also
@@ -148,8 +148,8 @@ fn open_export(spec: &str, name: String, args: &Args) -> Result<Export> {
     let format = image.format();
     if !image.writes_in_place() {
         bail!(
-            "{spec}: {format} images cannot be served writable (--rw): the {format} driver does \
-             not write in place (raw and qcow2 do)"
+            "{spec}: {format} images cannot be served writable (--rw) here: vmnest writes raw, \
+             qcow2 and fixed or dynamic VHD (vpc) images in place, not this one"
         );
     }
     drop(image);

@@ -222,6 +222,24 @@ impl ImageFile {
         }
     }
 
+    /// Makes `[off, off + len)` read as zeros: punches a hole, or writes zeros (in bounded
+    /// pieces) where the file system cannot punch holes (a block device must still end up
+    /// reading zeros).
+    pub fn zero_range(&self, off: u64, len: u64) -> Result<()> {
+        if len == 0 || self.punch_hole(off, len)? {
+            return Ok(());
+        }
+        const PIECE: u64 = 1 << 20;
+        let zeros = vec![0u8; PIECE.min(len) as usize];
+        let mut pos = off;
+        while pos < off + len {
+            let n = (off + len - pos).min(PIECE);
+            self.write_all_at(&zeros[..n as usize], pos)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
     /// Stops starting writeback as writes accumulate (for files that will not be synced).
     pub fn disable_writeback(&mut self) {
         self.writeback = false;

@@ -12,6 +12,7 @@ mod qcow2_write;
 mod raw;
 mod store;
 mod vhd;
+mod vhd_rw;
 mod vhd_write;
 mod vhdx;
 mod vhdx_write;

@@ -19,7 +19,7 @@ fn s(p: &Path) -> &str {
 }
 
 /// Opens `path` writable and returns its in-place device.
-fn open_rw(path: &Path) -> Arc<dyn BlockDeviceMut> {
+pub(crate) fn open_rw(path: &Path) -> Arc<dyn BlockDeviceMut> {
     let options = OpenOptions {
         writable: true,
         ..OpenOptions::default()
@@ -45,18 +45,25 @@ impl Rng {
     }
 }
 
-/// How the image under test treats a whole-cluster discard.
+/// The allocation unit of the image under test and what a discard does to it.
 #[derive(Clone, Copy)]
-struct Layout {
-    cluster: u64,
-    /// Whole-cluster discards read back as zeros (false: v2 over a backing file, where
-    /// discard leaves the cluster alone).
-    discard_zeroes: bool,
+pub(crate) struct Layout {
+    pub cluster: u64,
+    /// Discards make whole units of this size read back as zeros (qcow2: the cluster; 1 for
+    /// formats that zero exactly the range); `None`: discard leaves everything alone (qcow2 v2
+    /// over a backing file).
+    pub discard_unit: Option<u64>,
 }
 
 /// Applies `ops` random operations to `dev` and `model`. Offsets lean towards cluster edges
 /// so partial and whole clusters both occur.
-fn random_ops(dev: &dyn BlockDeviceMut, model: &mut [u8], layout: Layout, seed: u64, ops: usize) {
+pub(crate) fn random_ops(
+    dev: &dyn BlockDeviceMut,
+    model: &mut [u8],
+    layout: Layout,
+    seed: u64,
+    ops: usize,
+) {
     let size = model.len() as u64;
     let mut rng = Rng(seed | 1);
     for op in 0..ops {
@@ -80,8 +87,8 @@ fn random_ops(dev: &dyn BlockDeviceMut, model: &mut [u8], layout: Layout, seed: 
             8 => {
                 dev.discard(off, len)
                     .unwrap_or_else(|e| panic!("op {op}: discard {len} at {off:#x}: {e}"));
-                if layout.discard_zeroes {
-                    discard_model(model, layout.cluster, off, len);
+                if let Some(unit) = layout.discard_unit {
+                    discard_model(model, unit, off, len);
                 }
             }
             _ => dev.flush().expect("flush"),
@@ -90,8 +97,8 @@ fn random_ops(dev: &dyn BlockDeviceMut, model: &mut [u8], layout: Layout, seed: 
     dev.flush().expect("final flush");
 }
 
-/// Whole clusters of `[off, off + len)` (the disk's last partial cluster counts as whole) read
-/// as zeros after a discard; partial clusters are left alone.
+/// Whole units of `[off, off + len)` (the disk's last partial unit counts as whole) read as
+/// zeros after a discard; partial units are left alone.
 fn discard_model(model: &mut [u8], cluster: u64, off: u64, len: u64) {
     let size = model.len() as u64;
     let end = off + len;
@@ -177,7 +184,7 @@ fn random_writes_to_a_v3_image_with_compressed_and_zero_clusters() {
     model[3 << 20..(3 << 20) + 131072].fill(0);
     let layout = Layout {
         cluster: 4096,
-        discard_zeroes: true,
+        discard_unit: Some(4096),
     };
     {
         let dev = open_rw(&img);
@@ -202,7 +209,7 @@ fn small_clusters_grow_l2_tables_refcount_blocks_and_the_refcount_table() {
         let mut model = vec![0u8; 9 << 20];
         let layout = Layout {
             cluster: 512,
-            discard_zeroes: true,
+            discard_unit: Some(512),
         };
         {
             let dev = open_rw(&img);
@@ -265,13 +272,14 @@ fn writes_over_a_backing_file_copy_on_write_what_the_guest_saw() {
             s(&img),
         ]);
         let mut model = model.clone();
+        let cluster = match name {
+            "overlay-v3" => 2048,
+            "overlay-v2" => 1024,
+            _ => 4096,
+        };
         let layout = Layout {
-            cluster: match name {
-                "overlay-v3" => 2048,
-                "overlay-v2" => 1024,
-                _ => 4096,
-            },
-            discard_zeroes,
+            cluster,
+            discard_unit: discard_zeroes.then_some(cluster),
         };
         {
             let dev = open_rw(&img);
@@ -304,7 +312,7 @@ fn internal_snapshots_keep_their_data_while_the_active_image_changes() {
     qemu_img(&["snapshot", "-c", "before", s(&img)]);
     let layout = Layout {
         cluster: 4096,
-        discard_zeroes: true,
+        discard_unit: Some(4096),
     };
     {
         let dev = open_rw(&img);

@@ -134,21 +134,7 @@ impl BlockDeviceMut for RawImage {
 
     fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
         check_range(off, len, self.size())?;
-        let file = self.writable_file()?;
-        if len > 0 && file.punch_hole(off, len)? {
-            return Ok(());
-        }
-        // Write zeros in bounded pieces (a block device or a file system without hole punching
-        // must still end up reading zeros).
-        const PIECE: u64 = 1 << 20;
-        let zeros = vec![0u8; PIECE.min(len) as usize];
-        let mut pos = off;
-        while pos < off + len {
-            let n = (off + len - pos).min(PIECE);
-            file.write_all_at(&zeros[..n as usize], pos)?;
-            pos += n;
-        }
-        Ok(())
+        self.writable_file()?.zero_range(off, len)
     }
 
     fn discard(&self, off: u64, len: u64) -> Result<()> {

@@ -61,6 +61,7 @@ mod check;
 pub mod header;
 mod io;
 pub mod map;
+mod rw;
 pub mod write;
 
 use std::path::{Path, PathBuf};
@@ -68,6 +69,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::json;
 
+use crate::blockdev::BlockDeviceMut;
 use crate::create::{CreateOptions, ImageWriter};
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
@@ -124,13 +126,7 @@ impl Driver for VhdDriver {
     }
 
     fn open(&self, ctx: &OpenContext<'_>) -> Result<Arc<dyn Image>> {
-        if ctx.writable() {
-            return Err(Error::ReadOnly {
-                path: ctx.path().to_path_buf(),
-                reason: "writing vpc (VHD) images is not supported yet".into(),
-            });
-        }
-        let file = ImageFile::open(ctx.path())?;
+        let file = ImageFile::open_with(ctx.path(), ctx.writable())?;
         VhdImage::open(file, ctx).map(|image| Arc::new(image) as Arc<dyn Image>)
     }
 
@@ -286,6 +282,8 @@ pub struct VhdImage {
     layout: Layout,
     parent: Option<Parent>,
     bitmaps: Mutex<io::BitmapCache>,
+    /// The in-place write state, when opened writable.
+    writer: Option<rw::Writer>,
 }
 
 impl VhdImage {
@@ -366,6 +364,11 @@ impl VhdImage {
             ) => Some(open_parent(ctx, &file, header, *header_offset)?),
             _ => None,
         };
+        let writer = if file.is_writable() {
+            Some(rw::open_writer(&file, footer.disk_type, &copies, chosen)?)
+        } else {
+            None
+        };
         Ok(VhdImage {
             file,
             footer,
@@ -375,6 +378,7 @@ impl VhdImage {
             layout,
             parent,
             bitmaps: Mutex::new(io::BitmapCache::default()),
+            writer,
         })
     }
 
@@ -577,6 +581,14 @@ impl Image for VhdImage {
 
     fn check(&self) -> Result<CheckReport> {
         Ok(check::check(self))
+    }
+
+    fn writes_in_place(&self) -> bool {
+        self.footer.disk_type != DiskType::Differencing
+    }
+
+    fn into_mut_device(self: Arc<Self>) -> Option<Arc<dyn BlockDeviceMut>> {
+        self.mut_device()
     }
 
     fn backing(&self) -> Option<&Arc<dyn Image>> {
