@@ -777,30 +777,12 @@ impl Qcow2Image {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crash_test::{Scenario, crash_everywhere, qemu, qemu_ok, s, scratch};
     use crate::registry::{OpenContext, OpenOptions};
-    use std::path::{Path, PathBuf};
-    use std::process::Command;
-
-    /// A fresh directory under `target/<profile>/test-scratch/`.
-    fn scratch(name: &str) -> PathBuf {
-        let exe = std::env::current_exe().unwrap();
-        // target/<profile>/deps/<test binary>
-        let profile = exe.parent().and_then(Path::parent).unwrap();
-        let dir = profile.join("test-scratch").join(name);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
+    use std::path::Path;
 
     fn qemu_img(args: &[&str]) -> std::process::Output {
-        Command::new("qemu-img")
-            .args(args)
-            .output()
-            .expect("qemu-img is missing: install the Debian package qemu-utils")
-    }
-
-    fn s(p: &Path) -> &str {
-        p.to_str().unwrap()
+        qemu("qemu-img", args)
     }
 
     fn open_rw(path: &Path) -> Arc<Qcow2Image> {
@@ -820,148 +802,38 @@ mod tests {
         Arc::new(Qcow2Image::open(file, &ctx).unwrap())
     }
 
-    fn xorshift(x: &mut u64) -> u64 {
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        *x
-    }
-
-    /// What the crash test knows about the guest: the content at the last successful flush,
-    /// and which 512-byte sectors requests touched since (their content is open).
-    struct Model {
-        current: Vec<u8>,
-        flushed: Vec<u8>,
-        touched: Vec<bool>,
-    }
-
-    /// A fixed sequence of writes, zeroings, discards and flushes. Stops at the first error (the
-    /// injected crash). `cluster` is the image's cluster size; discards of whole clusters read
-    /// as zeros (the scenarios are v3 or have no backing file).
-    fn run_ops(dev: &Qcow2Image, m: &mut Model, cluster: u64, seed: u64) -> Result<()> {
-        let size = m.current.len() as u64;
-        let mut x = seed | 1;
-        for op in 0..60u64 {
-            let align = [1, 512, cluster][(xorshift(&mut x) % 3) as usize];
-            let off = (xorshift(&mut x) % size) / align * align;
-            let len = (1 + xorshift(&mut x) % (cluster * 12)).min(size - off);
-            let (a, b) = (off as usize, (off + len) as usize);
-            let kind = xorshift(&mut x) % 10;
-            if kind < 9 {
-                for t in &mut m.touched[a / 512..b.div_ceil(512)] {
-                    *t = true;
-                }
-            }
-            match kind {
-                0..=4 => {
-                    let buf: Vec<u8> = (0..len).map(|i| (op * 31 + i * 7 + seed) as u8).collect();
-                    dev.write_at(&buf, off)?;
-                    m.current[a..b].copy_from_slice(&buf);
-                }
-                5..=6 => {
-                    dev.write_zeroes(off, len)?;
-                    m.current[a..b].fill(0);
-                }
-                7..=8 => {
-                    dev.discard(off, len)?;
-                    let mut c = off.div_ceil(cluster) * cluster;
-                    while c < off + len {
-                        let end = (c + cluster).min(size);
-                        if end <= off + len {
-                            m.current[c as usize..end as usize].fill(0);
-                        }
-                        c += cluster;
-                    }
-                }
-                _ => {
-                    dev.flush()?;
-                    m.flushed.clone_from(&m.current);
-                    m.touched.fill(false);
-                }
-            }
+    /// `qemu-img check`: exit 0 (clean) or 3 (leaks only).
+    fn qemu_check(path: &Path) -> std::result::Result<(), String> {
+        let out = qemu_img(&["check", "-f", "qcow2", s(path)]);
+        match out.status.code() {
+            Some(0 | 3) => Ok(()),
+            _ => Err(format!(
+                "qemu-img check: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )),
         }
-        dev.flush()?;
-        m.flushed.clone_from(&m.current);
-        m.touched.fill(false);
-        Ok(())
     }
 
-    /// Crashes the scenario at many points (every `stride`-th file operation), keeping all,
-    /// none, or a pseudo-random half of the writes not yet synced; after each, `qemu-img check`
-    /// finds at most leaks and every sector not touched since the last flush reads as flushed.
-    fn crash_everywhere(dir: &Path, pristine: &Path, files: &[&str], initial: &[u8], seed: u64) {
-        let cluster = {
-            let img = open_rw(pristine);
-            img.header.cluster_size()
-        };
-        // A run without faults counts the operations.
-        let work = dir.join("work");
-        std::fs::create_dir_all(&work).unwrap();
-        let copy = || {
-            for f in files {
-                std::fs::copy(dir.join(f), work.join(f)).unwrap();
-            }
-            work.join(files[0])
-        };
-        let path = copy();
-        let total = {
-            let img = open_rw(&path);
-            img.file.arm_faults(0);
-            let mut m = Model {
-                current: initial.to_vec(),
-                flushed: initial.to_vec(),
-                touched: vec![false; initial.len().div_ceil(512)],
-            };
-            run_ops(&img, &mut m, cluster, seed).unwrap();
-            img.file.fault_ops()
-        };
-        assert!(total > 100, "only {total} operations");
-        let stride = (total / 150).max(1);
-        let mut crashes = 0;
-        for fail_at in (1..=total).step_by(stride as usize) {
-            for keep_mode in 0..3u64 {
-                let path = copy();
-                let mut m = Model {
-                    current: initial.to_vec(),
-                    flushed: initial.to_vec(),
-                    touched: vec![false; initial.len().div_ceil(512)],
-                };
-                {
-                    let img = open_rw(&path);
-                    img.file.arm_faults(fail_at);
-                    let r = run_ops(&img, &mut m, cluster, seed);
-                    assert!(r.is_err(), "operation {fail_at} did not fail");
-                    let mut x = fail_at ^ 0xdead_beef;
-                    img.file.simulate_crash(|_| match keep_mode {
-                        0 => true,
-                        1 => false,
-                        _ => xorshift(&mut x) & 1 == 0,
-                    });
-                }
-                crashes += 1;
-                let out = qemu_img(&["check", "-f", "qcow2", s(&path)]);
-                let text = String::from_utf8_lossy(&out.stdout);
-                assert!(
-                    matches!(out.status.code(), Some(0 | 3)),
-                    "crash at operation {fail_at}/{total} (keep mode {keep_mode}): {text}{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                let img = crate::open(&path, &OpenOptions::default()).unwrap();
-                let mut got = vec![0u8; initial.len()];
-                img.read_at(&mut got, 0).unwrap();
-                for (i, touched) in m.touched.iter().enumerate() {
-                    let r = i * 512..((i + 1) * 512).min(got.len());
-                    assert!(
-                        *touched || got[r.clone()] == m.flushed[r.clone()],
-                        "crash at operation {fail_at}/{total} (keep mode {keep_mode}): \
-                         flushed sector {i} lost: got {:?} want {:?}",
-                        &got[r.start..r.start + 16],
-                        &m.flushed[r.start..r.start + 16]
-                    );
-                }
-            }
+    fn scenario<'a>(
+        dir: &'a Path,
+        files: &'a [&'a str],
+        initial: &'a [u8],
+        seed: u64,
+        cluster: u64,
+    ) -> Scenario<'a, Qcow2Image> {
+        Scenario {
+            dir,
+            files,
+            initial,
+            seed,
+            unit: cluster,
+            // v3 images or no backing file: whole discarded clusters read as zeros.
+            discard_unit: Some(cluster),
+            open: open_rw,
+            file: |img| &img.file,
+            peer_check: qemu_check,
         }
-        assert!(crashes >= 3 * 100.min(total as usize));
     }
 
     #[test]
@@ -1016,20 +888,22 @@ mod tests {
         }
         std::fs::write(&raw, &initial).unwrap();
         let img = dir.join("disk.qcow2");
-        let out = qemu_img(&[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            "cluster_size=512,refcount_bits=64",
-            s(&raw),
-            s(&img),
-        ]);
-        assert!(out.status.success(), "{out:?}");
-        crash_everywhere(&dir, &img, &["disk.qcow2"], &initial, 12345);
+        qemu_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=512,refcount_bits=64",
+                s(&raw),
+                s(&img),
+            ],
+        );
+        crash_everywhere(&scenario(&dir, &["disk.qcow2"], &initial, 12345, 512));
     }
 
     #[test]
@@ -1042,42 +916,49 @@ mod tests {
         }
         std::fs::write(&raw, &initial).unwrap();
         let base = dir.join("base.qcow2");
-        let out = qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&base)]);
-        assert!(out.status.success(), "{out:?}");
+        qemu_ok(
+            "qemu-img",
+            &["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&base)],
+        );
         let top = dir.join("top.qcow2");
-        let out = qemu_img(&[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "-o",
-            "cluster_size=1024",
-            s(&top),
-        ]);
-        assert!(out.status.success(), "{out:?}");
+        qemu_ok(
+            "qemu-img",
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "-o",
+                "cluster_size=1024",
+                s(&top),
+            ],
+        );
         // Some data of its own, then a snapshot: the active L2 tables and data are shared.
-        let out = Command::new("qemu-io")
-            .args([
+        qemu_ok(
+            "qemu-io",
+            &[
                 "-f",
                 "qcow2",
                 "-c",
                 "write -P 7 0 300000",
                 "-c",
                 "write -z 400000 100000",
-            ])
-            .arg(&top)
-            .output()
-            .expect("qemu-io is missing: install the Debian package qemu-utils");
-        assert!(out.status.success(), "{out:?}");
+                s(&top),
+            ],
+        );
         initial[..300000].fill(7);
         initial[400000..500000].fill(0);
-        let out = qemu_img(&["snapshot", "-c", "snap", s(&top)]);
-        assert!(out.status.success(), "{out:?}");
-        std::fs::copy(&base, dir.join("work-base.qcow2")).unwrap();
-        crash_everywhere(&dir, &top, &["top.qcow2", "base.qcow2"], &initial, 777);
+        qemu_ok("qemu-img", &["snapshot", "-c", "snap", s(&top)]);
+        crash_everywhere(&scenario(
+            &dir,
+            &["top.qcow2", "base.qcow2"],
+            &initial,
+            777,
+            1024,
+        ));
     }
 
     #[test]

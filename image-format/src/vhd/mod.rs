@@ -1,5 +1,5 @@
 //! VHD images (qemu's "vpc" driver; alias "vhd"): fixed, dynamic and differencing disks read;
-//! fixed and dynamic disks written ([`write`]).
+//! fixed and dynamic disks created ([`write`]) and written in place (`rw.rs`).
 //!
 //! Specification: Microsoft, "Virtual Hard Disk Image Format Specification", v1.0, October 2006.
 //!
@@ -16,6 +16,7 @@
 //! * [`io`](self::io): `read_at` / `block_status`, executing that mapping.
 //! * [`check`](self::check): structural checks.
 //! * [`write`]: the writer (`convert -O vpc`): options, the size rule it writes, layout.
+//! * `rw.rs`: in-place writes to an existing fixed or dynamic disk opened writable.
 //!
 //! # Decisions
 //!

@@ -4,13 +4,14 @@
 //!
 //! * Fixed: guest offset = file offset; zeroes and discards punch holes (or write zeros).
 //! * Dynamic: a write into an allocated block goes in place, without a lock. A write into an
-//!   unallocated block allocates it where the footer at the end of the file is: its sector
-//!   bitmap (every sector present: readers of dynamic disks ignore it) and the written bytes go
-//!   there, the rest of the block is a hole of the host file (zeros), and the footer moves to the
-//!   block's end. Only then, after a sync, is the BAT entry written. A crash before the BAT entry
-//!   leaves an unreferenced block (VHD has no refcounts: nothing to repair); a crash while the
-//!   block is written leaves no footer at the end, and readers (ours, qemu's) fall back to the
-//!   copy at offset 0. BAT entries only ever go from unallocated to allocated, so a block's host
+//!   unallocated block allocates it where the footer at the end of the file is: first the
+//!   footer is written at the block's end and synced (so the file always ends with a footer),
+//!   then the block's sector bitmap (every sector present: readers of dynamic disks ignore it)
+//!   over the old footer and the written bytes; the rest of the block is a hole of the host file
+//!   (zeros). Only after a second sync is the BAT entry written. A crash before the BAT entry
+//!   leaves an unreferenced block (VHD has no refcounts: nothing to repair). Should the footer
+//!   at the end ever be missing, new blocks go past the end of the file, and readers (ours,
+//!   qemu's) use the copy at offset 0. BAT entries only ever go from unallocated to allocated, so a block's host
 //!   offset never changes once a request has seen it. `write_zeroes` and `discard` punch holes
 //!   in allocated blocks' data and leave unallocated blocks alone (they read as zeros).
 
@@ -113,10 +114,13 @@ impl VhdImage {
         let bitmap = super::write::full_bitmap(header.block_size);
         let data_start = start + map.bitmap_size();
         let end = data_start + map.block_size();
+        // The footer moves first (and durably), so the file always ends with one: the old
+        // copy is overwritten by the bitmap only after the new one is on disk.
+        self.file.write_all_at(&w.footer, end)?;
+        self.file.sync_data()?;
         self.file.write_all_at(&bitmap, start)?;
         self.file
             .write_all_at(piece, data_start + pos % map.block_size())?;
-        self.file.write_all_at(&w.footer, end)?;
         self.file.sync_data()?;
         self.file
             .write_all_at(&sector.to_be_bytes(), map.table_offset() + block * 4)?;
@@ -174,5 +178,99 @@ impl BlockDeviceMut for VhdImage {
     fn flush(&self) -> Result<()> {
         self.vhd_writer()?;
         self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blockdev::BlockDevice;
+    use crate::crash_test::{Scenario, crash_everywhere, qemu, s, scratch};
+    use crate::create::CreateOptions;
+    use crate::registry::{OpenContext, OpenOptions};
+    use std::path::Path;
+
+    fn open_rw(path: &Path) -> Arc<VhdImage> {
+        let registry = crate::default_registry();
+        let options = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        let ctx = OpenContext {
+            file: ImageFile::open_with(path, true).unwrap(),
+            options: &options,
+            format_explicit: true,
+            depth: 0,
+            registry: &registry,
+        };
+        Arc::new(VhdImage::open(ImageFile::open_with(path, true).unwrap(), &ctx).unwrap())
+    }
+
+    /// qemu reads the crashed image exactly as we do, and our check finds no corruption.
+    fn qemu_reads_it_like_us(path: &Path) -> std::result::Result<(), String> {
+        let raw = path.with_extension("qemu.raw");
+        let out = qemu(
+            "qemu-img",
+            &["convert", "-f", "vpc", "-O", "raw", s(path), s(&raw)],
+        );
+        if !out.status.success() {
+            return Err(format!("qemu-img convert: {out:?}"));
+        }
+        let theirs = std::fs::read(&raw).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(&raw);
+        let img = crate::open(path, &OpenOptions::default()).map_err(|e| e.to_string())?;
+        let mut ours = vec![0u8; img.size() as usize];
+        img.read_at(&mut ours, 0).map_err(|e| e.to_string())?;
+        if theirs != ours {
+            return Err("qemu reads other bytes than we do".into());
+        }
+        let report = img.check().map_err(|e| e.to_string())?;
+        if !report.corruptions.is_empty() {
+            return Err(format!("vmnest check: {:?}", report.corruptions));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn crashes_while_allocating_dynamic_blocks_keep_flushed_writes() {
+        let dir = scratch("vhd-rw-crash");
+        let img = dir.join("disk.vhd");
+        let size = 4u64 << 20;
+        let options = CreateOptions {
+            size,
+            options: vec![
+                ("subformat".into(), "dynamic".into()),
+                ("block_size".into(), "512K".into()),
+            ],
+            ..CreateOptions::default()
+        };
+        crate::default_registry()
+            .create("vpc", &img, &options)
+            .unwrap()
+            .finish()
+            .unwrap();
+        // Some blocks allocated before the session, by a clean run of the writer.
+        let mut initial = vec![0u8; size as usize];
+        {
+            let dev = open_rw(&img);
+            assert_eq!(dev.size(), size);
+            for (i, b) in initial[..700 << 10].iter_mut().enumerate() {
+                *b = (i / 512 % 249) as u8 | 1;
+            }
+            dev.write_at(&initial[..700 << 10], 0).unwrap();
+            dev.flush().unwrap();
+        }
+        crash_everywhere(&Scenario {
+            dir: &dir,
+            files: &["disk.vhd"],
+            initial: &initial,
+            seed: 4242,
+            unit: 24 << 10,
+            // Discards punch exactly the range (in allocated blocks; the rest reads zeros).
+            discard_unit: Some(1),
+            open: open_rw,
+            file: |img| &img.file,
+            peer_check: qemu_reads_it_like_us,
+        });
     }
 }
