@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crate::blockdev::BlockDeviceMut;
 use crate::error::Result;
 use crate::file::ImageFile;
-use crate::registry::OpenOptions;
+use crate::registry::{OpenContext, OpenOptions};
 
 /// A fresh directory under `target/<profile>/test-scratch/`.
 pub(crate) fn scratch(name: &str) -> PathBuf {
@@ -40,6 +40,27 @@ pub(crate) fn qemu(tool: &str, args: &[&str]) -> Output {
 pub(crate) fn qemu_ok(tool: &str, args: &[&str]) {
     let out = qemu(tool, args);
     assert!(out.status.success(), "{tool} {args:?}: {out:?}");
+}
+
+/// Opens `path` writable with a driver's own `open` (for tests that need the concrete type).
+pub(crate) fn open_writable<T>(
+    path: &Path,
+    open: fn(ImageFile, &OpenContext<'_>) -> Result<T>,
+) -> Arc<T> {
+    let registry = crate::default_registry();
+    let options = OpenOptions {
+        writable: true,
+        ..OpenOptions::default()
+    };
+    let ctx = OpenContext {
+        file: ImageFile::open_with(path, true).unwrap(),
+        options: &options,
+        format_explicit: true,
+        depth: 0,
+        registry: &registry,
+    };
+    let file = ImageFile::open_with(path, true).unwrap();
+    Arc::new(open(file, &ctx).unwrap_or_else(|e| panic!("open {} writable: {e}", path.display())))
 }
 
 pub(crate) fn s(p: &Path) -> &str {

@@ -113,7 +113,7 @@ fn discard_model(model: &mut [u8], cluster: u64, off: u64, len: u64) {
 }
 
 /// The checks every scenario ends with. qcow2-rs reads only clusters of 4 KiB and more.
-fn verify(dir: &Path, img: &Path, model: &[u8], name: &str) {
+pub(crate) fn verify(dir: &Path, img: &Path, model: &[u8], name: &str) {
     let out = run(Command::new(require("qemu-img")).args(["check", "-f", "qcow2", s(img)]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
@@ -145,6 +145,25 @@ fn refcount_table_field(img: &Path) -> Vec<u8> {
     std::fs::read(img).unwrap()[48..60].to_vec()
 }
 
+/// `qemu-img convert -f raw -O qcow2 EXTRA RAW IMG`.
+pub(crate) fn to_qcow2(raw: &Path, img: &Path, extra: &[&str]) {
+    let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
+    args.extend_from_slice(extra);
+    args.extend([s(raw), s(img)]);
+    qemu_img(&args);
+}
+
+/// A qcow2 overlay `img` of the qcow2 `base` (named by its absolute path, which qcow2-rs needs)
+/// with `-o OPTIONS` unless empty.
+pub(crate) fn overlay(base: &Path, img: &Path, options: &str) {
+    let mut args = vec!["create", "-f", "qcow2", "-b", s(base), "-F", "qcow2"];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    args.push(s(img));
+    qemu_img(&args);
+}
+
 /// A pattern raw of `size` bytes and the model of its content.
 fn pattern(dir: &Path, name: &str, size: u64, seed: u64) -> (PathBuf, Vec<u8>) {
     let raw = dir.join(format!("{name}.raw"));
@@ -158,18 +177,7 @@ fn random_writes_to_a_v3_image_with_compressed_and_zero_clusters() {
     let dir = scratch("qcow2-rw-v3");
     let (raw, mut model) = pattern(&dir, "base", 8 << 20, 3);
     let img = dir.join("disk.qcow2");
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        s(&raw),
-        s(&img),
-    ]);
+    to_qcow2(&raw, &img, &["-c", "-o", "cluster_size=4096"]);
     // Explicit zero clusters, from qemu itself.
     run_ok(Command::new(require("qemu-io")).args([
         "-f",
@@ -243,34 +251,14 @@ fn writes_over_a_backing_file_copy_on_write_what_the_guest_saw() {
     let dir = scratch("qcow2-rw-backing");
     let (raw, model) = pattern(&dir, "base", 8 << 20, 21);
     let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        s(&raw),
-        s(&base),
-    ]);
+    to_qcow2(&raw, &base, &["-c"]);
     for (name, opts, discard_zeroes) in [
         ("overlay-v3", "cluster_size=2048", true),
         ("overlay-v2", "cluster_size=1024,compat=0.10", false),
         ("overlay-v3-4k", "cluster_size=4096", true),
     ] {
         let img = dir.join(format!("{name}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&base),
-            "-F",
-            "qcow2",
-            "-o",
-            opts,
-            s(&img),
-        ]);
+        overlay(&base, &img, opts);
         let mut model = model.clone();
         let cluster = match name {
             "overlay-v3" => 2048,
@@ -298,17 +286,7 @@ fn internal_snapshots_keep_their_data_while_the_active_image_changes() {
     let dir = scratch("qcow2-rw-snapshot");
     let (raw, mut model) = pattern(&dir, "base", 8 << 20, 31);
     let img = dir.join("disk.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        s(&raw),
-        s(&img),
-    ]);
+    to_qcow2(&raw, &img, &["-o", "cluster_size=4096"]);
     qemu_img(&["snapshot", "-c", "before", s(&img)]);
     let layout = Layout {
         cluster: 4096,
@@ -343,29 +321,9 @@ fn concurrent_writers_to_shared_and_separate_clusters_all_land() {
     let dir = scratch("qcow2-rw-threads");
     let (raw, mut model) = pattern(&dir, "base", 8 << 20, 41);
     let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        s(&raw),
-        s(&base),
-    ]);
+    to_qcow2(&raw, &base, &["-c"]);
     let img = dir.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&base),
-        "-F",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        s(&img),
-    ]);
+    overlay(&base, &img, "cluster_size=4096");
     const THREADS: u64 = 4;
     const PIECE: u64 = 1024;
     {

@@ -777,8 +777,7 @@ impl Qcow2Image {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crash_test::{Scenario, crash_everywhere, qemu, qemu_ok, s, scratch};
-    use crate::registry::{OpenContext, OpenOptions};
+    use crate::crash_test::{Scenario, crash_everywhere, open_writable, qemu, qemu_ok, s, scratch};
     use std::path::Path;
 
     fn qemu_img(args: &[&str]) -> std::process::Output {
@@ -786,20 +785,7 @@ mod tests {
     }
 
     fn open_rw(path: &Path) -> Arc<Qcow2Image> {
-        let registry = crate::default_registry();
-        let options = OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
-        };
-        let ctx = OpenContext {
-            file: ImageFile::open_with(path, true).unwrap(),
-            options: &options,
-            format_explicit: true,
-            depth: 0,
-            registry: &registry,
-        };
-        let file = ImageFile::open_with(path, true).unwrap();
-        Arc::new(Qcow2Image::open(file, &ctx).unwrap())
+        open_writable(path, Qcow2Image::open)
     }
 
     /// `qemu-img check`: exit 0 (clean) or 3 (leaks only).

@@ -185,25 +185,13 @@ impl BlockDeviceMut for VhdImage {
 mod tests {
     use super::*;
     use crate::blockdev::BlockDevice;
-    use crate::crash_test::{Scenario, crash_everywhere, qemu, s, scratch};
+    use crate::crash_test::{Scenario, crash_everywhere, open_writable, qemu, s, scratch};
     use crate::create::CreateOptions;
-    use crate::registry::{OpenContext, OpenOptions};
+    use crate::registry::OpenOptions;
     use std::path::Path;
 
     fn open_rw(path: &Path) -> Arc<VhdImage> {
-        let registry = crate::default_registry();
-        let options = OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
-        };
-        let ctx = OpenContext {
-            file: ImageFile::open_with(path, true).unwrap(),
-            options: &options,
-            format_explicit: true,
-            depth: 0,
-            registry: &registry,
-        };
-        Arc::new(VhdImage::open(ImageFile::open_with(path, true).unwrap(), &ctx).unwrap())
+        open_writable(path, VhdImage::open)
     }
 
     /// qemu reads the crashed image exactly as we do, and our check finds no corruption.
