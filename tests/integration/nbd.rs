@@ -366,6 +366,28 @@ fn nbdcopy_with_four_connections_copies_both_ways() {
     );
     drop(served);
     assert_eq!(hash_file(&target), hash_file(&raw));
+
+    // Into a writable qcow2 export with small clusters: four connections allocating at once.
+    let size = std::fs::metadata(&raw).unwrap().len();
+    let target = dir.join("target.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        s(&target),
+        &size.to_string(),
+    ]);
+    let served = Served::start(&dir, &["--rw", s(&target)], 1);
+    run_ok(
+        Command::new(require("nbdcopy"))
+            .args(["--connections", "4", "--flush"])
+            .arg(&raw)
+            .arg(&served.urls[0]),
+    );
+    drop(served);
+    super::qcow2_rw::verify(&dir, &target, &read_raw(&raw), "nbdcopy-qcow2");
 }
 
 /// `nbdsh` runs Debian's python3 (which has the `nbd` module), whatever python3 comes first in
