@@ -42,6 +42,41 @@ pub fn exercise(format: &str, data: &[u8]) {
     let _ = std::fs::remove_file(&file.0);
 }
 
+/// Feeds `data` to the driver of `format` as an image file opened writable and, if it opens,
+/// writes, zeroes, discards and flushes a few ranges (the in-place writers' allocation, refcount
+/// and table code on hostile metadata), then reads back.
+pub fn exercise_writes(format: &str, data: &[u8]) {
+    let Ok(mut file) = tempfile_in_tmp() else { return };
+    if file.1.write_all(data).is_err() {
+        return;
+    }
+    let options = OpenOptions {
+        format: Some(format.to_string()),
+        open_backing: false,
+        writable: true,
+        ..Default::default()
+    };
+    if let Ok(image) = image_format::open(&file.0, &options) {
+        let size = image.size();
+        if let Some(dev) = image.into_mut_device() {
+            let buf = vec![0x5au8; 8192];
+            for off in [0, size / 3, size / 2 + 777, size.saturating_sub(5000)] {
+                let n = (size - off.min(size)).min(buf.len() as u64) as usize;
+                let _ = dev.write_at(&buf[..n], off);
+                let len = (size - off.min(size)).min(1 << 20);
+                let _ = dev.write_zeroes(off, len);
+                let _ = dev.discard(off / 2, len);
+                let _ = dev.write_at(&buf[..n], off);
+            }
+            let _ = dev.flush();
+            let mut back = vec![0u8; 8192];
+            let n = size.min(back.len() as u64) as usize;
+            let _ = dev.read_at(&mut back[..n], 0);
+        }
+    }
+    let _ = std::fs::remove_file(&file.0);
+}
+
 fn tempfile_in_tmp() -> std::io::Result<(std::path::PathBuf, std::fs::File)> {
     let dir = std::env::temp_dir().join(format!("vmnest-fuzz-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
