@@ -8,6 +8,7 @@ mod cmd_info;
 mod cmd_map;
 mod cmd_serve;
 mod cmd_store;
+mod cmd_volume;
 mod common;
 mod presets;
 mod store_args;
@@ -68,6 +69,11 @@ enum Command {
     Verify(cmd_store::VerifyArgs),
     /// Export images over NBD (loopback unless --allow-remote; read-only unless --rw).
     Serve(cmd_serve::Args),
+    /// Turn a volume (the writes of `serve store:NAME --rw`) into a new snapshot of NAME.
+    Commit(cmd_volume::CommitArgs),
+    /// Writable volumes over stored snapshots: list, discard.
+    #[command(subcommand)]
+    Volume(cmd_volume::VolumeCommand),
 }
 
 fn main() -> ExitCode {
@@ -98,6 +104,8 @@ fn main() -> ExitCode {
         Command::Gc(args) => (cmd_store::run_gc(args), 1),
         Command::Verify(args) => (cmd_store::run_verify(args), 2),
         Command::Serve(args) => (cmd_serve::run(args), 1),
+        Command::Commit(args) => (cmd_volume::run_commit(args), 1),
+        Command::Volume(cmd) => (cmd_volume::run_volume(cmd), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code),
