@@ -357,14 +357,7 @@ fn nbdcopy_with_four_connections_copies_both_ways() {
         .unwrap()
         .set_len(std::fs::metadata(&raw).unwrap().len())
         .unwrap();
-    let served = Served::start(&dir, &["--rw", "-f", "raw", s(&target)], 1);
-    run_ok(
-        Command::new(require("nbdcopy"))
-            .args(["--connections", "4", "--flush"])
-            .arg(&raw)
-            .arg(&served.urls[0]),
-    );
-    drop(served);
+    nbdcopy_into_export(&dir, &raw, &["--rw", "-f", "raw", s(&target)]);
     assert_eq!(hash_file(&target), hash_file(&raw));
 
     // Into a writable qcow2 export with small clusters: four connections allocating at once.
@@ -379,15 +372,19 @@ fn nbdcopy_with_four_connections_copies_both_ways() {
         s(&target),
         &size.to_string(),
     ]);
-    let served = Served::start(&dir, &["--rw", s(&target)], 1);
+    nbdcopy_into_export(&dir, &raw, &["--rw", s(&target)]);
+    super::qcow2_rw::verify(&dir, &target, &read_raw(&raw), "nbdcopy-qcow2");
+}
+
+/// `nbdcopy --connections 4 --flush SRC URL` into the one export `vmnest serve ARGS` serves.
+fn nbdcopy_into_export(dir: &Path, src: &Path, args: &[&str]) {
+    let served = Served::start(dir, args, 1);
     run_ok(
         Command::new(require("nbdcopy"))
             .args(["--connections", "4", "--flush"])
-            .arg(&raw)
+            .arg(src)
             .arg(&served.urls[0]),
     );
-    drop(served);
-    super::qcow2_rw::verify(&dir, &target, &read_raw(&raw), "nbdcopy-qcow2");
 }
 
 /// `nbdsh` runs Debian's python3 (which has the `nbd` module), whatever python3 comes first in
