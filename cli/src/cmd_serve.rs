@@ -37,8 +37,9 @@ pub struct Args {
     /// Listen on a Unix socket at PATH instead of TCP.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Let clients write: raw images in place (name the format with `-f raw`); a stored
-    /// snapshot (`store:NAME[@SNAP]`) copy-on-write into a volume (see --volume).
+    /// Let clients write: raw (name the format with `-f raw`), qcow2, fixed and dynamic VHD
+    /// images in place; a stored snapshot (`store:NAME[@SNAP]`) copy-on-write into a volume
+    /// (see --volume).
     #[arg(long)]
     rw: bool,
     /// With --rw, the volume a `store:` source is written into (default: its NAME). It is
@@ -188,8 +189,11 @@ fn open_export(spec: &str, name: String, args: &Args) -> Result<Export> {
     // Learn the format read-only first: a format that cannot be written in place is refused
     // before its file is ever opened for writing.
     let format = image.format();
-    if format != "raw" {
-        bail!("{spec}: {format} images cannot be served writable (--rw) yet; only raw images can");
+    if !image.writes_in_place() {
+        bail!(
+            "{spec}: {format} images cannot be served writable (--rw) here: vmnest writes raw, \
+             qcow2 and fixed or dynamic VHD (vpc) images in place, not this one"
+        );
     }
     drop(image);
     let how = SourceOptions {
