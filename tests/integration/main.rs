@@ -10,6 +10,7 @@ mod qcow2;
 mod qcow2_write;
 mod raw;
 mod remote;
+mod serve_from;
 mod store;
 mod vhd;
 mod vhd_write;

@@ -1,0 +1,222 @@
+//! `vmnest serve --from REMOTE`: a snapshot on moto's S3 server served over NBD from a store
+//! that holds nothing of it, read by qemu-img, qemu-io and nbdinfo.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use vmnest_tests::s3::Moto;
+use vmnest_tests::{data_ranges_from_json, poke, qemu_img, require, run, run_ok, scratch, vmnest};
+
+use crate::nbd::{Served, nbd_data_ranges};
+
+const KEY: &str = "vmnest-test-key";
+const SECRET: &str = "vmnest-Secret-7Qz9xK2pL";
+/// The bound given to the frame cache in these tests.
+const CACHE: u64 = 4 << 20;
+/// Largest stored frame: 512 KiB of plaintext stored raw, and its header.
+const FRAME: u64 = (512 << 10) + 16;
+
+fn st(store: &Path, endpoint: &str) -> Command {
+    let mut c = vmnest();
+    c.arg("--store").arg(store);
+    for k in ["AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"] {
+        c.env_remove(k);
+    }
+    c.env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_ACCESS_KEY_ID", KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .env("AWS_REGION", "us-east-1")
+        .env("VMNEST_REMOTE_TIMEOUT", "5");
+    c
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A 48 MiB sparse disk with 22 MiB of incompressible data in three runs.
+fn disk(path: &Path) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(48 << 20).unwrap();
+    drop(f);
+    for (i, (off, len)) in [
+        (0u64, 8usize << 20),
+        (16 << 20, 4 << 20),
+        (30 << 20, 10 << 20),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        poke(path, off, len, 40 + i as u64);
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Pushes `raw` as `gold` to a fresh bucket; returns moto and the source store.
+fn pushed(dir: &Path, raw: &Path, bucket: &str) -> (Moto, std::path::PathBuf) {
+    let moto = Moto::start();
+    moto.bucket(bucket);
+    let src = dir.join("src");
+    run_ok(
+        vmnest()
+            .arg("--store")
+            .arg(&src)
+            .arg("import")
+            .arg(raw)
+            .arg("gold"),
+    );
+    let url = format!("s3://{bucket}/v");
+    run_ok(st(&src, &moto.endpoint()).args(["remote", "add", "r", &url]));
+    run_ok(st(&src, &moto.endpoint()).args(["push", "r"]));
+    (moto, src)
+}
+
+/// An empty store with remote `r` at `bucket`.
+fn empty_store(dir: &Path, name: &str, moto: &Moto, bucket: &str) -> std::path::PathBuf {
+    let dst = dir.join(name);
+    let url = format!("s3://{bucket}/v");
+    run_ok(st(&dst, &moto.endpoint()).args(["remote", "add", "r", &url]));
+    dst
+}
+
+fn qemu_io_read(url: &str, off: u64, len: u64) -> std::process::Output {
+    run(Command::new(require("qemu-io"))
+        .args(["-r", "-f", "raw", "-c"])
+        .arg(format!("read {off} {len}"))
+        .arg(url))
+}
+
+#[test]
+fn a_remote_snapshot_is_served_lazily_with_a_bounded_cache() {
+    let dir = scratch("serve-from");
+    let raw = dir.join("gold.raw");
+    disk(&raw);
+    let (moto, src) = pushed(&dir, &raw, "vmnest-lazy");
+    let dst = empty_store(&dir, "dst", &moto, "vmnest-lazy");
+
+    let started = Instant::now();
+    let served = Served::start_cmd(
+        st(&dst, &moto.endpoint()),
+        &dir,
+        &["--from", "r", "--cache-size", "4M", "gold"],
+        1,
+    );
+    let listening = started.elapsed();
+    let url = served.urls[0].clone();
+    assert!(url.ends_with("/gold"), "{url}");
+    let first = qemu_io_read(&url, 0, 4096);
+    let first_reply = started.elapsed();
+    assert!(first.status.success(), "{first:?} {}", served.log());
+    println!(
+        "serve --from: listening after {:.3} s, first 4 KiB read after {:.3} s (48 MiB disk, moto)",
+        listening.as_secs_f64(),
+        first_reply.as_secs_f64()
+    );
+
+    // The content, and the map.
+    let out = qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&raw), &url]);
+    assert!(out.contains("identical"), "{out}");
+    let map =
+        run_ok(
+            vmnest()
+                .arg("--store")
+                .arg(&src)
+                .args(["map", "--output", "json", "store:gold"]),
+        );
+    let want = data_ranges_from_json(&map);
+    assert_eq!(nbd_data_ranges(&url), want);
+    assert!(want.len() >= 3, "{want:?}");
+
+    // The whole disk was read through a 4 MiB cache.
+    let frames = dst.join("remotes/r/cache/frames");
+    let held = dir_bytes(&frames);
+    assert!(held > 0, "nothing cached in {}", frames.display());
+    assert!(held <= CACHE + FRAME, "{held} bytes cached, bound {CACHE}");
+    drop(served);
+
+    // A second server on the same store reads what is cached, and --rw is refused.
+    let again = Served::start_cmd(
+        st(&dst, &moto.endpoint()),
+        &dir,
+        &["--from", "r", "--cache-size", "4M", "gold"],
+        1,
+    );
+    let out = qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&raw), &again.urls[0]]);
+    assert!(out.contains("identical"), "{out}");
+    assert!(dir_bytes(&frames) <= CACHE + FRAME);
+    drop(again);
+    let out = run(st(&dst, &moto.endpoint()).args(["serve", "--from", "r", "--rw", "gold"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not built"), "{err}");
+}
+
+#[test]
+fn a_damaged_pack_gives_read_errors_never_wrong_data() {
+    let dir = scratch("serve-from-damage");
+    let raw = dir.join("gold.raw");
+    disk(&raw);
+    let (moto, _src) = pushed(&dir, &raw, "vmnest-lazy-dmg");
+    // Damage the largest pack in its first frame's body.
+    let key = moto.largest("vmnest-lazy-dmg", "v/packs/");
+    moto.flip_byte("vmnest-lazy-dmg", &key, 100);
+    let dst = empty_store(&dir, "dst", &moto, "vmnest-lazy-dmg");
+    let served = Served::start_cmd(
+        st(&dst, &moto.endpoint()),
+        &dir,
+        &["--from", "r", "gold"],
+        1,
+    );
+    let url = served.urls[0].clone();
+    // Read the disk 1 MiB at a time: the reads of damaged frames fail with EIO, and every read
+    // that succeeds returns the source's bytes.
+    let script = format!(
+        r#"
+import errno
+want = open({raw:?}, 'rb').read()
+bad = 0
+for i in range(48):
+    try:
+        got = h.pread(1 << 20, i << 20)
+    except nbd.Error as e:
+        assert e.errnum == errno.EIO, (i, e.errnum, e.string)
+        bad += 1
+        continue
+    assert got == want[i << 20:(i + 1) << 20], i
+print("failed", bad)
+"#,
+        raw = raw.to_str().unwrap()
+    );
+    let out = run_ok(
+        Command::new(require("nbdsh"))
+            // The system Python, which has libnbd's module.
+            .env(
+                "PATH",
+                format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+            )
+            .args(["-u", &url, "-c"])
+            .arg(&script),
+    );
+    let failed: u32 = out
+        .trim()
+        .strip_prefix("failed ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(failed > 0, "no read failed: {out} {}", served.log());
+    assert!(failed < 48, "every read failed: {}", served.log());
+    // The server names the damaged pack.
+    let pack = key.rsplit('/').next().unwrap().to_string();
+    let log = served.log();
+    assert!(log.contains(&pack[..16]), "{log}");
+}
