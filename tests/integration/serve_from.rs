@@ -145,7 +145,14 @@ fn a_remote_snapshot_is_served_lazily_with_a_bounded_cache() {
     assert!(held <= CACHE + FRAME, "{held} bytes cached, bound {CACHE}");
     drop(served);
 
-    // A second server on the same store reads what is cached, and --rw is refused.
+    // The cache is untrusted: damage every cached frame (same length), and a second server on
+    // the same store still serves the source's bytes (it fetches them again); --rw is refused.
+    for ent in std::fs::read_dir(&frames).unwrap().flatten() {
+        let mut b = std::fs::read(ent.path()).unwrap();
+        let at = b.len() - 1;
+        b[at] ^= 0x5a;
+        std::fs::write(ent.path(), b).unwrap();
+    }
     let again = Served::start_cmd(
         st(&dst, &moto.endpoint()),
         &dir,
