@@ -9,6 +9,7 @@ mod cmd_map;
 mod cmd_remote;
 mod cmd_serve;
 mod cmd_store;
+mod cmd_volume;
 mod common;
 mod presets;
 mod store_args;
@@ -77,6 +78,11 @@ enum Command {
     Restore(Box<cmd_remote::RestoreArgs>),
     /// Export images over NBD (loopback unless --allow-remote; read-only unless --rw).
     Serve(cmd_serve::Args),
+    /// Turn a volume (the writes of `serve store:NAME --rw`) into a new snapshot of NAME.
+    Commit(cmd_volume::CommitArgs),
+    /// Writable volumes over stored snapshots: list, discard.
+    #[command(subcommand)]
+    Volume(cmd_volume::VolumeCommand),
 }
 
 fn main() -> ExitCode {
@@ -111,6 +117,8 @@ fn main() -> ExitCode {
         Command::Push(args) => (cmd_remote::run_push(args), 1),
         Command::Pull(args) => (cmd_remote::run_pull(args), 1),
         Command::Restore(args) => (cmd_remote::run_restore(*args), 1),
+        Command::Commit(args) => (cmd_volume::run_commit(args), 1),
+        Command::Volume(cmd) => (cmd_volume::run_volume(cmd), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,6 +1,7 @@
 //! The integration suite: one binary, one module per area. Peers (qemu-img, libyal's readers)
 //! are oracles; a missing peer fails the test.
 
+mod boot;
 mod cli;
 mod conformance;
 mod convert;
@@ -18,3 +19,4 @@ mod vhdx;
 mod vhdx_write;
 mod vmdk;
 mod vmdk_write;
+mod volume;

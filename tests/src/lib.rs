@@ -55,6 +55,11 @@ fn newest_file(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
     let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();
+        // Unit-test modules (`tests.rs`) are not part of the binary: cargo does not relink it
+        // when only they change.
+        if path.file_name().is_some_and(|n| n == "tests.rs") {
+            continue;
+        }
         let candidate = if path.is_dir() {
             newest_file(&path)
         } else {
@@ -591,4 +596,16 @@ pub fn assert_failed_conversion_leaves_nothing(
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(left.is_empty(), "{format} {options}: left behind {left:?}");
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, so a failing test leaves no
+/// server behind.
+#[derive(Debug)]
+pub struct KilledOnDrop(pub std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

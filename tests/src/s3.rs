@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ fn free_port() -> u16 {
 /// A running moto S3 server.
 #[derive(Debug)]
 pub struct Moto {
-    child: Child,
+    _child: crate::KilledOnDrop,
     /// Its port on 127.0.0.1.
     pub port: u16,
 }
@@ -49,7 +49,10 @@ impl Moto {
             .stderr(Stdio::null())
             .spawn()
             .expect("start moto");
-        let moto = Moto { child, port };
+        let moto = Moto {
+            _child: crate::KilledOnDrop(child),
+            port,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while http(port, "GET", "/", &[]).is_err() {
             assert!(Instant::now() < deadline, "moto did not start on {port}");
@@ -132,13 +135,6 @@ impl Moto {
              s3.put_object(Bucket=sys.argv[1], Key=sys.argv[2], Body=bytes(b))",
             &[bucket, key, &offset.to_string()],
         );
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
