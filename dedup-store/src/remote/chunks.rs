@@ -210,7 +210,8 @@ impl Inner {
     }
 
     /// Claims frames `first..` of `pack` that are neither cached nor being fetched, within
-    /// `window` stored bytes from `first`'s start; None when `first` itself is being fetched.
+    /// `window` stored bytes from `first`'s start; None when `first` itself is being fetched or
+    /// is in memory.
     fn claim(
         self: &Arc<Self>,
         pack: PackId,
@@ -219,7 +220,9 @@ impl Inner {
         window: u64,
     ) -> Option<Claim> {
         let mut g = self.lock_inflight();
-        if g.contains(&(pack, first)) {
+        // Being fetched, or landed since the caller looked: the caller waits (not at all in
+        // the second case) and looks again.
+        if g.contains(&(pack, first)) || self.cache.get((pack, first)).is_some() {
             return None;
         }
         let start = info.frames.get(first as usize)?.offset;
