@@ -1,7 +1,7 @@
 //! `vmnest serve --from REMOTE`: a snapshot on moto's S3 server served over NBD from a store
 //! that holds nothing of it, read by qemu-img, qemu-io and nbdinfo.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -53,7 +53,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 /// Pushes `raw` as `gold` to a fresh bucket; returns moto and the source store.
-fn pushed(dir: &Path, raw: &Path, bucket: &str) -> (Moto, std::path::PathBuf) {
+fn pushed(dir: &Path, raw: &Path, bucket: &str) -> (Moto, PathBuf) {
     let moto = Moto::start();
     moto.bucket(bucket);
     let src = dir.join("src");
@@ -72,7 +72,7 @@ fn pushed(dir: &Path, raw: &Path, bucket: &str) -> (Moto, std::path::PathBuf) {
 }
 
 /// An empty store with remote `r` at `bucket`.
-fn empty_store(dir: &Path, name: &str, moto: &Moto, bucket: &str) -> std::path::PathBuf {
+fn empty_store(dir: &Path, name: &str, moto: &Moto, bucket: &str) -> PathBuf {
     let dst = dir.join(name);
     let url = format!("s3://{bucket}/v");
     run_ok(st(&dst, moto).args(["remote", "add", "r", &url]));
@@ -84,6 +84,17 @@ fn qemu_io_read(url: &str, off: u64, len: u64) -> std::process::Output {
         .args(["-r", "-f", "raw", "-c"])
         .arg(format!("read {off} {len}"))
         .arg(url))
+}
+
+/// [`disk`] in scratch directory `name`, pushed to `bucket`: the directory, the disk, moto, the
+/// source store and an empty store with the remote.
+fn pushed_disk(name: &str, bucket: &str) -> (PathBuf, PathBuf, Moto, PathBuf, PathBuf) {
+    let dir = scratch(name);
+    let raw = dir.join("gold.raw");
+    disk(&raw);
+    let (moto, src) = pushed(&dir, &raw, bucket);
+    let dst = empty_store(&dir, "dst", &moto, bucket);
+    (dir, raw, moto, src, dst)
 }
 
 /// `serve --from r ARGS` on `store`, then a read of the first 4 KiB: the server, and the times
@@ -102,11 +113,7 @@ fn serve_timed(dir: &Path, store: &Path, moto: &Moto, args: &[&str]) -> (Served,
 
 #[test]
 fn a_remote_snapshot_is_served_lazily_with_a_bounded_cache() {
-    let dir = scratch("serve-from");
-    let raw = dir.join("gold.raw");
-    disk(&raw);
-    let (moto, src) = pushed(&dir, &raw, "vmnest-lazy");
-    let dst = empty_store(&dir, "dst", &moto, "vmnest-lazy");
+    let (dir, raw, moto, src, dst) = pushed_disk("serve-from", "vmnest-lazy");
 
     let (served, listening, first_reply) =
         serve_timed(&dir, &dst, &moto, &["--cache-size", "4M", "gold"]);
@@ -164,14 +171,10 @@ fn a_remote_snapshot_is_served_lazily_with_a_bounded_cache() {
 
 #[test]
 fn a_damaged_pack_gives_read_errors_never_wrong_data() {
-    let dir = scratch("serve-from-damage");
-    let raw = dir.join("gold.raw");
-    disk(&raw);
-    let (moto, _src) = pushed(&dir, &raw, "vmnest-lazy-dmg");
+    let (dir, raw, moto, _src, dst) = pushed_disk("serve-from-damage", "vmnest-lazy-dmg");
     // Damage the largest pack in its first frame's body.
     let key = moto.largest("vmnest-lazy-dmg", "v/packs/");
     moto.flip_byte("vmnest-lazy-dmg", &key, 100);
-    let dst = empty_store(&dir, "dst", &moto, "vmnest-lazy-dmg");
     let served = Served::start_cmd(st(&dst, &moto), &dir, &["--from", "r", "gold"], 1);
     let url = served.urls[0].clone();
     // Read the disk 1 MiB at a time: the reads of damaged frames fail with EIO, and every read
