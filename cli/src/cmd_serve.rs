@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use dedup_store::store::disk::StoredDisk;
 use fuse_mount::nbd::{Export, Server, ServerOptions, Tls};
 use image_format::BlockDevice;
 
@@ -28,9 +29,16 @@ const MAX_IO_THREADS: usize = 64;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Images to serve, one export each.
+    /// Images to serve, one export each (with --from: NAME[@SNAP][/MEMBER] on the remote).
     #[arg(required = true, value_name = "SOURCE")]
     sources: Vec<String>,
+    /// Serve snapshots of this remote without a local copy: chunks are fetched as they are
+    /// read (and ahead of sequential reads), cached in the store under remotes/REMOTE/cache.
+    #[arg(long, value_name = "REMOTE")]
+    from: Option<String>,
+    /// With --from: bytes of fetched frames kept on disk at most (`0` keeps none).
+    #[arg(long, value_name = "SIZE", default_value = "1G", requires = "from")]
+    cache_size: String,
     /// TCP address to listen on (port 0 picks a free port; the line printed names it).
     #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN, conflicts_with = "socket")]
     listen: String,
@@ -95,11 +103,25 @@ pub fn run(args: Args) -> Result<u8> {
     }
     let mut exports = Vec::new();
     let mut volumes = Vec::new();
+    let lazy = match &args.from {
+        Some(remote) => Some(open_from(remote, &args)?),
+        None => None,
+    };
     for (i, spec) in args.sources.iter().enumerate() {
         let name = match args.export_names.get(i) {
             Some(n) => n.clone(),
+            None if lazy.is_some() => spec.clone(),
             None => default_name(spec),
         };
+        if let Some(disks) = &lazy {
+            let device: Arc<dyn BlockDevice> = disks[i].clone();
+            let description = format!(
+                "{spec} on remote {}",
+                args.from.as_deref().unwrap_or_default()
+            );
+            exports.push(Export::read_only(name, device).with_description(description));
+            continue;
+        }
         match spec.strip_prefix("store:") {
             Some(stored) if args.rw => {
                 let v = open_volume_export(
@@ -173,6 +195,32 @@ fn listen_addr(text: &str, allow_remote: bool) -> Result<SocketAddr> {
         );
     }
     Ok(addr)
+}
+
+/// Opens the sources of `serve --from REMOTE`.
+fn open_from(remote: &str, args: &Args) -> Result<Vec<Arc<StoredDisk>>> {
+    if args.rw {
+        bail!(
+            "--rw with --from is not built: a snapshot on a remote is served read-only (pull it, \
+             or serve it without --rw)"
+        );
+    }
+    let cache = image_format::create::parse_size(&args.cache_size).with_context(|| {
+        format!(
+            "--cache-size {:?}: expected a size (1G, 512M, 0)",
+            args.cache_size
+        )
+    })?;
+    let started = std::time::Instant::now();
+    let (disks, chunks) = crate::store_args::open_lazy(remote, &args.sources, cache)
+        .with_context(|| format!("serve --from {remote}"))?;
+    eprintln!(
+        "vmnest: remote {remote}: {} chunks indexed, {} snapshots opened in {:.3} s",
+        chunks.remote().chunk_count(),
+        disks.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(disks)
 }
 
 fn open_export(spec: &str, name: String, args: &Args) -> Result<Export> {

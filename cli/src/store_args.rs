@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result};
-use dedup_store::remote::{Remote, RemoteChunks};
+use dedup_store::remote::{READ_AHEAD, Remote, RemoteChunks, RemoteReadOptions};
 use dedup_store::store::disk::StoredDisk;
 use dedup_store::store::{Access, Resolved, Store};
 
@@ -117,6 +117,54 @@ pub fn resolve_remote(name: &str, spec: &str) -> Result<(Resolved, Arc<RemoteChu
         chunks,
     ))
 }
+
+/// Opens `NAME[@SNAP][/MEMBER]` specs of remote `name` as disks read lazily through one
+/// reader of the remote: frames fetched on demand and ahead of sequential reads, kept in
+/// memory and in `remotes/NAME/cache/frames/` (at most `disk_cache` bytes) for `serve --from`.
+pub fn open_lazy(
+    name: &str,
+    specs: &[String],
+    disk_cache: u64,
+) -> Result<(Vec<Arc<StoredDisk>>, Arc<RemoteChunks>)> {
+    let remote =
+        Arc::new(Remote::open(&store_dir(), name).with_context(|| format!("remote {name}"))?);
+    remote.refresh_index()?;
+    let options = RemoteReadOptions {
+        memory_cache: LAZY_MEMORY_CACHE,
+        disk_cache: (disk_cache > 0).then(|| (remote.cache_dir().join("frames"), disk_cache)),
+        fetch_window: LAZY_FETCH_WINDOW,
+        read_ahead: READ_AHEAD,
+    };
+    let chunks = Arc::new(RemoteChunks::with_options(remote.clone(), options)?);
+    let mut disks = Vec::new();
+    for text in specs {
+        let (spec, member) = match text.split_once('/') {
+            Some((s, m)) => (s, Some(m)),
+            None => (text.as_str(), None),
+        };
+        let (snap_name, id, _) = remote.resolve(spec)?;
+        let (_, manifest) = remote
+            .manifest(&id)?
+            .with_context(|| format!("remote {name}: snapshot {} vanished", id.short()))?;
+        let snap = Resolved {
+            name: snap_name,
+            id,
+            manifest,
+        };
+        disks.push(Arc::new(StoredDisk::open_remote(
+            chunks.clone(),
+            &snap,
+            member,
+        )?));
+    }
+    Ok((disks, chunks))
+}
+
+/// Memory for decoded frames of `serve --from`.
+const LAZY_MEMORY_CACHE: usize = 64 << 20;
+/// What one miss of `serve --from` fetches at most: small, so that the first reply is quick;
+/// sequential readers are served by the read-ahead behind it.
+const LAZY_FETCH_WINDOW: u64 = 1 << 20;
 
 /// Opens `remote:REMOTE:NAME[@SNAP][/MEMBER]` as an image read from the remote.
 pub fn open_remote_stored(

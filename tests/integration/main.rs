@@ -12,6 +12,7 @@ mod qcow2_rw;
 mod qcow2_write;
 mod raw;
 mod remote;
+mod serve_from;
 mod store;
 mod vhd;
 mod vhd_rw;

@@ -10,18 +10,23 @@ use std::time::Duration;
 use vmnest_tests::*;
 
 /// A running `vmnest serve`, killed when dropped.
-struct Served {
+pub(crate) struct Served {
     child: Child,
     /// The `nbd://` URL of each export, in order.
-    urls: Vec<String>,
+    pub(crate) urls: Vec<String>,
     stderr: PathBuf,
 }
 
 impl Served {
     /// `vmnest serve ARGS --listen 127.0.0.1:0`, waiting for one `serving` line per export.
     fn start(dir: &Path, args: &[&str], exports: usize) -> Served {
+        Served::start_cmd(vmnest(), dir, args, exports)
+    }
+
+    /// [`Served::start`] with `cmd` (`vmnest` with options and environment) as the command.
+    pub(crate) fn start_cmd(mut cmd: Command, dir: &Path, args: &[&str], exports: usize) -> Served {
         let stderr = dir.join("serve.stderr");
-        let mut child = vmnest()
+        let mut child = cmd
             .arg("serve")
             .args(args)
             .args(["--listen", "127.0.0.1:0"])
@@ -62,7 +67,7 @@ impl Served {
         rest.split('/').next().expect("host:port").to_string()
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 }
@@ -313,27 +318,33 @@ fn nbdinfo_lists_exports_and_maps_like_vmnest_map() {
     assert_eq!(list["exports"][0]["is_read_only"], true);
     assert_eq!(list["exports"][0]["can_multi_conn"], true);
     for (url, path) in served.urls.iter().zip([&qcow2, &vmdk, &raw]) {
-        let map: serde_json::Value = serde_json::from_str(&run_ok(
-            Command::new(require("nbdinfo"))
-                .args(["--map", "--json"])
-                .arg(url),
-        ))
-        .unwrap();
-        let mut data: Vec<(u64, u64)> = Vec::new();
-        for e in map.as_array().unwrap() {
-            if e["type"].as_u64() != Some(0) {
-                continue;
-            }
-            let start = e["offset"].as_u64().unwrap();
-            let end = start + e["length"].as_u64().unwrap();
-            match data.last_mut() {
-                Some(last) if last.1 == start => last.1 = end,
-                _ => data.push((start, end)),
-            }
-        }
+        let data = nbd_data_ranges(url);
         assert_eq!(data, vmnest_map_data(path), "{url}");
         assert!(!data.is_empty());
     }
+}
+
+/// Merged data ranges (type 0) of an export, from `nbdinfo --map --json`.
+pub(crate) fn nbd_data_ranges(url: &str) -> Vec<(u64, u64)> {
+    let map: serde_json::Value = serde_json::from_str(&run_ok(
+        Command::new(require("nbdinfo"))
+            .args(["--map", "--json"])
+            .arg(url),
+    ))
+    .unwrap();
+    let mut data: Vec<(u64, u64)> = Vec::new();
+    for e in map.as_array().unwrap() {
+        if e["type"].as_u64() != Some(0) {
+            continue;
+        }
+        let start = e["offset"].as_u64().unwrap();
+        let end = start + e["length"].as_u64().unwrap();
+        match data.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => data.push((start, end)),
+        }
+    }
+    data
 }
 
 #[test]

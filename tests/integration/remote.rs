@@ -13,7 +13,7 @@ const KEY: &str = "vmnest-test-key";
 const SECRET: &str = "vmnest-Secret-7Qz9xK2pL";
 
 /// `vmnest --store STORE` with the S3 settings of `endpoint` (when given) in its environment only.
-fn st(store: &Path, endpoint: Option<&str>) -> Command {
+pub(crate) fn st(store: &Path, endpoint: Option<&str>) -> Command {
     let mut c = vmnest();
     c.arg("--store").arg(store);
     for k in ["AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"] {

@@ -26,11 +26,13 @@
 //! checked). Errors name the remote by its URL and the object key, never a credential.
 
 mod chunks;
+mod disk_cache;
 mod pull;
 mod push;
 mod verify;
 
-pub use chunks::{REMOTE_FRAME_CACHE, RemoteChunks};
+pub use chunks::{READ_AHEAD, REMOTE_FRAME_CACHE, ReadStats, RemoteChunks, RemoteReadOptions};
+pub use disk_cache::DiskFrameCache;
 pub use pull::{PullReport, pull};
 pub use push::{PushOptions, PushReport, push};
 pub use verify::{RemoteVerifyReport, verify_remote};
@@ -61,6 +63,8 @@ use crate::store::{Layout, Manifest, Member, SnapshotId, check_name, read_capped
 pub const MAX_INDEX_OBJECT: u64 = crate::pack::MAX_PACK_CHUNKS * crate::pack::ENTRY_LEN
     + crate::pack::MAX_PACK_FRAMES as u64 * crate::pack::FRAME_ENTRY_LEN
     + TRAILER_LEN;
+/// Index objects fetched at once by [`Remote::refresh_index`].
+const INDEX_FETCHES: usize = 16;
 /// Largest ref object accepted.
 const MAX_REF_LEN: u64 = 256;
 /// Attempts of one request before its error is final, unless `VMNEST_REMOTE_ATTEMPTS` says
@@ -451,6 +455,16 @@ impl Remote {
         self.rt.block_on(f)
     }
 
+    /// Runs `f` in the background on the remote's runtime.
+    pub(crate) fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) {
+        drop(self.rt.spawn(f));
+    }
+
+    /// The directory of this remote's local caches (`remotes/<name>/cache`).
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
     /// Names of the objects under `dir/` (relative to it).
     pub(crate) async fn list(&self, dir: &str) -> Result<Vec<(String, u64)>> {
         let prefix = self.key(dir);
@@ -719,6 +733,8 @@ impl Remote {
         std::fs::create_dir_all(&dir).map_err(crate::pack::io_err(&dir, "create cache"))?;
         let mut fresh = RemoteIndex::default();
         let mut keep = HashSet::new();
+        let mut have = Vec::new();
+        let mut missing = Vec::new();
         for (file, size) in listed {
             let Some(id) = file.strip_suffix(".idx").and_then(PackId::from_hex) else {
                 continue;
@@ -726,20 +742,38 @@ impl Remote {
             keep.insert(format!("{}.idx", id.to_hex()));
             let rel = format!("index/{file}");
             let cached = dir.join(&file);
-            let bytes = match read_capped(&cached, MAX_INDEX_OBJECT, "cached index") {
-                Ok(b) if b.len() as u64 == size => b,
+            match read_capped(&cached, MAX_INDEX_OBJECT, "cached index") {
+                Ok(b) if b.len() as u64 == size => have.push((id, rel, b)),
                 _ => {
                     if size > MAX_INDEX_OBJECT {
                         return Err(
                             self.err(&rel, format!("{size} bytes, more than {MAX_INDEX_OBJECT}"))
                         );
                     }
-                    let b = self.block_on(self.get_range(&rel, 0..size))?.to_vec();
-                    self.parse_index_object(&rel, &b)?;
-                    write_atomic(&dir, &cached, &b)?;
-                    b
+                    missing.push((id, rel, cached, size));
                 }
-            };
+            }
+        }
+        // Index objects not cached yet are fetched several at once (a store just set up to
+        // serve from the remote has none: they are all that stands before the first read).
+        let fetched: Vec<Result<(PackId, String, std::path::PathBuf, Bytes)>> =
+            self.block_on(
+                futures::stream::iter(missing.into_iter().map(
+                    |(id, rel, cached, size)| async move {
+                        let b = self.get_range(&rel, 0..size).await?;
+                        Ok((id, rel, cached, b))
+                    },
+                ))
+                .buffer_unordered(INDEX_FETCHES)
+                .collect(),
+            );
+        for r in fetched {
+            let (id, rel, cached, b) = r?;
+            self.parse_index_object(&rel, &b)?;
+            write_atomic(&dir, &cached, &b)?;
+            have.push((id, rel, b.to_vec()));
+        }
+        for (id, rel, bytes) in have {
             let (entries, frames, len) = self.parse_index_object(&rel, &bytes)?;
             for e in entries {
                 fresh.chunks.entry(e.id).or_insert((id, e.loc));

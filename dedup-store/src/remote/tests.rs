@@ -254,3 +254,73 @@ fn byte_stream_members_push_and_pull_too() {
     .unwrap();
     assert!(out == data, "stream round trip through the remote");
 }
+
+#[test]
+fn lazy_reads_fetch_ahead_once_and_reuse_the_disk_cache() {
+    use crate::store::Resolved;
+    use crate::store::disk::StoredDisk;
+    use image_format::BlockDevice;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let dir = tmp("remote-lazy");
+    let src = Store::create(&dir.join("src"), Default::default()).unwrap();
+    // Frames of incompressible data (512 KiB of chunks or more each).
+    let data = xorshift_bytes(11, 6 << 20);
+    commit_disk(&src, "disk", &data);
+    let remote = remote_at(&src, &dir.join("remote"));
+    push(&src, &remote, &all_refs(&src), &PushOptions::default()).unwrap();
+    let dst = Store::create(&dir.join("dst"), Default::default()).unwrap();
+    let cache = dir.join("dst/remotes/r/cache/frames");
+    let read = |read_ahead: u64| {
+        let r = remote_at(&dst, &dir.join("remote"));
+        r.refresh_index().unwrap();
+        let (name, id, _) = r.resolve("disk").unwrap();
+        let (_, manifest) = r.manifest(&id).unwrap().unwrap();
+        let snap = Resolved { name, id, manifest };
+        let options = RemoteReadOptions {
+            memory_cache: 64 << 20,
+            disk_cache: Some((cache.clone(), 64 << 20)),
+            // One frame per miss: what comes in larger pieces comes from the read-ahead.
+            fetch_window: 1,
+            read_ahead,
+        };
+        let chunks = Arc::new(RemoteChunks::with_options(r, options).unwrap());
+        let disk = StoredDisk::open_remote(chunks.clone(), &snap, None).unwrap();
+        let mut out = vec![0u8; data.len()];
+        for (i, piece) in out.chunks_mut(64 << 10).enumerate() {
+            disk.read_at(piece, (i as u64) << 16).unwrap();
+        }
+        assert!(out == data, "read back differs");
+        chunks
+    };
+    let first = read(READ_AHEAD);
+    let s = first.stats();
+    let (fetches, ahead) = (s.fetches.load(Relaxed), s.prefetches.load(Relaxed));
+    assert!(ahead >= 1, "no read-ahead: {s:?}");
+    let files = std::fs::read_dir(&cache).unwrap().count();
+    assert!(
+        fetches < files,
+        "{fetches} fetches for {files} frames, one a miss: {s:?}"
+    );
+    let held = first.disk_cache_bytes().unwrap();
+    assert!(held > 6 << 20, "{held}");
+    drop(first);
+
+    // A new reader finds every frame on disk; a damaged copy is fetched again.
+    let files = std::fs::read_dir(&cache).unwrap().count();
+    assert!(files >= 6, "{files} frames cached");
+    let victim = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .path();
+    let mut b = std::fs::read(&victim).unwrap();
+    b[100] ^= 1;
+    std::fs::write(&victim, b).unwrap();
+    let second = read(0);
+    let s = second.stats();
+    assert_eq!(s.disk_bad.load(Relaxed), 1, "{s:?}");
+    assert_eq!(s.fetches.load(Relaxed), 1, "{s:?}");
+    assert_eq!(s.disk_hits.load(Relaxed), files - 1, "{s:?}");
+}
