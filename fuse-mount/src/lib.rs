@@ -5,3 +5,4 @@
 //! whatever implements `BlockDevice` (an image file, a stored snapshot) can be exported.
 
 pub mod nbd;
+pub mod partition;
