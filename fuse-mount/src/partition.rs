@@ -388,12 +388,12 @@ where
                 Err(e) => e,
             };
             let last = self.size / ss - 1;
-            if last > 1 {
-                if let Ok(mut t) = self.gpt_at(sector_size, last) {
-                    let reason = format!("primary GPT unusable ({}); read the backup", err.reason);
-                    t.warnings.insert(0, self.error(err.offset, reason));
-                    return Ok(t);
-                }
+            if last > 1
+                && let Ok(mut t) = self.gpt_at(sector_size, last)
+            {
+                let reason = format!("primary GPT unusable ({}); read the backup", err.reason);
+                t.warnings.insert(0, self.error(err.offset, reason));
+                return Ok(t);
             }
             // A missing signature at one sector size is expected (the other one may hold it);
             // any other fault is what the user needs to hear about.
@@ -532,7 +532,7 @@ where
         let entry_size = le32(&bytes[84..88]);
         if !(GPT_MIN_ENTRY..=GPT_MAX_ENTRY).contains(&entry_size)
             || !(entry_size / GPT_MIN_ENTRY).is_power_of_two()
-            || entry_size % GPT_MIN_ENTRY != 0
+            || !entry_size.is_multiple_of(GPT_MIN_ENTRY)
         {
             return Err(self.error(
                 at + 84,
