@@ -27,7 +27,6 @@
 
 mod fs;
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -369,15 +368,55 @@ pub fn mount(
     })
 }
 
-/// Raises the readahead of the FUSE mount at `mountpoint` (its bdi is named `major:minor`).
+/// Raises the readahead of the FUSE mount at `mountpoint`, whose bdi is named after the mount's
+/// `major:minor`. That number comes from `/proc/self/mountinfo`: a `stat` of the mount point
+/// would wait for this very server, which does not answer requests yet.
 fn set_readahead(mountpoint: &Path, bytes: u32) -> std::io::Result<()> {
-    let dev = std::fs::metadata(mountpoint)?.dev();
-    // The glibc encoding of dev_t.
-    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
-    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let dev = mount_device(&info, mountpoint).ok_or_else(|| {
+        std::io::Error::other(format!(
+            "{} not in /proc/self/mountinfo",
+            mountpoint.display()
+        ))
+    })?;
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     std::fs::write(&path, format!("{}\n", bytes / 1024))
         .map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))
+}
+
+/// True when a FUSE file system is mounted at `mountpoint` (an absolute, canonical path).
+pub fn is_fuse_mounted(mountpoint: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|info| find_mount(&info, mountpoint).map(|(_, t)| t.starts_with("fuse")))
+        .unwrap_or(false)
+}
+
+/// The `major:minor` of the newest mount at `mountpoint` in a mountinfo text (whose mount points
+/// escape blanks and backslashes in octal).
+fn mount_device<'a>(info: &'a str, mountpoint: &Path) -> Option<&'a str> {
+    find_mount(info, mountpoint).map(|(dev, _)| dev)
+}
+
+/// `(major:minor, file system type)` of the newest mount at `mountpoint` in a mountinfo text.
+fn find_mount<'a>(info: &'a str, mountpoint: &Path) -> Option<(&'a str, &'a str)> {
+    let mut wanted = String::new();
+    for c in mountpoint.to_str()?.chars() {
+        match c {
+            ' ' | '\t' | '\n' | '\\' => wanted.push_str(&format!("\\{:03o}", c as u32)),
+            c => wanted.push(c),
+        }
+    }
+    info.lines()
+        .filter_map(|line| {
+            let (head, tail) = line.split_once(" - ")?;
+            let fields: Vec<&str> = head.split(' ').collect();
+            if fields.get(4) != Some(&wanted.as_str()) {
+                return None;
+            }
+            Some((*fields.get(2)?, tail.split(' ').next()?))
+        })
+        .next_back()
 }
 
 impl Mount {
@@ -430,4 +469,19 @@ pub fn unmount(mountpoint: &Path) -> Result<(), FuseError> {
     } else {
         text.to_string()
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_mount_at_a_point_names_the_device() {
+        let info = "22 1 0:21 / /proc rw - proc proc rw\n\
+                    90 22 0:50 / /tmp/a\\040b rw - fuse x rw\n\
+                    91 22 0:51 / /tmp/a\\040b ro - fuse vmnest:d ro\n";
+        assert_eq!(mount_device(info, Path::new("/tmp/a b")), Some("0:51"));
+        assert_eq!(mount_device(info, Path::new("/tmp/a")), None);
+        assert_eq!(find_mount(info, Path::new("/proc")), Some(("0:21", "proc")));
+    }
 }
