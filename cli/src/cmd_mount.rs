@@ -32,6 +32,8 @@ use crate::store_args;
 
 /// The last line a background child writes when its mount is live.
 const READY: &str = "READY";
+/// The start of a warning line (the parent passes a child's to its stderr).
+const WARNING: &str = "vmnest: warning: ";
 
 #[derive(Debug, clap::Args)]
 pub struct MountArgs {
@@ -187,7 +189,13 @@ fn start_daemon(mountpoint: &Path) -> Result<u8> {
             .context("reading from the mount's server")?;
     }
     if let Some(shown) = text.strip_suffix(&format!("{READY}\n")) {
-        print!("{shown}");
+        for line in shown.lines() {
+            if line.starts_with(WARNING) {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
+        }
         return Ok(0);
     }
     let status = child.wait().context("waiting for the mount's server")?;
@@ -271,7 +279,12 @@ fn serve(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
     let disks = open_disks(args)?;
     let layout = fusefs::layout(&disks);
     for w in &layout.warnings {
-        eprintln!("vmnest: warning: {w}");
+        // A background child's stderr is its log: the user hears of it through the parent.
+        if args.daemon_child {
+            println!("{WARNING}{w}");
+        } else {
+            eprintln!("{WARNING}{w}");
+        }
     }
     let options = MountOptions {
         writable: args.rw,

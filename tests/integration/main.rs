@@ -4,6 +4,7 @@
 mod cli;
 mod conformance;
 mod convert;
+mod mount;
 mod nbd;
 mod parallels;
 mod qcow2;
