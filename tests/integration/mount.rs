@@ -3,7 +3,7 @@
 //! `mount -o loop`, `debugfs`, and `fusermount3`.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -331,7 +331,7 @@ fn fusermount_alone_makes_a_foreground_server_flush_and_exit() {
     File::create(&raw).unwrap().set_len(4 * MIB).unwrap();
     let point = dir.join("mnt");
     std::fs::create_dir_all(&point).unwrap();
-    let mut server = vmnest()
+    let server = vmnest()
         .args(["mount", "-f", "--rw", "--format", "raw", s(&raw), s(&point)])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
