@@ -5,11 +5,8 @@
 # `virsh save` does: `stop`, then HMP `migrate "exec:cat > OUTDIR/vmN.mig"`, waits for the
 # migration to complete, quits. Prints the stream sizes.
 #
-# Debian's qemu-system-x86 conflicts with the installed qemu-utils, so it is never installed: its
-# packages (and the shared libraries missing here, and seabios) are fetched with `apt-get download`
-# into bench/work/qemu-debs and unpacked with `dpkg -x` into bench/work/qemu-system (both cached).
-# The kernel and initrd are copied out of the image's /boot (read-only loop mount) and passed with
-# -kernel/-initrd, root=/dev/vda1. The VMs run one after the other (TCG is CPU-heavy).
+# qemu-system-x86_64 is unpacked privately (bench/lib/qemu-system.sh says why and how); the
+# kernel and initrd are copied out of the image's /boot and passed with -kernel/-initrd, root=/dev/vda1. The VMs run one after the other (TCG is CPU-heavy).
 # Cached: an existing OUTDIR/vmN.mig is kept.
 #
 # Usage: bench/make-vm-memory.sh OUTDIR [GOLD.raw] [--live]
@@ -39,41 +36,10 @@ out=$(cd "$out" && pwd)
 gold=$(cd "$(dirname "$gold")" && pwd)/$(basename "$gold")
 
 # --- private qemu-system-x86 7.2 ---
-debs=$here/work/qemu-debs
-qroot=$here/work/qemu-system
-qemu=$qroot/usr/bin/qemu-system-x86_64
-pkgs=(qemu-system-x86 qemu-system-common qemu-system-data seabios
-      libcapstone4 libfdt1 libpmem1 librdmacm1 libibverbs1 libslirp0 libvdeplug2 libndctl6
-      libdaxctl1 libnl-3-200 libnl-route-3-200)
-export LD_LIBRARY_PATH=$qroot/usr/lib/x86_64-linux-gnu:$qroot/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-if [ ! -x "$qemu" ]; then
-  echo "== unpacking qemu-system-x86 into $qroot"
-  mkdir -p "$debs"
-  missing=()
-  for p in "${pkgs[@]}"; do
-    compgen -G "$debs/${p}_*.deb" >/dev/null || missing+=("$p")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
-    (cd "$debs" && apt-get download -q "${missing[@]}" 2>&1 | grep -v 'unsandboxed' || true)
-  fi
-  for p in "${pkgs[@]}"; do
-    compgen -G "$debs/${p}_*.deb" >/dev/null || { echo "apt-get download $p failed" >&2; exit 1; }
-  done
-  rm -rf "$qroot.tmp"
-  mkdir -p "$qroot.tmp"
-  for d in "$debs"/*.deb; do dpkg -x "$d" "$qroot.tmp"; done
-  rm -rf "$qroot"
-  mv "$qroot.tmp" "$qroot"
-fi
-if ldd "$qemu" | grep -q 'not found'; then
-  echo "qemu-system-x86_64 lacks shared libraries:" >&2
-  ldd "$qemu" | grep 'not found' >&2
-  exit 1
-fi
-echo "== $("$qemu" --version | head -1)"
+. "$here/lib/qemu-system.sh"
+private_qemu "$here"
 
 # --- state for the cleanup trap ---
-mnt=""
 qpid=""
 cleanup() {
   if [ -n "$qpid" ] && kill -0 "$qpid" 2>/dev/null; then
@@ -82,30 +48,13 @@ cleanup() {
     kill -9 "$qpid" 2>/dev/null || true
   fi
   qpid=""
-  if [ -n "$mnt" ]; then
-    umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
-    rmdir "$mnt" 2>/dev/null || true
-    mnt=""
-  fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # --- kernel and initrd from the image's /boot ---
 boot=$out/boot
-if [ ! -f "$boot/vmlinuz" ] || [ ! -f "$boot/initrd.img" ]; then
-  mkdir -p "$boot"
-  mnt=$(mktemp -d /tmp/vmnest-vm-memory.XXXXXX)
-  mount -o ro,loop,offset=$((1 << 20)) "$gold" "$mnt"
-  k=$(ls "$mnt"/boot/vmlinuz-* | sort -V | tail -1)
-  v=${k##*/vmlinuz-}
-  cp "$k" "$boot/vmlinuz.tmp"
-  cp "$mnt/boot/initrd.img-$v" "$boot/initrd.img.tmp"
-  echo "$v" >"$boot/version"
-  cleanup
-  mv "$boot/vmlinuz.tmp" "$boot/vmlinuz"
-  mv "$boot/initrd.img.tmp" "$boot/initrd.img"
-fi
+kernel_from_image "$gold" "$boot"
 echo "== kernel $(cat "$boot/version") from $gold"
 
 # hmp SOCKET COMMAND...: sends HMP commands over the monitor socket, prints the replies.
@@ -163,7 +112,7 @@ for n in $(seq 1 "$vms"); do
   rm -f "$overlay" "$mig.tmp" "$out/vm$n.console.log" "$out/vm$n.mon"
   qemu-img create -q -f qcow2 -b "$gold" -F raw "$overlay"
   t0=$SECONDS
-  "$qemu" -L "$qroot/usr/share/qemu" -machine pc,accel=tcg -m 512 -smp 1 \
+  LD_LIBRARY_PATH=$qemu_libs "$qemu" -L "$qroot/usr/share/qemu" -machine pc,accel=tcg -m 512 -smp 1 \
     -nographic -nodefaults -no-user-config \
     -kernel "$boot/vmlinuz" -initrd "$boot/initrd.img" \
     -append "root=/dev/vda1 rw console=ttyS0 panic=-1" \
@@ -172,19 +121,7 @@ for n in $(seq 1 "$vms"); do
     -monitor "unix:$out/vm$n.mon,server=on,wait=off" \
     -no-reboot </dev/null >"$out/vm$n.qemu.log" 2>&1 &
   qpid=$!
-  until grep -q 'login:' "$out/vm$n.console.log" 2>/dev/null; do
-    if ! kill -0 "$qpid" 2>/dev/null; then
-      echo "vm$n: qemu exited before the login prompt; see $out/vm$n.qemu.log and the console log" >&2
-      tail -n 20 "$out/vm$n.console.log" >&2 || true
-      exit 1
-    fi
-    if [ $((SECONDS - t0)) -ge "$boot_timeout" ]; then
-      echo "vm$n: no login prompt after ${boot_timeout}s; last console lines:" >&2
-      tail -n 20 "$out/vm$n.console.log" >&2
-      exit 1
-    fi
-    sleep 1
-  done
+  wait_for_login "$out/vm$n.console.log" "$qpid" "$boot_timeout"
   echo "   login prompt after $((SECONDS - t0))s: $(grep -a 'login:' "$out/vm$n.console.log" | head -1 | tr -d '\r')"
   sleep "$settle"
   s=$SECONDS

@@ -1,6 +1,7 @@
 //! The integration suite: one binary, one module per area. Peers (qemu-img, libyal's readers)
 //! are oracles; a missing peer fails the test.
 
+mod boot;
 mod cli;
 mod conformance;
 mod convert;
