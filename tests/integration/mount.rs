@@ -386,3 +386,87 @@ fn a_stored_snapshot_mounts_read_only_with_its_partitions() {
     );
     m.umount();
 }
+
+/// The pid the server of a mount recorded (first line of its `.lock` state file).
+fn server_pid(point: &Path) -> i32 {
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|v| !v.is_empty())
+        .map(|d| PathBuf::from(d).join("vmnest"))
+        .or_else(|| Some(PathBuf::from("/run/user/0/vmnest")).filter(|d| d.is_dir()))
+        .unwrap_or_else(|| PathBuf::from("/tmp/vmnest-0"));
+    let key = blake3::hash(s(&point.canonicalize().unwrap()).as_bytes()).to_hex();
+    let text = std::fs::read_to_string(dir.join(format!("{}.lock", &key.as_str()[..32]))).unwrap();
+    text.lines().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_killed_server_keeps_what_fsync_acknowledged_and_umount_says_it_died() {
+    let dir = scratch("mount-kill");
+    let raw = dir.join("plain.raw");
+    File::create(&raw).unwrap().set_len(4 * MIB).unwrap();
+    let m = Mounted::new(&dir, &["mount", "--rw", "--format", "raw", s(&raw)]);
+    let f = File::options().write(true).open(m.file("disk")).unwrap();
+    f.write_all_at(b"durable", MIB).unwrap();
+    f.sync_all().unwrap();
+    let pid = server_pid(&m.point);
+    // SAFETY: sending a signal to the server process this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    drop(f);
+    assert_eq!(range(&raw, MIB, 7), b"durable");
+    // The dead mount is taken down, and umount says the server ended without reporting.
+    let out = run(vmnest().arg("umount").arg(&m.point));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("ended without reporting"), "{err}");
+    assert!(!is_mounted(&m.point));
+}
+
+#[test]
+fn sigterm_unmounts_and_the_outcome_is_kept_for_umount() {
+    let dir = scratch("mount-term");
+    let raw = dir.join("plain.raw");
+    File::create(&raw).unwrap().set_len(4 * MIB).unwrap();
+    let m = Mounted::new(&dir, &["mount", "--rw", "--format", "raw", s(&raw)]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.file("disk"))
+        .unwrap()
+        .write_all_at(b"term", 0)
+        .unwrap();
+    let pid = server_pid(&m.point);
+    // SAFETY: sending a signal to the server process this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let started = std::time::Instant::now();
+    while is_mounted(&m.point) {
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "still mounted after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = m.umount();
+    assert!(out.contains("1 writes (4 B) flushed"), "{out}");
+    assert_eq!(range(&raw, 0, 4), b"term");
+}
+
+#[test]
+fn a_source_that_cannot_be_opened_fails_the_mount_with_its_reason() {
+    let dir = scratch("mount-missing");
+    let point = dir.join("mnt");
+    std::fs::create_dir_all(&point).unwrap();
+    let out = run(vmnest().args(["mount", s(&dir.join("nope.qcow2")), s(&point)]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("nope.qcow2"), "{err}");
+    assert!(!is_mounted(&point));
+    // A writable mount of a stored snapshot waits for volumes, and says so.
+    let store = dir.join("store");
+    let out =
+        run(vmnest()
+            .arg("--store")
+            .arg(&store)
+            .args(["mount", "--rw", "store:vm", s(&point)]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("copy-on-write volumes"), "{err}");
+}
