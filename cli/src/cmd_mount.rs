@@ -276,6 +276,9 @@ fn serve(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
         args.source
     )?;
 
+    // Until the mount is live, a failure leaves no lock file behind (the log stays: a parent
+    // prints it).
+    let mut not_live = RemoveOnDrop(Some(state.lock.clone()));
     let disks = open_disks(args)?;
     let layout = fusefs::layout(&disks);
     for w in &layout.warnings {
@@ -296,7 +299,10 @@ fn serve(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
         ),
         ..Default::default()
     };
+    // Handlers first: a signal right after the mount is live must unmount, not kill.
+    unmount_on_signal(mountpoint.to_path_buf());
     let mount = fusefs::mount(mountpoint, disks, layout, &options)?;
+    not_live.0 = None;
     for note in mount.notes() {
         eprintln!("vmnest: note: {note}");
     }
@@ -326,7 +332,6 @@ fn serve(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
     if args.daemon_child {
         detach_stdout()?;
     }
-    unmount_on_signal(mountpoint.to_path_buf());
 
     let report = mount.run()?;
     let mut message = format!("unmounted {}", mountpoint.display());
@@ -352,6 +357,17 @@ fn serve(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
     finish(&state, &outcome, args.daemon_child);
     drop(lock);
     Ok(if outcome.ok { 0 } else { 1 })
+}
+
+/// Removes a file when dropped, unless emptied first.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Says how the mount ended: in `.result`, and on stdout in the foreground (stderr, so the log,
@@ -388,8 +404,9 @@ fn detach_stdout() -> Result<()> {
 }
 
 /// SIGINT and SIGTERM unmount (the server then finishes as for any unmount); a mount that is
-/// still in use stays, and says so.
+/// still in use stays, and says so. Returns once the handlers are installed.
 fn unmount_on_signal(mountpoint: PathBuf) {
+    let (installed, wait) = std::sync::mpsc::channel::<()>();
     let spawned = std::thread::Builder::new()
         .name("vmnest-signals".into())
         .spawn(move || {
@@ -408,6 +425,7 @@ fn unmount_on_signal(mountpoint: PathBuf) {
                 ) else {
                     return eprintln!("vmnest: no signal handling");
                 };
+                drop(installed);
                 loop {
                     tokio::select! {
                         _ = int.recv() => {}
@@ -419,8 +437,12 @@ fn unmount_on_signal(mountpoint: PathBuf) {
                 }
             });
         });
-    if let Err(e) = spawned {
-        eprintln!("vmnest: no signal handling: {e}");
+    match spawned {
+        // Returns when the thread drops its end: handlers installed, or gave up.
+        Ok(_) => {
+            let _ = wait.recv();
+        }
+        Err(e) => eprintln!("vmnest: no signal handling: {e}"),
     }
 }
 
@@ -435,7 +457,9 @@ pub fn run_umount(args: UmountArgs) -> Result<u8> {
     let served = lock.as_ref().is_some_and(|l| l.try_lock_shared().is_err());
     if served || fusefs::is_fuse_mounted(&mountpoint) {
         fusefs::unmount(&mountpoint)?;
-    } else if lock.is_none() {
+    } else if lock.is_none() || !state.result.exists() {
+        // No server, no mount, and no outcome left by one that ended (a stale lock file).
+        state.remove();
         bail!("{}: nothing is mounted there", mountpoint.display());
     }
     let Some(lock) = lock else {

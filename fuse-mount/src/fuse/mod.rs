@@ -474,6 +474,92 @@ pub fn unmount(mountpoint: &Path) -> Result<(), FuseError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image_format::blockdev::{Extent, check_range, check_status_range};
+
+    /// A disk in memory whose first `data` bytes are allocated (the rest a hole).
+    struct Mem {
+        bytes: Vec<u8>,
+        data: u64,
+    }
+
+    impl BlockDevice for Mem {
+        fn size(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        fn caps(&self) -> Caps {
+            Caps::EXTENTS
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> image_format::Result<()> {
+            check_range(off, buf.len() as u64, self.size())?;
+            buf.copy_from_slice(&self.bytes[off as usize..off as usize + buf.len()]);
+            Ok(())
+        }
+        fn block_status(&self, off: u64, len: u64) -> image_format::Result<Extent> {
+            check_status_range(off, len, self.size())?;
+            Ok(if off < self.data {
+                Extent::new(ExtentKind::Data, len.min(self.data - off))
+            } else {
+                Extent::new(ExtentKind::Zero, len)
+            })
+        }
+    }
+
+    /// A 4 MiB disk with MBR partitions 1 (1 MiB at 1 MiB) and 3 (1 MiB at 2 MiB); the first
+    /// `data` bytes allocated.
+    fn mbr_disk(name: &str, data: u64) -> Disk {
+        let mut bytes = vec![0u8; 4 << 20];
+        for (slot, start) in [(0usize, 2048u32), (2, 4096)] {
+            let e = 446 + 16 * slot;
+            bytes[e + 4] = 0x83;
+            bytes[e + 8..e + 12].copy_from_slice(&start.to_le_bytes());
+            bytes[e + 12..e + 16].copy_from_slice(&2048u32.to_le_bytes());
+        }
+        bytes[510] = 0x55;
+        bytes[511] = 0xAA;
+        Disk::read_only(name, Arc::new(Mem { bytes, data }))
+    }
+
+    #[test]
+    fn each_disk_is_followed_by_its_partition_windows() {
+        let layout = layout(&[mbr_disk("disk0", 3 << 20), mbr_disk("disk1", 512)]);
+        let files: Vec<(&str, usize, u64, u64, u64)> = layout
+            .files
+            .iter()
+            .map(|f| (f.name.as_str(), f.disk, f.offset, f.len, f.blocks))
+            .collect();
+        assert_eq!(
+            files,
+            [
+                ("disk0", 0, 0, 4 << 20, 6144),
+                ("disk0-part1", 0, 1 << 20, 1 << 20, 2048),
+                ("disk0-part3", 0, 2 << 20, 1 << 20, 2048),
+                ("disk1", 1, 0, 4 << 20, 1),
+                ("disk1-part1", 1, 1 << 20, 1 << 20, 0),
+                ("disk1-part3", 1, 2 << 20, 1 << 20, 0),
+            ]
+        );
+        assert!(layout.warnings.is_empty());
+    }
+
+    #[test]
+    fn an_unreadable_table_leaves_the_disk_alone_with_a_warning() {
+        let mut disk = mbr_disk("disk", 0);
+        let mut bytes = vec![0u8; 4 << 20];
+        bytes[446 + 4] = 0xEE;
+        bytes[446 + 12..446 + 16].copy_from_slice(&8191u32.to_le_bytes());
+        bytes[510] = 0x55;
+        bytes[511] = 0xAA;
+        disk.device = Arc::new(Mem { bytes, data: 0 });
+        let layout = layout(&[disk]);
+        assert_eq!(layout.files.len(), 1);
+        assert_eq!(
+            layout.warnings,
+            [
+                "disk: partition table at offset 0x200: protective MBR (type 0xee) but no GPT \
+              header (EFI PART) here; showing the whole disk only"
+            ]
+        );
+    }
 
     #[test]
     fn the_newest_mount_at_a_point_names_the_device() {
