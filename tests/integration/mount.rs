@@ -385,6 +385,40 @@ fn a_stored_snapshot_mounts_read_only_with_its_partitions() {
         range(&raw, MIB, 24 * MIB)
     );
     m.umount();
+
+    // A bundle shows each disk member by name (the config member is no disk), and one member
+    // alone is `disk`.
+    let second = dir.join("second.raw");
+    std::fs::write(&second, b"second disk").unwrap();
+    File::options()
+        .write(true)
+        .open(&second)
+        .unwrap()
+        .set_len(2 * MIB)
+        .unwrap();
+    let config = dir.join("vm.conf");
+    std::fs::write(&config, "memory = 1G\n").unwrap();
+    run_ok(vmnest().arg("--store").arg(&store).args([
+        "import",
+        "--vm",
+        "bundle",
+        "--disk",
+        s(&raw),
+        "--disk",
+        s(&second),
+        "--config",
+        s(&config),
+    ]));
+    let m = Mounted::new(&dir, &["--store", s(&store), "mount", "store:bundle"]);
+    assert_eq!(m.names(), ["disk0", "disk0-part1", "disk0-part5", "disk1"]);
+    assert_eq!(
+        std::fs::read(m.file("disk1")).unwrap(),
+        std::fs::read(&second).unwrap()
+    );
+    m.umount();
+    let m = Mounted::new(&dir, &["--store", s(&store), "mount", "store:bundle/disk1"]);
+    assert_eq!(m.names(), ["disk"]);
+    m.umount();
 }
 
 /// The pid the server of a mount recorded (first line of its `.lock` state file).
