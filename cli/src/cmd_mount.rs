@@ -165,6 +165,10 @@ pub fn run_mount(args: MountArgs) -> Result<u8> {
 /// Starts `vmnest mount -f` in the background and waits until its mount is live.
 fn start_daemon(mountpoint: &Path) -> Result<u8> {
     let state = StateFiles::for_mountpoint(mountpoint)?;
+    // A server already there keeps its log: refuse before touching it.
+    if File::open(&state.lock).is_ok_and(|l| l.try_lock_shared().is_err()) {
+        bail!("{} is already mounted by vmnest", mountpoint.display());
+    }
     let log = File::create(&state.log).with_context(|| state.log.display().to_string())?;
     let exe = std::env::current_exe().context("finding the vmnest executable")?;
     let mut command = Command::new(exe);
