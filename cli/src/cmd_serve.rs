@@ -1,7 +1,8 @@
 //! `vmnest serve`: export images over NBD, like `qemu-nbd`, several at once by name.
 //!
 //! Loopback only unless `--allow-remote` (an export is the whole disk); TLS required with
-//! `--tls-cert`/`--tls-key`; read-only unless `--rw`. Stops on SIGINT or SIGTERM.
+//! `--tls-cert`/`--tls-key`; read-only unless `--rw`. Stops on SIGINT or SIGTERM. A stored
+//! snapshot served `--rw` is written copy-on-write into a volume (cmd_volume.rs).
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use fuse_mount::nbd::{Export, Server, ServerOptions, Tls};
 use image_format::BlockDevice;
 
+use crate::cmd_volume::open_volume_export;
 use crate::common::{OpenArgs, SourceOptions, open_source, open_source_mut};
 
 /// The IANA port of NBD.
@@ -35,9 +37,18 @@ pub struct Args {
     /// Listen on a Unix socket at PATH instead of TCP.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Let clients write (raw images only; name the format with `-f raw`).
+    /// Let clients write: raw images in place (name the format with `-f raw`); a stored
+    /// snapshot (`store:NAME[@SNAP]`) copy-on-write into a volume (see --volume).
     #[arg(long)]
     rw: bool,
+    /// With --rw, the volume a `store:` source is written into (default: its NAME). It is
+    /// created over the snapshot when missing; `vmnest commit VOLUME` makes it a snapshot.
+    #[arg(long, value_name = "VOLUME", requires = "rw")]
+    volume: Option<String>,
+    /// With --rw, commit a volume when its last client disconnects cleanly (NBD_CMD_DISC)
+    /// after writing; the new snapshot is printed as `committed NAME@ID`.
+    #[arg(long, requires = "rw")]
+    commit_on_disconnect: bool,
     /// Export name, once per SOURCE in order (default: the file name; the first export also
     /// answers the empty name).
     #[arg(long = "export-name", value_name = "NAME")]
@@ -70,13 +81,37 @@ pub fn run(args: Args) -> Result<u8> {
         Some(_) => None,
         None => Some(listen_addr(&args.listen, args.allow_remote)?),
     };
+    let stored = args
+        .sources
+        .iter()
+        .filter(|s| s.starts_with("store:"))
+        .count();
+    if args.volume.is_some() && stored != 1 {
+        bail!("--volume names the volume of one store: source ({stored} given)");
+    }
+    if args.commit_on_disconnect && stored == 0 {
+        bail!("--commit-on-disconnect applies to store: sources only");
+    }
     let mut exports = Vec::new();
+    let mut volumes = Vec::new();
     for (i, spec) in args.sources.iter().enumerate() {
         let name = match args.export_names.get(i) {
             Some(n) => n.clone(),
             None => default_name(spec),
         };
-        exports.push(open_export(spec, name, &args)?);
+        match spec.strip_prefix("store:") {
+            Some(stored) if args.rw => {
+                let v = open_volume_export(
+                    stored,
+                    args.volume.as_deref(),
+                    name,
+                    args.commit_on_disconnect,
+                )?;
+                exports.push(v.export);
+                volumes.push(v.volume);
+            }
+            _ => exports.push(open_export(spec, name, &args)?),
+        }
     }
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
@@ -97,7 +132,14 @@ pub fn run(args: Args) -> Result<u8> {
         .thread_name("vmnest-nbd")
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(serve(server, listen, args.socket, scheme))
+    let result = runtime.block_on(serve(server, listen, args.socket, scheme));
+    // Stopped by a signal: what clients wrote without a flush is made durable too.
+    for v in &volumes {
+        if let Err(e) = image_format::BlockDeviceMut::flush(v.as_ref()) {
+            eprintln!("vmnest: volume {}: {e}", v.name());
+        }
+    }
+    result
 }
 
 /// The size of the blocking pool that runs device I/O.

@@ -20,6 +20,7 @@ use dedup_store::store::{
 use serde_json::json;
 
 use crate::cmd_convert::{ConvertArgs, bar, run_convert};
+use crate::cmd_volume::{print_volume_lines, volume_rows};
 use crate::common::{OpenArgs, Output, human_size, open_image, print_json, shown};
 use crate::presets::Target;
 use crate::store_args::{open_store, store_dir};
@@ -664,6 +665,14 @@ pub fn run_ls(args: ListArgs) -> Result<u8> {
         let m = store.manifest(id)?;
         rows.push((name.clone(), *id, m));
     }
+    let volumes = volume_rows(&store)?;
+    let volumes_of = |name: &str| -> Vec<&str> {
+        volumes
+            .iter()
+            .filter(|v| v["name"] == name)
+            .filter_map(|v| v["volume"].as_str())
+            .collect()
+    };
     match args.output {
         Output::Json => print_json(
             &rows
@@ -678,6 +687,7 @@ pub fn run_ls(args: ListArgs) -> Result<u8> {
                         "logical_bytes": m.logical_size(),
                         "labels": m.labels,
                         "members": m.members.iter().map(|x| json!({"name": x.name, "kind": x.kind.as_str(), "size": x.size})).collect::<Vec<_>>(),
+                        "volumes": volumes_of(n),
                     })
                 })
                 .collect::<Vec<_>>(),
@@ -692,6 +702,7 @@ pub fn run_ls(args: ListArgs) -> Result<u8> {
                     members_text(&m.members)
                 );
             }
+            print_volume_lines(&volumes);
         }
     }
     Ok(0)
@@ -892,6 +903,7 @@ pub fn run_du(args: DuArgs) -> Result<u8> {
         "stored_bytes": stored,
         "packs": store.chunks().packs().len(),
         "images": images,
+        "volumes": volume_rows(&store)?,
     });
     match args.output {
         Output::Json => print_json(&summary)?,
@@ -918,6 +930,7 @@ pub fn run_du(args: DuArgs) -> Result<u8> {
                 human_size(stored),
                 logical as f64 / stored.max(1) as f64
             );
+            print_volume_lines(summary["volumes"].as_array().map_or(&[], |v| v.as_slice()));
         }
     }
     Ok(0)

@@ -9,6 +9,7 @@ mod cmd_map;
 mod cmd_mount;
 mod cmd_serve;
 mod cmd_store;
+mod cmd_volume;
 mod common;
 mod presets;
 mod store_args;
@@ -74,6 +75,11 @@ enum Command {
     Mount(cmd_mount::MountArgs),
     /// Unmount a `vmnest mount` and wait until its server has flushed (and committed) and exited.
     Umount(cmd_mount::UmountArgs),
+    /// Turn a volume (the writes of `serve store:NAME --rw`) into a new snapshot of NAME.
+    Commit(cmd_volume::CommitArgs),
+    /// Writable volumes over stored snapshots: list, discard.
+    #[command(subcommand)]
+    Volume(cmd_volume::VolumeCommand),
 }
 
 fn main() -> ExitCode {
@@ -106,6 +112,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => (cmd_serve::run(args), 1),
         Command::Mount(args) => (cmd_mount::run_mount(args), 1),
         Command::Umount(args) => (cmd_mount::run_umount(args), 1),
+        Command::Commit(args) => (cmd_volume::run_commit(args), 1),
+        Command::Volume(cmd) => (cmd_volume::run_volume(cmd), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -23,10 +23,21 @@ pub(crate) fn check(op: &'static str, path: &Path) -> std::io::Result<()> {
         }
         match op {
             "write" => {
+                // What a file held before its first write since arming counts as synced.
+                if !plan.synced_len.contains_key(path)
+                    && let Ok(meta) = std::fs::metadata(path)
+                {
+                    plan.synced_len.insert(path.to_path_buf(), meta.len());
+                }
                 plan.unsynced.insert(path.to_path_buf());
             }
             "sync" => {
                 plan.unsynced.remove(path);
+                if let Ok(meta) = std::fs::metadata(path)
+                    && meta.is_file()
+                {
+                    plan.synced_len.insert(path.to_path_buf(), meta.len());
+                }
             }
             _ => {}
         }
@@ -44,7 +55,7 @@ pub(crate) fn check(_op: &'static str, _path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 pub(crate) mod plan {
     use std::cell::RefCell;
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::path::PathBuf;
 
     /// The faults of the current thread.
@@ -56,6 +67,9 @@ pub(crate) mod plan {
         pub fail_at: Option<u64>,
         /// Files written and not yet fsynced.
         pub unsynced: BTreeSet<PathBuf>,
+        /// The length of each file at its last fsync (what an append-only file keeps after a
+        /// power cut).
+        pub synced_len: BTreeMap<PathBuf, u64>,
     }
 
     thread_local! {

@@ -18,3 +18,4 @@ mod vhdx;
 mod vhdx_write;
 mod vmdk;
 mod vmdk_write;
+mod volume;

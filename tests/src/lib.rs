@@ -573,3 +573,15 @@ pub fn assert_failed_conversion_leaves_nothing(
         .collect();
     assert!(left.is_empty(), "{format} {options}: left behind {left:?}");
 }
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, so a failing test leaves no
+/// server behind.
+#[derive(Debug)]
+pub struct KilledOnDrop(pub std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -77,6 +77,11 @@ impl StoredDisk {
         })
     }
 
+    /// The member's name.
+    pub fn member(&self) -> &str {
+        &self.member
+    }
+
     /// The disk's map.
     pub fn root(&self) -> &MapRoot {
         self.map.root()

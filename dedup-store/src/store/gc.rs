@@ -3,7 +3,8 @@
 //! Runs with the store opened [`Access::Exclusive`](crate::store::Access::Exclusive): no other
 //! process uses the store meanwhile (imports wait for the gc, and the gc waits for them).
 //!
-//! 1. Live snapshots: every ref's snapshot and its ancestors (as far as their manifests exist).
+//! 1. Live snapshots: every ref's snapshot, every volume's base, and their ancestors (as far as
+//!    their manifests exist).
 //! 2. Mark: every node and chunk of their maps and recipes; shared subtrees are walked once.
 //!    A node that cannot be read stops the gc (what lies below it cannot be known).
 //! 3. Manifests no name reaches are removed first, so no manifest ever points at swept chunks.
@@ -60,11 +61,16 @@ pub struct GcReport {
     pub bytes_after: u64,
 }
 
-/// Every snapshot a name reaches, with its manifest.
+/// Every snapshot a name or a volume reaches (a volume's base is a root: its log is written
+/// over it), with its manifest.
 pub fn live_snapshots(store: &Store) -> Result<HashMap<SnapshotId, Manifest>> {
     let mut live = HashMap::new();
-    for id in store.refs()?.values() {
-        for (sid, m) in store.lineage(id)? {
+    let roots = store
+        .refs()?
+        .into_values()
+        .chain(crate::store::volume::bases(store)?.into_values());
+    for id in roots {
+        for (sid, m) in store.lineage(&id)? {
             if live.insert(sid, m).is_some() {
                 break;
             }

@@ -10,6 +10,7 @@
 //! refs/<name>            "<snapshot hex>\n": a name's current snapshot
 //! locks/store.lock       flock: shared by every user, exclusive for gc
 //! locks/refs.lock        flock: held while a ref is read, decided on and replaced
+//! volumes/<name>/        writable copy-on-write volumes over snapshots (volume.rs)
 //! ```
 //!
 //! Commit order, so a crash at any instant leaves the store consistent: chunks and map nodes
@@ -31,6 +32,7 @@ pub mod import;
 pub mod manifest;
 pub mod stream;
 pub mod verify;
+pub mod volume;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
@@ -498,6 +500,12 @@ impl Store {
         if self.refs()?.values().any(|h| h == id) {
             return Err(Error::InvalidArgument(format!(
                 "snapshot {} is the current snapshot of a name",
+                id.short()
+            )));
+        }
+        if let Some((vol, _)) = volume::bases(self)?.into_iter().find(|(_, b)| b == id) {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {} is the base of volume {vol}",
                 id.short()
             )));
         }

@@ -42,7 +42,7 @@ fn import_bytes(store: &Store, data: &[u8], chunk_size: u32) -> Member {
     }
 }
 
-fn commit_disk(store: &Store, name: &str, data: &[u8]) -> SnapshotId {
+pub(crate) fn commit_disk(store: &Store, name: &str, data: &[u8]) -> SnapshotId {
     let member = import_bytes(store, data, 16384);
     store
         .commit(name, RefUpdate::NewVersion, |parent| {
@@ -53,7 +53,7 @@ fn commit_disk(store: &Store, name: &str, data: &[u8]) -> SnapshotId {
         .unwrap()
 }
 
-fn read_all(store: &Arc<Store>, spec: &str) -> Vec<u8> {
+pub(crate) fn read_all(store: &Arc<Store>, spec: &str) -> Vec<u8> {
     let snap = store.resolve(spec).unwrap();
     let disk = StoredDisk::open(store, &snap, None).unwrap();
     let mut out = vec![0u8; disk.size() as usize];

@@ -38,7 +38,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use image_format::{BlockDevice, BlockDeviceMut, Caps, ExtentKind};
@@ -104,7 +104,16 @@ pub struct Export {
     /// The device written by clients (the same device as `device`); `None` for a read-only
     /// export.
     pub writable: Option<Arc<dyn BlockDeviceMut>>,
+    /// Called when the last connection to the export ends after its client sent
+    /// `NBD_CMD_DISC` (see [`Export::with_on_idle`]).
+    on_idle: Option<OnIdle>,
+    /// Connections in the transmission phase (shared by clones of the export).
+    active: Arc<AtomicUsize>,
 }
+
+/// A callback of [`Export::with_on_idle`]. It runs on the blocking pool; the connection that
+/// triggered it ends once it returns.
+pub type OnIdle = Arc<dyn Fn() + Send + Sync>;
 
 impl fmt::Debug for Export {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -124,6 +133,8 @@ impl Export {
             description: String::new(),
             device,
             writable: None,
+            on_idle: None,
+            active: Arc::default(),
         }
     }
 
@@ -135,7 +146,18 @@ impl Export {
             description: String::new(),
             device: read,
             writable: Some(device),
+            on_idle: None,
+            active: Arc::default(),
         }
+    }
+
+    /// Calls `f` each time the export's last connection ends cleanly: its client sent
+    /// `NBD_CMD_DISC`, every request it made has been answered, and no other connection to the
+    /// export is in the transmission phase. A connection that breaks without DISC never
+    /// calls it. (A writable volume commits from here.)
+    pub fn with_on_idle(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_idle = Some(Arc::new(f));
+        self
     }
 
     /// Sets the description.
@@ -564,6 +586,7 @@ async fn transmission<S: Connection>(
         logged_errors: AtomicU64::new(0),
         pool: Arc::clone(&shared.pool),
     });
+    ctx.export.active.fetch_add(1, Ordering::SeqCst);
     let (tx, rx) = mpsc::unbounded_channel::<Vec<Outgoing>>();
     let writer_conn = conn.clone();
     let pool = Arc::clone(&shared.pool);
@@ -579,6 +602,7 @@ async fn transmission<S: Connection>(
     // wake of the writer per batch instead of per request (random 4 KiB reads spent most of their
     // server time in those hand-offs).
     let mut batch: Vec<Job> = Vec::new();
+    let mut disconnected = false;
     loop {
         if reader.buffer().len() < proto::REQUEST_LEN {
             // The next read may wait: start what has been collected first.
@@ -604,6 +628,7 @@ async fn transmission<S: Connection>(
             }
         };
         if request.command == Command::Disc {
+            disconnected = true;
             break;
         }
         if request.payload_len() > proto::MAX_IO {
@@ -678,6 +703,16 @@ async fn transmission<S: Connection>(
     // Requests still running hold senders; the writer ends after their replies are sent.
     drop(tx);
     let _ = writer_task.await;
+    let left = ctx.export.active.fetch_sub(1, Ordering::SeqCst) - 1;
+    if let (true, 0, Some(on_idle)) = (disconnected, left, ctx.export.on_idle.clone()) {
+        // Replies are all written (the writer has ended), so every request is done.
+        if tokio::task::spawn_blocking(move || on_idle())
+            .await
+            .is_err()
+        {
+            conn.log(format_args!("the export's on-idle action panicked"));
+        }
+    }
 }
 
 /// A request waiting to run, with its WRITE payload and its budget.
@@ -1581,5 +1616,91 @@ mod tests {
         let server = Server::new(vec![a]).unwrap();
         assert_eq!(server.exports().find("").unwrap().name, "a");
         assert!(server.exports().find("b").is_none());
+    }
+
+    /// A client over a Unix socket that writes 4 bytes at 0 with `NBD_OPT_EXPORT_NAME`.
+    async fn client(path: &Path) -> tokio::net::UnixStream {
+        let mut c = tokio::net::UnixStream::connect(path).await.unwrap();
+        let mut hello = [0u8; 18];
+        c.read_exact(&mut hello).await.unwrap();
+        c.write_u32(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
+            .await
+            .unwrap();
+        c.write_u64(proto::IHAVEOPT).await.unwrap();
+        c.write_u32(1).await.unwrap();
+        c.write_u32(1).await.unwrap();
+        c.write_all(b"d").await.unwrap();
+        let mut info = [0u8; 10];
+        c.read_exact(&mut info).await.unwrap();
+        c
+    }
+
+    async fn request(c: &mut tokio::net::UnixStream, command: u16, payload: &[u8]) {
+        c.write_u32(proto::REQUEST_MAGIC).await.unwrap();
+        c.write_u16(0).await.unwrap();
+        c.write_u16(command).await.unwrap();
+        c.write_u64(7).await.unwrap();
+        c.write_u64(0).await.unwrap();
+        c.write_u32(payload.len() as u32).await.unwrap();
+        c.write_all(payload).await.unwrap();
+        if command != 2 {
+            let mut reply = [0u8; 16];
+            c.read_exact(&mut reply).await.unwrap();
+            assert_eq!(&reply[4..8], &[0; 4], "request {command} failed");
+        }
+    }
+
+    #[test]
+    fn on_idle_runs_when_the_last_connection_disconnects_cleanly() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = std::env::temp_dir().join(format!("vmnest-onidle-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("sock");
+            let disk = MemDisk::new(DISK);
+            let calls = Arc::new(AtomicU64::new(0));
+            let seen = calls.clone();
+            let probe = disk.clone();
+            let export = Export::writable("d", disk.clone()).with_on_idle(move || {
+                // Every write of the connection is done before the action runs.
+                assert_eq!(&probe.data.lock().unwrap()[..4], b"abcd");
+                seen.fetch_add(1, Ordering::SeqCst);
+            });
+            let server = Server::with_options(
+                vec![export],
+                ServerOptions {
+                    log: Arc::new(|_| {}),
+                    tls: None,
+                },
+            )
+            .unwrap();
+            let listener = UnixListener::bind(&path).unwrap();
+            tokio::spawn(async move { server.serve_unix_listener(listener).await });
+            let settle = || tokio::time::sleep(Duration::from_millis(200));
+            let mut a = client(&path).await;
+            let mut b = client(&path).await;
+            request(&mut a, 1, b"abcd").await;
+            request(&mut a, 2, &[]).await;
+            settle().await;
+            assert_eq!(calls.load(Ordering::SeqCst), 0, "b is still connected");
+            request(&mut b, 3, &[]).await;
+            drop(b);
+            settle().await;
+            assert_eq!(calls.load(Ordering::SeqCst), 0, "b hung up without DISC");
+            let mut c = client(&path).await;
+            request(&mut c, 2, &[]).await;
+            for _ in 0..50 {
+                if calls.load(Ordering::SeqCst) > 0 {
+                    break;
+                }
+                settle().await;
+            }
+            assert_eq!(calls.load(Ordering::SeqCst), 1);
+            let _ = std::fs::remove_dir_all(&dir);
+        });
     }
 }

@@ -1,0 +1,325 @@
+//! The write log of a volume: a header naming the base snapshot, then records appended in the
+//! order the writes were made.
+//!
+//! ```text
+//! header  (48 bytes)  magic "vmnVLOG1" | base snapshot id (32) | check (8)
+//! record  (32 bytes)  kind (1: data, 2: zero) | 7 zero bytes | guest offset u64 | length u64 | check u64
+//!         then, for a data record, `length` payload bytes
+//! ```
+//!
+//! Integers are little-endian. A check is the first 8 bytes (little-endian) of the BLAKE3 of
+//! what precedes it in the header or record, followed, for a record, by its payload. The log is
+//! read back as untrusted bytes: a record is accepted only when its header is well formed, its
+//! range lies inside the disk, its payload is at most [`MAX_RECORD_PAYLOAD`] bytes and its check
+//! matches. The first record that is not accepted ends the log (a write torn by a crash); what
+//! follows it is reported and cut off by the caller.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use crate::error::{Error, Result};
+use crate::store::SnapshotId;
+
+/// Bytes of the log header.
+pub const LOG_HEADER_LEN: u64 = 48;
+/// Bytes of a record header.
+pub const RECORD_HEADER_LEN: u64 = 32;
+/// Longest payload of one data record; longer writes are split.
+pub const MAX_RECORD_PAYLOAD: u64 = 4 << 20;
+const MAGIC: &[u8; 8] = b"vmnVLOG1";
+const KIND_DATA: u8 = 1;
+const KIND_ZERO: u8 = 2;
+
+/// What a record makes the guest bytes read as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// The record's payload.
+    Data,
+    /// Zeros (write_zeroes, discard).
+    Zero,
+}
+
+/// One accepted record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Data or zeros.
+    pub kind: RecordKind,
+    /// Guest offset of the first byte.
+    pub guest_off: u64,
+    /// Guest bytes covered (at least 1).
+    pub len: u64,
+    /// Log offset of the payload (data records).
+    pub payload_at: u64,
+}
+
+/// How a scan of a log ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanEnd {
+    /// The base snapshot the header names.
+    pub base: SnapshotId,
+    /// Records accepted.
+    pub records: u64,
+    /// Log offset just past the last accepted record.
+    pub valid_end: u64,
+    /// Bytes of the log after `valid_end` (a torn tail when not zero).
+    pub torn_bytes: u64,
+    /// Why the record at `valid_end` was refused, when `torn_bytes` is not zero.
+    pub torn_reason: Option<String>,
+}
+
+/// Bytes a log can be read from: a file, or a byte slice (fuzzing, tests).
+pub trait LogSource {
+    /// Length in bytes.
+    fn byte_len(&self) -> std::io::Result<u64>;
+    /// Fills `buf` from `off`; fails when the source is shorter.
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()>;
+}
+
+impl LogSource for File {
+    fn byte_len(&self) -> std::io::Result<u64> {
+        self.metadata().map(|m| m.len())
+    }
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, buf, off)
+    }
+}
+
+impl LogSource for [u8] {
+    fn byte_len(&self) -> std::io::Result<u64> {
+        Ok(<[u8]>::len(self) as u64)
+    }
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        let start = usize::try_from(off).map_err(std::io::Error::other)?;
+        let src = start
+            .checked_add(buf.len())
+            .and_then(|end| self.get(start..end))
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+fn check_of(parts: &[&[u8]]) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    let bytes = h.finalize();
+    u64::from_le_bytes(bytes.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
+}
+
+/// The header of a log over `base`.
+pub fn header(base: &SnapshotId) -> [u8; LOG_HEADER_LEN as usize] {
+    let mut h = [0u8; LOG_HEADER_LEN as usize];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..40].copy_from_slice(&base.0);
+    let check = check_of(&[&h[..40]]);
+    h[40..].copy_from_slice(&check.to_le_bytes());
+    h
+}
+
+/// The header of a record; `payload` is the data of a data record (empty for zeros).
+pub fn record_header(
+    kind: RecordKind,
+    guest_off: u64,
+    len: u64,
+    payload: &[u8],
+) -> [u8; RECORD_HEADER_LEN as usize] {
+    let mut h = [0u8; RECORD_HEADER_LEN as usize];
+    h[0] = match kind {
+        RecordKind::Data => KIND_DATA,
+        RecordKind::Zero => KIND_ZERO,
+    };
+    h[8..16].copy_from_slice(&guest_off.to_le_bytes());
+    h[16..24].copy_from_slice(&len.to_le_bytes());
+    let check = check_of(&[&h[..24], payload]);
+    h[24..].copy_from_slice(&check.to_le_bytes());
+    h
+}
+
+/// Reads the log in `src` (`object` names it in errors) of a `disk_size`-byte disk, calling
+/// `on_record` for each accepted record in order. A bad header is an error; a bad record ends
+/// the scan (see the module documentation). Memory: one payload buffer of at most
+/// [`MAX_RECORD_PAYLOAD`] bytes.
+pub fn scan<S: LogSource + ?Sized>(
+    src: &S,
+    object: &str,
+    disk_size: u64,
+    on_record: &mut dyn FnMut(Record),
+) -> Result<ScanEnd> {
+    let io = |e: std::io::Error| Error::corrupt(object, 0, format!("cannot read: {e}"));
+    let len = src.byte_len().map_err(io)?;
+    let mut h = [0u8; LOG_HEADER_LEN as usize];
+    if len < LOG_HEADER_LEN {
+        return Err(Error::corrupt(
+            object,
+            0,
+            format!("volume log of {len} bytes is shorter than its header"),
+        ));
+    }
+    src.read_exact_at(&mut h, 0).map_err(io)?;
+    if &h[..8] != MAGIC {
+        return Err(Error::corrupt(object, 0, "not a vmnest volume log"));
+    }
+    if check_of(&[&h[..40]]) != u64_at(&h, 40) {
+        return Err(Error::corrupt(
+            object,
+            40,
+            "volume log header check mismatch",
+        ));
+    }
+    let mut base = [0u8; 32];
+    base.copy_from_slice(&h[8..40]);
+    let mut end = ScanEnd {
+        base: SnapshotId(base),
+        records: 0,
+        valid_end: LOG_HEADER_LEN,
+        torn_bytes: 0,
+        torn_reason: None,
+    };
+    let mut payload = Vec::new();
+    let mut at = LOG_HEADER_LEN;
+    while at < len {
+        match read_record(src, at, len, disk_size, &mut payload) {
+            Ok(rec) => {
+                on_record(rec);
+                end.records += 1;
+                at = rec.payload_at
+                    + match rec.kind {
+                        RecordKind::Data => rec.len,
+                        RecordKind::Zero => 0,
+                    };
+                end.valid_end = at;
+            }
+            Err(reason) => {
+                end.torn_bytes = len - at;
+                end.torn_reason = Some(reason);
+                break;
+            }
+        }
+    }
+    Ok(end)
+}
+
+/// The record at `at` of a `len`-byte log, or why it is refused.
+fn read_record<S: LogSource + ?Sized>(
+    src: &S,
+    at: u64,
+    len: u64,
+    disk_size: u64,
+    payload: &mut Vec<u8>,
+) -> std::result::Result<Record, String> {
+    if len - at < RECORD_HEADER_LEN {
+        return Err(format!("{} bytes where a record header needs 32", len - at));
+    }
+    let mut h = [0u8; RECORD_HEADER_LEN as usize];
+    src.read_exact_at(&mut h, at)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let kind = match h[0] {
+        KIND_DATA => RecordKind::Data,
+        KIND_ZERO => RecordKind::Zero,
+        k => return Err(format!("unknown record kind {k}")),
+    };
+    if h[1..8].iter().any(|&b| b != 0) {
+        return Err("reserved record bytes are not zero".into());
+    }
+    let guest_off = u64_at(&h, 8);
+    let rlen = u64_at(&h, 16);
+    if rlen == 0 || guest_off.checked_add(rlen).is_none_or(|e| e > disk_size) {
+        return Err(format!(
+            "record of {rlen} bytes at guest offset {guest_off:#x} is outside the {disk_size}-byte disk"
+        ));
+    }
+    let payload_at = at + RECORD_HEADER_LEN;
+    payload.clear();
+    if kind == RecordKind::Data {
+        if rlen > MAX_RECORD_PAYLOAD {
+            return Err(format!(
+                "data record of {rlen} bytes exceeds {MAX_RECORD_PAYLOAD}"
+            ));
+        }
+        if len - payload_at < rlen {
+            return Err(format!(
+                "data record of {rlen} bytes, {} left in the log",
+                len - payload_at
+            ));
+        }
+        payload.resize(rlen as usize, 0);
+        src.read_exact_at(payload, payload_at)
+            .map_err(|e| format!("cannot read: {e}"))?;
+    }
+    if check_of(&[&h[..24], payload]) != u64_at(&h, 24) {
+        return Err("record check mismatch".into());
+    }
+    Ok(Record {
+        kind,
+        guest_off,
+        len: rlen,
+        payload_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_of(records: &[(RecordKind, u64, Vec<u8>, u64)]) -> Vec<u8> {
+        let mut out = header(&SnapshotId([7; 32])).to_vec();
+        for (kind, off, data, len) in records {
+            out.extend_from_slice(&record_header(*kind, *off, *len, data));
+            out.extend_from_slice(data);
+        }
+        out
+    }
+
+    #[test]
+    fn records_round_trip_and_a_torn_tail_ends_the_scan() {
+        let log = log_of(&[
+            (RecordKind::Data, 5, b"hello".to_vec(), 5),
+            (RecordKind::Zero, 100, Vec::new(), 4000),
+        ]);
+        let mut seen = Vec::new();
+        let end = scan(&log[..], "log", 1 << 20, &mut |r| seen.push(r)).unwrap();
+        assert_eq!(end.base, SnapshotId([7; 32]));
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].kind, RecordKind::Data);
+        assert_eq!(&log[seen[0].payload_at as usize..][..5], b"hello");
+        assert_eq!((seen[1].guest_off, seen[1].len), (100, 4000));
+        assert_eq!(end.valid_end, log.len() as u64);
+        assert_eq!(end.torn_bytes, 0);
+        // Every cut inside the second record leaves the first.
+        let first_end = seen[0].payload_at + 5;
+        for cut in first_end as usize + 1..log.len() {
+            let end = scan(&log[..cut], "log", 1 << 20, &mut |_| {}).unwrap();
+            assert_eq!(end.records, 1, "cut at {cut}");
+            assert_eq!(end.valid_end, first_end);
+            assert_eq!(end.torn_bytes, cut as u64 - first_end);
+            assert!(end.torn_reason.is_some());
+        }
+    }
+
+    #[test]
+    fn flipped_bits_and_out_of_range_records_are_refused() {
+        let log = log_of(&[(RecordKind::Data, 0, vec![1, 2, 3], 3)]);
+        for i in LOG_HEADER_LEN as usize..log.len() {
+            let mut bad = log.clone();
+            bad[i] ^= 0x10;
+            let end = scan(&bad[..], "log", 1 << 20, &mut |_| {}).unwrap();
+            assert_eq!(end.records, 0, "flip at {i}");
+        }
+        for i in 0..LOG_HEADER_LEN as usize {
+            let mut bad = log.clone();
+            bad[i] ^= 1;
+            let err = scan(&bad[..], "vol/log", 1 << 20, &mut |_| {}).unwrap_err();
+            assert!(err.to_string().contains("vol/log"), "{err}");
+        }
+        let past = log_of(&[(RecordKind::Zero, 10, Vec::new(), u64::MAX - 5)]);
+        assert_eq!(scan(&past[..], "l", 100, &mut |_| {}).unwrap().records, 0);
+        let beyond = log_of(&[(RecordKind::Zero, 90, Vec::new(), 11)]);
+        assert_eq!(scan(&beyond[..], "l", 100, &mut |_| {}).unwrap().records, 0);
+    }
+}
