@@ -1,5 +1,9 @@
 //! `vmnest mount` and `vmnest umount`: a disk image or stored snapshot as files over FUSE.
 //!
+//! `--rw` writes into a raw image file in place, or copy-on-write into a volume over a stored
+//! snapshot; the volume is committed as a new snapshot when the mount goes away, by whatever
+//! unmounts it.
+//!
 //! Without `-f`, `vmnest mount` starts itself again in the background (`-f` plus a hidden
 //! `--daemon-child`, in a session of its own, stderr into a log file) and returns once the
 //! child says the mount is live; the child's stdout is that signal: it writes what the mount
@@ -24,9 +28,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use fuse_mount::fuse::{self as fusefs, Disk, MountOptions};
-use image_format::BlockDevice;
+use dedup_store::store::volume::Volume;
+use fuse_mount::fuse::{self as fusefs, Disk, MountOptions, Report};
+use image_format::{BlockDevice, BlockDeviceMut};
 
+use crate::cmd_volume::open_volume;
 use crate::common::{OpenArgs, SourceOptions, human_size, open_source, open_source_mut};
 use crate::store_args;
 
@@ -41,7 +47,8 @@ pub struct MountArgs {
     source: String,
     /// The directory to mount on.
     mountpoint: PathBuf,
-    /// Let writes through (raw image files; copy-on-write for stored snapshots).
+    /// Let writes through: into a raw image file, or copy-on-write into a volume over a stored
+    /// snapshot, committed as a new snapshot when unmounted.
     #[arg(long)]
     rw: bool,
     /// Let other users than you see the files (FUSE `allow_other`).
@@ -50,6 +57,10 @@ pub struct MountArgs {
     /// Stay in the foreground until unmounted (Ctrl-C unmounts).
     #[arg(short = 'f', long)]
     foreground: bool,
+    /// With --rw on a `store:` source: the volume to write into (default: the snapshot's NAME;
+    /// created over the snapshot when missing, committed as a new snapshot at unmount).
+    #[arg(long, value_name = "VOLUME", requires = "rw")]
+    volume: Option<String>,
     /// Format of an image file (probed when absent).
     #[arg(long = "format", value_name = "FMT")]
     format: Option<String>,
@@ -211,27 +222,53 @@ fn start_daemon(mountpoint: &Path) -> Result<u8> {
     Ok(1)
 }
 
-/// The disks of the source, writable for `--rw`. Store volumes are not built yet.
-fn open_disks(args: &MountArgs) -> Result<Vec<Disk>> {
+/// What a mount serves: its disks, and the volume a writable stored snapshot is written into.
+struct Opened {
+    disks: Vec<Disk>,
+    volume: Option<(Arc<Volume>, String)>,
+}
+
+/// The disks of the source, writable for `--rw`: image files in place, a stored snapshot
+/// copy-on-write into a volume.
+fn open_disks(args: &MountArgs) -> Result<Opened> {
     let spec = args.source.as_str();
     if let Some((snapshot, member)) = store_args::parse_store_source(spec) {
-        if args.rw {
-            bail!(
-                "{spec}: writable mounts of stored snapshots need copy-on-write volumes, which \
-                 this vmnest does not have yet; mount it read-only, or export it to a raw file \
-                 and mount that with --rw"
-            );
-        }
         let disks = store_args::open_stored_disks(snapshot, member)?;
         let single = disks.len() == 1;
-        return Ok(disks
+        if args.rw {
+            if !single {
+                let names: Vec<&str> = disks.iter().map(|(n, _)| n.as_str()).collect();
+                bail!(
+                    "{spec} has {} disks ({}); a writable mount takes one: name it as \
+                     {spec}/MEMBER",
+                    disks.len(),
+                    names.join(", ")
+                );
+            }
+            drop(disks);
+            let stored = spec.strip_prefix("store:").unwrap_or(spec);
+            let (volume, name) = open_volume(stored, args.volume.as_deref())?;
+            let device: Arc<dyn BlockDeviceMut> = volume.clone();
+            return Ok(Opened {
+                disks: vec![Disk::writable("disk", device)],
+                volume: Some((volume, name)),
+            });
+        }
+        let disks = disks
             .into_iter()
             .map(|(name, disk)| {
                 let name = if single { "disk".to_string() } else { name };
                 let device: Arc<dyn BlockDevice> = disk;
                 Disk::read_only(name, device)
             })
-            .collect());
+            .collect();
+        return Ok(Opened {
+            disks,
+            volume: None,
+        });
+    }
+    if args.volume.is_some() {
+        bail!("--volume applies to store: sources only");
     }
     if args.rw {
         let device =
@@ -241,14 +278,57 @@ fn open_disks(args: &MountArgs) -> Result<Vec<Disk>> {
                     Some(_) => e,
                 }
             })?;
-        return Ok(vec![Disk::writable("disk", device)]);
+        return Ok(Opened {
+            disks: vec![Disk::writable("disk", device)],
+            volume: None,
+        });
     }
     let how = SourceOptions {
         format: args.format.as_deref(),
         writable: false,
     };
     let device: Arc<dyn BlockDevice> = open_source(spec, &how, &args.open)?;
-    Ok(vec![Disk::read_only("disk", device)])
+    Ok(Opened {
+        disks: vec![Disk::read_only("disk", device)],
+        volume: None,
+    })
+}
+
+/// Commits the volume a writable mount of a stored snapshot wrote into, once the mount is gone.
+/// Returns whether that went well and what to say.
+fn commit_volume(volume: &Volume, name: &str, report: &Report) -> (bool, String) {
+    if !report.is_clean() {
+        return (
+            false,
+            format!(
+                "nothing committed after I/O errors: volume {name} keeps the writes (check, then \
+                 `vmnest commit {name}`, or `vmnest volume rm {name}`)"
+            ),
+        );
+    }
+    match volume.is_dirty() {
+        Ok(false) => return (true, format!("nothing written; volume {name} unchanged")),
+        Ok(true) => {}
+        Err(e) => return (false, format!("volume {name}: {e}")),
+    }
+    match volume.commit_report(None) {
+        Ok(c) => {
+            let mut text = format!("committed {}@{}", c.name, c.id.short());
+            if let Some(was) = c.name_was_at {
+                text += &format!(
+                    " (its parent is the volume's base {}; {} had moved to {} meanwhile)",
+                    c.parent.short(),
+                    c.name,
+                    was.short()
+                );
+            }
+            (true, text)
+        }
+        Err(e) => (
+            false,
+            format!("committing volume {name} failed: {e}; the volume keeps the writes"),
+        ),
+    }
 }
 
 /// Mounts and serves until unmounted (`-f`, or the background child).
@@ -283,7 +363,7 @@ fn serve(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
     // Until the mount is live, a failure leaves no lock file behind (the log stays: a parent
     // prints it).
     let mut not_live = RemoveOnDrop(Some(state.lock.clone()));
-    let disks = open_disks(args)?;
+    let Opened { disks, volume } = open_disks(args)?;
     let layout = fusefs::layout(&disks);
     for w in &layout.warnings {
         // A background child's stderr is its log: the user hears of it through the parent.
@@ -354,10 +434,13 @@ fn serve(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
             report.errors.join("; ")
         );
     }
-    let outcome = Outcome {
-        ok: report.is_clean(),
-        message,
-    };
+    let mut ok = report.is_clean();
+    if let Some((volume, name)) = &volume {
+        let (committed, text) = commit_volume(volume, name, &report);
+        ok &= committed;
+        message = format!("{message}; {text}");
+    }
+    let outcome = Outcome { ok, message };
     finish(&state, &outcome, args.daemon_child);
     drop(lock);
     Ok(if outcome.ok { 0 } else { 1 })

@@ -493,7 +493,7 @@ fn a_source_that_cannot_be_opened_fails_the_mount_with_its_reason() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("nope.qcow2"), "{err}");
     assert!(!is_mounted(&point));
-    // A writable mount of a stored snapshot waits for volumes, and says so.
+    // A snapshot that is not in the store.
     let store = dir.join("store");
     let out =
         run(vmnest()
@@ -502,5 +502,57 @@ fn a_source_that_cannot_be_opened_fails_the_mount_with_its_reason() {
             .args(["mount", "--rw", "store:vm", s(&point)]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("copy-on-write volumes"), "{err}");
+    assert!(err.contains("no store at"), "{err}");
+    assert!(!is_mounted(&point));
+}
+
+/// The offline-patching workflow of issue 5: import an ext4 disk, mount it writable from the
+/// store, change a file through a loop mount, unmount both, and read the new snapshot back with
+/// debugfs, the old one unchanged.
+#[test]
+fn offline_patching_commits_a_new_snapshot_and_keeps_the_old_one() {
+    let dir = scratch("mount-patch");
+    let raw = mbr_disk(&dir, "original\n");
+    let store = dir.join("store");
+    let vmn = || {
+        let mut c = vmnest();
+        c.arg("--store").arg(&store);
+        c
+    };
+    run_ok(vmn().arg("import").arg(&raw).arg("vm"));
+    let m = Mounted::new(&dir, &["--store", s(&store), "mount", "--rw", "store:vm"]);
+    assert_eq!(m.names(), ["disk", "disk-part1", "disk-part5"]);
+    {
+        let lo = LoopMount::new(&m.file("disk-part1"), &dir.join("lo"), "loop");
+        std::fs::write(lo.0.join("hello.txt"), "patched offline\n").unwrap();
+        std::fs::create_dir(lo.0.join("etc")).unwrap();
+        std::fs::write(lo.0.join("etc/motd"), "new file\n").unwrap();
+    }
+    let out = m.umount();
+    assert!(out.contains("committed vm@"), "{out}");
+
+    let new = dir.join("vm2.raw");
+    run_ok(vmn().arg("export").arg("vm").arg(&new));
+    let part1 = dir.join("new-part1.ext4");
+    std::fs::write(&part1, range(&new, MIB, 24 * MIB)).unwrap();
+    assert_eq!(debugfs_cat(&part1, "/hello.txt"), "patched offline\n");
+    assert_eq!(debugfs_cat(&part1, "/etc/motd"), "new file\n");
+    // The file system is clean (the loop mount was unmounted before the commit).
+    run_ok(Command::new(require("e2fsck")).args(["-fn", s(&part1)]));
+
+    // vm@~1 is the snapshot that was imported, byte for byte.
+    let old = dir.join("vm1.raw");
+    run_ok(vmn().arg("export").arg("vm@~1").arg(&old));
+    qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&raw), s(&old)]);
+
+    // A writable mount with no writes commits nothing.
+    let m = Mounted::new(&dir, &["--store", s(&store), "mount", "--rw", "store:vm"]);
+    let out = m.umount();
+    assert!(out.contains("nothing written"), "{out}");
+    let log = run_ok(vmn().args(["log", "vm"]));
+    assert_eq!(
+        log.lines().filter(|l| l.contains(" vm ")).count(),
+        2,
+        "{log}"
+    );
 }
