@@ -26,6 +26,8 @@
 use std::collections::HashSet;
 use std::fmt;
 
+use image_format::bytes::utf16le_string;
+
 /// The MBR sector and an EBR are 512 bytes, whatever the sector size.
 const MBR_LEN: usize = 512;
 /// Offset of the first of the four partition entries in an MBR or EBR.
@@ -473,7 +475,7 @@ where
                 offset: first * ss,
                 len: (last - first + 1) * ss,
                 type_id: guid_text(&type_guid),
-                name: utf16_name(&entry[56..128]),
+                name: utf16le_string(&entry[56..128]),
             });
         }
         Ok(Table {
@@ -588,17 +590,6 @@ fn guid_text(g: &[u8; 16]) -> String {
         g[14],
         g[15]
     )
-}
-
-/// A GPT partition name: UTF-16LE up to the first NUL.
-fn utf16_name(b: &[u8]) -> String {
-    let units = b
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0);
-    char::decode_utf16(units)
-        .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
-        .collect()
 }
 
 #[cfg(test)]
