@@ -132,6 +132,18 @@ impl Drop for Mounted {
     }
 }
 
+/// The options `/proc/self/mounts` lists for the mount at `point`.
+fn mount_options(point: &Path) -> String {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let want = point.canonicalize().unwrap();
+    mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(s(&want)))
+        .and_then(|l| l.split(' ').nth(3))
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn is_mounted(point: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     let want = point.canonicalize().unwrap_or_else(|_| point.to_path_buf());
@@ -273,7 +285,11 @@ fn a_corrupt_gpt_shows_the_disk_only_and_says_why() {
     let f = File::options().write(true).open(&raw).unwrap();
     f.write_all_at(&[0xff], 512 + 40).unwrap();
     f.write_all_at(&[0xff], 8 * MIB - 512 + 40).unwrap();
-    let m = Mounted::new(&dir, &["mount", "--format", "raw", s(&raw)]);
+    let m = Mounted::new(
+        &dir,
+        &["mount", "--allow-other", "--format", "raw", s(&raw)],
+    );
+    assert!(mount_options(&m.point).contains("allow_other"));
     assert_eq!(m.names(), ["disk"]);
     assert!(
         m.stderr
