@@ -144,10 +144,11 @@ if [[ " $cases " == *" fuse "* ]]; then
   # vmnest mount of the qcow2 (returns once mounted) against nbdfuse over the qemu-nbd above.
   mkdir -p "$fmnt" "$qmnt"
   "$vmnest" mount "$src" "$fmnt" >"$work/vmnest-mount.out"
+  rm -f "$work/nbdfuse.pid" # nbdfuse writes it when its mount is ready
   nbdfuse -r -P "$work/nbdfuse.pid" "$qmnt" "$qurl" 2>"$work/nbdfuse.err" &
   pids+=("$!")
   for _ in $(seq 100); do [ -s "$work/nbdfuse.pid" ] && break; sleep 0.1; done
-  [ -f "$qmnt/nbd" ] || { cat "$work/nbdfuse.err" >&2; exit 1; }
+  [ -f "$qmnt/nbd" ] || { echo "nbdfuse did not mount:" >&2; cat "$work/nbdfuse.err" >&2; exit 1; }
   # fuse_case NAME CMD-WITH-FILE...: like seq_case, on the two FUSE files ("FILE" is replaced),
   # each file's page cache dropped before each run.
   fuse_case() {
