@@ -37,8 +37,9 @@ pub struct Args {
     /// Listen on a Unix socket at PATH instead of TCP.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Let clients write: raw images in place (name the format with `-f raw`); a stored
-    /// snapshot (`store:NAME[@SNAP]`) copy-on-write into a volume (see --volume).
+    /// Let clients write: raw (name the format with `-f raw`), qcow2, fixed and dynamic VHD
+    /// images in place; a stored snapshot (`store:NAME[@SNAP]`) copy-on-write into a volume
+    /// (see --volume).
     #[arg(long)]
     rw: bool,
     /// With --rw, the volume a `store:` source is written into (default: its NAME). It is

@@ -10,12 +10,13 @@ use anyhow::{Context, Result, bail, ensure};
 use convert::{ConvertOptions, Progress};
 use dedup_store::ChunkId;
 use dedup_store::map::{MapRoot, diff as map_diff, walk};
+use dedup_store::store::disk::DiskChunks;
 use dedup_store::store::gc::{GcOptions, gc, live_snapshots};
 use dedup_store::store::import::DiskImporter;
 use dedup_store::store::stream::{export_stream, import_stream, import_stream_with, part_chunks};
 use dedup_store::store::verify::verify;
 use dedup_store::store::{
-    Access, Layout, Member, MemberKind, RefUpdate, SnapshotId, Store, StoreConfig,
+    Access, Layout, Member, MemberKind, RefUpdate, Resolved, SnapshotId, Store, StoreConfig,
 };
 use serde_json::json;
 
@@ -193,6 +194,9 @@ pub struct GcArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
+    /// Check a remote instead: every manifest there refers only to objects that are there.
+    #[arg(long, value_name = "REMOTE")]
+    remote: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
@@ -487,8 +491,28 @@ pub fn run_import(args: ImportArgs) -> Result<u8> {
 }
 
 pub fn run_export(args: ExportArgs) -> Result<u8> {
-    let store = open_store(Access::Read)?;
-    let snap = store.resolve(&args.snapshot)?;
+    export_from(args, None)
+}
+
+/// Export (`remote` None) or restore (from remote `remote`, without a local copy): a disk goes
+/// through the convert engine from `store:` or `remote:` sources; a byte stream is
+/// concatenated.
+pub fn export_from(args: ExportArgs, remote: Option<&str>) -> Result<u8> {
+    let (snap, chunks, src_prefix): (Resolved, DiskChunks, String) = match remote {
+        None => {
+            let store = open_store(Access::Read)?;
+            let snap = store.resolve(&args.snapshot)?;
+            (
+                snap,
+                DiskChunks::Local(store.chunks().clone()),
+                "store:".into(),
+            )
+        }
+        Some(name) => {
+            let (snap, chunks) = crate::store_args::resolve_remote(name, &args.snapshot)?;
+            (snap, DiskChunks::Remote(chunks), format!("remote:{name}:"))
+        }
+    };
     let member = match &args.member {
         Some(m) => snap
             .manifest
@@ -514,23 +538,39 @@ pub fn run_export(args: ExportArgs) -> Result<u8> {
         let result = (|| -> Result<u64> {
             let out = image_format::create::TempOutput::create_with(&args.dst, !args.no_sync)?;
             let mut f = std::io::BufWriter::with_capacity(1 << 20, out.file().as_file());
-            let n = export_stream(store.chunks().as_ref(), &member.layout, &mut f)?;
+            let n = export_stream(&chunks, &member.layout, &mut f)?;
             f.into_inner().map_err(|e| e.into_error())?;
             out.commit()?;
             Ok(n)
         })();
-        let n = result.with_context(|| format!("exporting to {}", shown(&args.dst)))?;
+        let n = result.with_context(|| {
+            format!(
+                "exporting {}@{} to {}",
+                snap.name,
+                snap.id.short(),
+                shown(&args.dst)
+            )
+        })?;
         if args.output == Output::Json {
             print_json(&json!({"snapshot": snap.id.to_hex(), "member": member.name, "bytes": n}))?;
         }
         return Ok(0);
     }
-    drop(store);
-    let src = format!("store:{}@{}/{}", snap.name, snap.id.to_hex(), member.name);
+    drop(chunks);
+    let src = format!(
+        "{src_prefix}{}@{}/{}",
+        snap.name,
+        snap.id.to_hex(),
+        member.name
+    );
     let format = if args.target.is_none() && args.format.is_none() {
         Some("raw".to_string())
     } else {
         args.format
+    };
+    let what = match remote {
+        Some(r) => format!("restore {}@{} from remote {r}", snap.name, snap.id.short()),
+        None => format!("export {}@{}", snap.name, snap.id.short()),
     };
     run_convert(ConvertArgs {
         source_format: None,
@@ -551,6 +591,7 @@ pub fn run_export(args: ExportArgs) -> Result<u8> {
         src: PathBuf::from(src),
         dst: args.dst,
     })
+    .with_context(|| what)
 }
 
 /// Expands `prefix{A..B}suffix` (numbers; zero-padded when A is), as bash does.
@@ -962,7 +1003,23 @@ pub fn run_gc(args: GcArgs) -> Result<u8> {
     Ok(0)
 }
 
+/// Prints each snapshot of `affected` and its first 20 problems.
+pub fn print_affected(affected: &BTreeMap<String, Vec<String>>, what: &str) {
+    for (snap, problems) in affected {
+        println!("{snap} {what}:");
+        for p in problems.iter().take(20) {
+            println!("  {p}");
+        }
+        if problems.len() > 20 {
+            println!("  ... {} more", problems.len() - 20);
+        }
+    }
+}
+
 pub fn run_verify(args: VerifyArgs) -> Result<u8> {
+    if let Some(name) = &args.remote {
+        return crate::cmd_remote::run_verify_remote(name, args.output);
+    }
     let store = open_store(Access::Read)?;
     let r = verify(&store)?;
     match args.output {
@@ -974,15 +1031,7 @@ pub fn run_verify(args: VerifyArgs) -> Result<u8> {
             for (path, why) in &r.damaged_packs {
                 println!("damaged pack {path}: {why}");
             }
-            for (snap, problems) in &r.affected {
-                println!("{snap} is damaged:");
-                for p in problems.iter().take(20) {
-                    println!("  {p}");
-                }
-                if problems.len() > 20 {
-                    println!("  ... {} more", problems.len() - 20);
-                }
-            }
+            print_affected(&r.affected, "is damaged");
             println!(
                 "{} packs, {} chunks ({}) checked, {} snapshots: {}",
                 r.packs,

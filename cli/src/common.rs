@@ -58,6 +58,12 @@ pub fn open_image(path: &Path, format: Option<&str>, args: &OpenArgs) -> Result<
     {
         return Ok(crate::store_args::open_stored(spec, member)?);
     }
+    if let Some((remote, spec, member)) = path
+        .to_str()
+        .and_then(crate::store_args::parse_remote_source)
+    {
+        return Ok(crate::store_args::open_remote_stored(remote, spec, member)?);
+    }
     let options = OpenOptions {
         format: format.map(str::to_string),
         writable: false,
@@ -95,9 +101,6 @@ pub fn open_source(spec: &str, how: &SourceOptions<'_>, args: &OpenArgs) -> Resu
     Ok(image_format::open(path, &options)?)
 }
 
-/// Formats whose driver writes an image file in place (`Image::into_mut_device`).
-const WRITABLE_FORMATS: &[&str] = &["raw"];
-
 /// Opens an image file SOURCE for writing in place, for `what` (`served`, `mounted`). The format is
 /// learnt read-only first, so a format that cannot be written in place is refused by name before
 /// its file is ever opened for writing.
@@ -113,10 +116,10 @@ pub fn open_source_mut(
     };
     let image = open_source(spec, &read_only, args)?;
     let found = image.format();
-    if !WRITABLE_FORMATS.contains(&found) {
+    if !image.writes_in_place() {
         bail!(
-            "{spec}: {found} images cannot be {what} writable (--rw) yet; only {} images can",
-            WRITABLE_FORMATS.join(", ")
+            "{spec}: {found} images cannot be {what} writable (--rw) here: vmnest writes raw, \
+             qcow2 and fixed or dynamic VHD (vpc) images in place, not this one"
         );
     }
     drop(image);

@@ -7,6 +7,7 @@ mod cmd_convert;
 mod cmd_info;
 mod cmd_map;
 mod cmd_mount;
+mod cmd_remote;
 mod cmd_serve;
 mod cmd_store;
 mod cmd_volume;
@@ -68,6 +69,14 @@ enum Command {
     Gc(cmd_store::GcArgs),
     /// Re-read and re-hash everything; name the snapshots a damaged chunk touches.
     Verify(cmd_store::VerifyArgs),
+    /// Manage remotes: `remote add NAME s3://BUCKET/PREFIX`, `remote ls`, `remote rm NAME`.
+    Remote(cmd_remote::RemoteArgs),
+    /// Send snapshots to a remote: only what it lacks, manifest last.
+    Push(cmd_remote::PushArgs),
+    /// Copy a snapshot from a remote into the store: only the chunks the store lacks.
+    Pull(cmd_remote::PullArgs),
+    /// Write an image straight from a remote snapshot (no local copy), in any format.
+    Restore(Box<cmd_remote::RestoreArgs>),
     /// Export images over NBD (loopback unless --allow-remote; read-only unless --rw).
     Serve(cmd_serve::Args),
     /// Show an image's disk and partitions as files over FUSE (read-only unless --rw); returns
@@ -112,6 +121,10 @@ fn main() -> ExitCode {
         Command::Serve(args) => (cmd_serve::run(args), 1),
         Command::Mount(args) => (cmd_mount::run_mount(args), 1),
         Command::Umount(args) => (cmd_mount::run_umount(args), 1),
+        Command::Remote(args) => (cmd_remote::run_remote(args), 1),
+        Command::Push(args) => (cmd_remote::run_push(args), 1),
+        Command::Pull(args) => (cmd_remote::run_pull(args), 1),
+        Command::Restore(args) => (cmd_remote::run_restore(*args), 1),
         Command::Commit(args) => (cmd_volume::run_commit(args), 1),
         Command::Volume(cmd) => (cmd_volume::run_volume(cmd), 1),
     };

@@ -4,8 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result};
+use dedup_store::remote::{Remote, RemoteChunks};
 use dedup_store::store::disk::StoredDisk;
-use dedup_store::store::{Access, Layout, MemberKind, Store};
+use dedup_store::store::{Access, Layout, MemberKind, Resolved, Store};
 
 static STORE_DIR: OnceLock<PathBuf> = OnceLock::new();
 
@@ -112,4 +113,47 @@ pub fn open_stored_disks(
             Ok((name, Arc::new(disk)))
         })
         .collect()
+}
+
+/// A `remote:REMOTE:NAME[@SNAP][/MEMBER]` source split into remote, snapshot spec and member.
+pub fn parse_remote_source(text: &str) -> Option<(&str, &str, Option<&str>)> {
+    let rest = text.strip_prefix("remote:")?;
+    let (remote, rest) = rest.split_once(':')?;
+    Some(match rest.split_once('/') {
+        Some((spec, member)) => (remote, spec, Some(member)),
+        None => (remote, rest, None),
+    })
+}
+
+/// Finds `spec` on remote `name`: the snapshot and a reader of the remote's chunks.
+pub fn resolve_remote(name: &str, spec: &str) -> Result<(Resolved, Arc<RemoteChunks>)> {
+    let remote =
+        Arc::new(Remote::open(&store_dir(), name).with_context(|| format!("remote {name}"))?);
+    remote.refresh_index()?;
+    let (snap_name, id, _) = remote.resolve(spec)?;
+    let (_, manifest) = remote
+        .manifest(&id)?
+        .with_context(|| format!("remote {name}: snapshot {} vanished", id.short()))?;
+    let chunks = Arc::new(RemoteChunks::new(
+        remote,
+        dedup_store::remote::REMOTE_FRAME_CACHE,
+    ));
+    Ok((
+        Resolved {
+            name: snap_name,
+            id,
+            manifest,
+        },
+        chunks,
+    ))
+}
+
+/// Opens `remote:REMOTE:NAME[@SNAP][/MEMBER]` as an image read from the remote.
+pub fn open_remote_stored(
+    remote: &str,
+    spec: &str,
+    member: Option<&str>,
+) -> Result<Arc<StoredDisk>> {
+    let (snap, chunks) = resolve_remote(remote, spec)?;
+    Ok(Arc::new(StoredDisk::open_remote(chunks, &snap, member)?))
 }

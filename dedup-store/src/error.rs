@@ -31,9 +31,36 @@ pub enum Error {
     /// A request that makes no sense.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A remote (object storage or another directory) failed a request, after retries.
+    /// `object` is the remote's label and the key; never a credential.
+    #[error("remote {object}: {reason}")]
+    Remote { object: String, reason: String },
 }
 
 impl Error {
+    /// The same error with `note` added to its reason (which snapshot or chunk it concerns).
+    pub fn noted(self, note: &str) -> Self {
+        match self {
+            Error::Corrupt {
+                object,
+                offset,
+                reason,
+            } => Error::Corrupt {
+                object,
+                offset,
+                reason: format!("{reason} ({note})"),
+            },
+            Error::Remote { object, reason } => Error::Remote {
+                object,
+                reason: format!("{reason} ({note})"),
+            },
+            Error::MissingChunk(id) => {
+                Error::InvalidArgument(format!("chunk {id} is not in the store ({note})"))
+            }
+            other => other,
+        }
+    }
+
     /// A corruption of `object` at `offset`.
     pub fn corrupt(object: impl Into<String>, offset: u64, reason: impl Into<String>) -> Self {
         Error::Corrupt {
@@ -74,6 +101,12 @@ impl From<Error> for image_format::Error {
             Error::InvalidArgument(reason) => image_format::Error::InvalidArgument {
                 path: Default::default(),
                 reason,
+            },
+            Error::Remote { object, reason } => image_format::Error::Io {
+                path: object.into(),
+                op: "remote request",
+                offset: 0,
+                source: std::io::Error::other(reason),
             },
         }
     }

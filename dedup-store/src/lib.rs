@@ -8,6 +8,7 @@
 //! | [`chunker`] | fixed, page and content-defined chunking, QEMU migration streams |
 //! | [`map`] | image maps: Merkle trees of chunk ids over a guest address space, copy-on-write, diffable |
 //! | [`pack`], [`index`] | immutable pack files of zstd frames, the chunk index, [`pack::PackStore`] |
+//! | [`remote`] | remotes (S3 or a directory): push, pull, a remote snapshot as a chunk store |
 //!
 //! Everything above `chunk` reaches stored bytes only through [`chunk::ChunkStore`], so the
 //! directory store, an object-storage remote and the in-memory store of the tests are
@@ -20,6 +21,7 @@ mod fault;
 pub mod index;
 pub mod map;
 pub mod pack;
+pub mod remote;
 pub mod store;
 
 pub use chunk::{ChunkId, ChunkStore, MemoryChunkStore};

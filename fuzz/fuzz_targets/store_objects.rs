@@ -1,10 +1,11 @@
-//! Store objects other than packs and map nodes: snapshot manifests and recipe parts, as read
-//! back from a store directory or a remote (untrusted bytes), and the memory-stream cutters
+//! Store objects other than packs and map nodes: snapshot manifests, recipe parts and a remote's
+//! pack index objects, as read back from a store directory or a remote (untrusted bytes), and
+//! the memory-stream cutters
 //! (ELF program headers, QEMU migration streams) over untrusted memory files.
 #![no_main]
 
-use dedup_store::store::Manifest;
 use dedup_store::MemoryChunkStore;
+use dedup_store::store::Manifest;
 use dedup_store::store::stream::{decode_part, encode_part, export_stream, import_stream};
 use libfuzzer_sys::fuzz_target;
 
@@ -15,6 +16,15 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(again, m);
         for member in &m.members {
             let _ = member.map_root();
+        }
+    }
+    if let Ok((entries, frames, len)) = dedup_store::remote::parse_index_object("fuzz", data) {
+        // What parses is what a reader may index into: every entry inside its frame, the frames
+        // inside the pack.
+        for e in &entries {
+            let f = &frames[e.loc.frame as usize];
+            assert!(u64::from(e.loc.offset) + u64::from(e.loc.len) <= u64::from(f.plain_len));
+            assert!(f.offset + 16 + u64::from(f.stored_len) <= len);
         }
     }
     if let Ok(entries) = decode_part("fuzz", data) {

@@ -8,17 +8,17 @@ use image_format::{OpenOptions, blockdev::for_each_extent};
 
 /// Feeds `data` to the driver of `format` as an image file.
 pub fn exercise(format: &str, data: &[u8]) {
-    let Ok(mut file) = tempfile_in_tmp() else { return };
-    if file.1.write_all(data).is_err() {
-        return;
-    }
+    with_input_file(data, |path| exercise_file(format, path));
+}
+
+fn exercise_file(format: &str, path: &std::path::Path) {
     // Backing files are not followed, so a run never depends on other files.
     let options = OpenOptions {
         format: Some(format.to_string()),
         open_backing: false,
         ..Default::default()
     };
-    let opened = image_format::open(&file.0, &options);
+    let opened = image_format::open(path, &options);
     if let Ok(image) = opened {
         let _ = image.info();
         let _ = image.check();
@@ -38,6 +38,48 @@ pub fn exercise(format: &str, data: &[u8]) {
                 Ok(())
             }
         });
+    }
+}
+
+/// Feeds `data` to the driver of `format` as an image file opened writable and, if it opens,
+/// writes, zeroes, discards and flushes a few ranges (the in-place writers' allocation, refcount
+/// and table code on hostile metadata), then reads back.
+pub fn exercise_writes(format: &str, data: &[u8]) {
+    with_input_file(data, |path| exercise_writes_file(format, path));
+}
+
+fn exercise_writes_file(format: &str, path: &std::path::Path) {
+    let options = OpenOptions {
+        format: Some(format.to_string()),
+        open_backing: false,
+        writable: true,
+        ..Default::default()
+    };
+    if let Ok(image) = image_format::open(path, &options) {
+        let size = image.size();
+        if let Some(dev) = image.into_mut_device() {
+            let buf = vec![0x5au8; 8192];
+            for off in [0, size / 3, size / 2 + 777, size.saturating_sub(5000)] {
+                let n = (size - off.min(size)).min(buf.len() as u64) as usize;
+                let _ = dev.write_at(&buf[..n], off);
+                let len = (size - off.min(size)).min(1 << 20);
+                let _ = dev.write_zeroes(off, len);
+                let _ = dev.discard(off / 2, len);
+                let _ = dev.write_at(&buf[..n], off);
+            }
+            let _ = dev.flush();
+            let mut back = vec![0u8; 8192];
+            let n = size.min(back.len() as u64) as usize;
+            let _ = dev.read_at(&mut back[..n], 0);
+        }
+    }
+}
+
+/// Writes `data` to a scratch file, runs `f` on it, and removes it.
+fn with_input_file(data: &[u8], f: impl FnOnce(&std::path::Path)) {
+    let Ok(mut file) = tempfile_in_tmp() else { return };
+    if file.1.write_all(data).is_ok() {
+        f(&file.0);
     }
     let _ = std::fs::remove_file(&file.0);
 }

@@ -17,12 +17,16 @@ use crate::error::{Error, Result};
 pub struct ImageFile {
     path: Arc<Path>,
     file: File,
-    len: u64,
+    /// Length in bytes: as opened, grown by writes past the end (in-place writers append).
+    len: AtomicU64,
     writable: bool,
     /// Bytes written since writeback was last started (see [`ImageFile::write_all_at`]).
     unflushed: AtomicU64,
     /// Start writeback as writes accumulate (off for outputs that will not be synced).
     writeback: bool,
+    /// Test-only fault injection and crash simulation (see [`fault`]).
+    #[cfg(test)]
+    faults: std::sync::Mutex<Option<fault::Recorder>>,
 }
 
 /// Written bytes after which writeback of the file is started in the background, so the fsync
@@ -72,10 +76,12 @@ impl ImageFile {
         Ok(ImageFile {
             path: Arc::from(path),
             file,
-            len,
+            len: AtomicU64::new(len),
             writable,
             unflushed: AtomicU64::new(0),
             writeback: writable,
+            #[cfg(test)]
+            faults: std::sync::Mutex::new(None),
         })
     }
 
@@ -89,14 +95,14 @@ impl ImageFile {
         &self.path
     }
 
-    /// Length of the file when it was opened.
+    /// Length of the file: as opened, or as grown since by [`ImageFile::write_all_at`].
     pub fn len(&self) -> u64 {
-        self.len
+        self.len.load(Ordering::Acquire)
     }
 
     /// True for an empty file.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// True when opened for writing.
@@ -113,7 +119,8 @@ impl ImageFile {
     /// of `structure` (the image points outside itself), not an I/O error.
     pub fn read_exact_at(&self, buf: &mut [u8], off: u64, structure: &'static str) -> Result<()> {
         let end = off.checked_add(buf.len() as u64);
-        if end.is_none_or(|end| end > self.len) {
+        let file_len = self.len();
+        if end.is_none_or(|end| end > file_len) {
             return Err(Error::Corrupt {
                 path: self.path.to_path_buf(),
                 structure,
@@ -121,7 +128,7 @@ impl ImageFile {
                 reason: format!(
                     "{} bytes needed but the file ends at {:#x}",
                     buf.len(),
-                    self.len
+                    file_len
                 ),
             });
         }
@@ -133,7 +140,7 @@ impl ImageFile {
     /// Reads up to `buf.len()` bytes at `off`; bytes past the end of the file read as zeros.
     /// For flat extents and raw files, whose logical end may pass the physical one.
     pub fn read_zero_padded(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        let avail = self.len.saturating_sub(off).min(buf.len() as u64) as usize;
+        let avail = self.len().saturating_sub(off).min(buf.len() as u64) as usize;
         let (head, tail) = buf.split_at_mut(avail);
         if !head.is_empty() {
             self.file
@@ -155,9 +162,13 @@ impl ImageFile {
     /// dirty pages is started (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait), so a
     /// large conversion reaches the disk while it runs instead of all in its final fsync.
     pub fn write_all_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        #[cfg(test)]
+        self.fault_point("write", off, Some(buf), buf.len() as u64)?;
         self.file
             .write_all_at(buf, off)
             .map_err(|source| self.io_error("write", off, source))?;
+        self.len
+            .fetch_max(off.saturating_add(buf.len() as u64), Ordering::AcqRel);
         if !self.writeback {
             return Ok(());
         }
@@ -189,6 +200,8 @@ impl ImageFile {
         else {
             return Ok(false);
         };
+        #[cfg(test)]
+        self.fault_point("punch hole", off, None, len)?;
         // SAFETY: fallocate on a descriptor we own; it changes only the file's allocation in the
         // given range, which the caller asked to read as zeros.
         let rc = unsafe {
@@ -209,6 +222,24 @@ impl ImageFile {
         }
     }
 
+    /// Makes `[off, off + len)` read as zeros: punches a hole, or writes zeros (in bounded
+    /// pieces) where the file system cannot punch holes (a block device must still end up
+    /// reading zeros).
+    pub fn zero_range(&self, off: u64, len: u64) -> Result<()> {
+        if len == 0 || self.punch_hole(off, len)? {
+            return Ok(());
+        }
+        const PIECE: u64 = 1 << 20;
+        let zeros = vec![0u8; PIECE.min(len) as usize];
+        let mut pos = off;
+        while pos < off + len {
+            let n = (off + len - pos).min(PIECE);
+            self.write_all_at(&zeros[..n as usize], pos)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
     /// Stops starting writeback as writes accumulate (for files that will not be synced).
     pub fn disable_writeback(&mut self) {
         self.writeback = false;
@@ -216,6 +247,8 @@ impl ImageFile {
 
     /// `fdatasync`.
     pub fn sync_data(&self) -> Result<()> {
+        #[cfg(test)]
+        self.fault_point("sync", 0, None, 0)?;
         self.file
             .sync_data()
             .map_err(|source| self.io_error("sync", 0, source))
@@ -229,7 +262,8 @@ impl ImageFile {
     /// Whether the bytes at `off` are data or a hole of the host file system, and for how long
     /// (at most `max` bytes). Files on systems without SEEK_DATA report everything as data.
     pub fn allocation_at(&self, off: u64, max: u64) -> Result<(ExtentKind, u64)> {
-        if off >= self.len {
+        let file_len = self.len();
+        if off >= file_len {
             return Ok((ExtentKind::Zero, max));
         }
         let fd = self.file.as_raw_fd();
@@ -243,7 +277,7 @@ impl ImageFile {
             let err = io::Error::last_os_error();
             return match err.raw_os_error() {
                 // No data after `off`: a hole up to the end of the file.
-                Some(libc::ENXIO) => Ok((ExtentKind::Zero, (self.len - off).min(max))),
+                Some(libc::ENXIO) => Ok((ExtentKind::Zero, (file_len - off).min(max))),
                 Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((ExtentKind::Data, max)),
                 _ => Err(self.io_error("SEEK_DATA", off, err)),
             };
@@ -258,7 +292,7 @@ impl ImageFile {
             let err = io::Error::last_os_error();
             return Err(self.io_error("SEEK_HOLE", off, err));
         }
-        let hole = (hole as u64).min(self.len);
+        let hole = (hole as u64).min(file_len);
         Ok((ExtentKind::Data, hole.saturating_sub(off).max(1).min(max)))
     }
 
@@ -269,6 +303,86 @@ impl ImageFile {
             offset,
             source,
         }
+    }
+}
+
+/// Test-only fault injection: count the writes, hole punches and syncs of one file, fail the
+/// N-th and every one after it (the "crash"), and remember what each write since the last sync
+/// overwrote, so a test can rebuild the file a power cut could leave: everything synced, plus
+/// any subset of the unsynced writes.
+#[cfg(test)]
+pub(crate) mod fault {
+    /// The state of one armed file.
+    #[derive(Debug, Default)]
+    pub struct Recorder {
+        /// Operations seen so far.
+        pub ops: u64,
+        /// The operation (1-based) that fails; 0 never.
+        pub fail_at: u64,
+        /// An operation failed: every later one fails too.
+        pub crashed: bool,
+        /// Writes since the last sync: (offset, bytes before, bytes after).
+        pub unsynced: Vec<(u64, Vec<u8>, Vec<u8>)>,
+        /// File length at the last sync.
+        pub synced_len: u64,
+    }
+}
+
+#[cfg(test)]
+impl ImageFile {
+    /// Starts counting operations; the `fail_at`-th (1-based; 0: none) and all later ones fail.
+    pub(crate) fn arm_faults(&self, fail_at: u64) {
+        *self.faults.lock().unwrap() = Some(fault::Recorder {
+            fail_at,
+            synced_len: self.len(),
+            ..Default::default()
+        });
+    }
+
+    /// Operations counted since [`ImageFile::arm_faults`].
+    pub(crate) fn fault_ops(&self) -> u64 {
+        self.faults.lock().unwrap().as_ref().map_or(0, |r| r.ops)
+    }
+
+    /// Rewrites the file as a power cut could leave it: the synced state plus the unsynced
+    /// writes for which `keep(index)` is true, applied in their order. Disarms the recorder.
+    pub(crate) fn simulate_crash(&self, mut keep: impl FnMut(usize) -> bool) {
+        let Some(rec) = self.faults.lock().unwrap().take() else {
+            return;
+        };
+        for (off, before, _) in rec.unsynced.iter().rev() {
+            self.file.write_all_at(before, *off).unwrap();
+        }
+        self.file.set_len(rec.synced_len).unwrap();
+        for (i, (off, _, after)) in rec.unsynced.iter().enumerate() {
+            if keep(i) {
+                self.file.write_all_at(after, *off).unwrap();
+            }
+        }
+        self.file.sync_all().unwrap();
+    }
+
+    fn fault_point(&self, op: &'static str, off: u64, data: Option<&[u8]>, len: u64) -> Result<()> {
+        let mut guard = self.faults.lock().unwrap();
+        let Some(rec) = guard.as_mut() else {
+            return Ok(());
+        };
+        rec.ops += 1;
+        if rec.crashed || rec.ops == rec.fail_at {
+            rec.crashed = true;
+            return Err(self.io_error(op, off, io::Error::other("injected fault")));
+        }
+        if op == "sync" {
+            rec.unsynced.clear();
+            rec.synced_len = self.len();
+            return Ok(());
+        }
+        let mut before = vec![0u8; len as usize];
+        let avail = self.len().saturating_sub(off).min(len) as usize;
+        self.file.read_exact_at(&mut before[..avail], off).unwrap();
+        let after = data.map_or_else(|| vec![0u8; len as usize], <[u8]>::to_vec);
+        rec.unsynced.push((off, before, after));
+        Ok(())
     }
 }
 

@@ -30,6 +30,12 @@ pub trait Image: BlockDevice {
         None
     }
 
+    /// True when the driver can write images of this format in place (given a writable open);
+    /// exports ask before opening a file for writing.
+    fn writes_in_place(&self) -> bool {
+        false
+    }
+
     /// The same image as a device that can be written, when its driver writes in place and it
     /// was opened writable (`OpenOptions::writable`); `None` otherwise. Exports (NBD, FUSE)
     /// use it to serve an image read-write.

@@ -13,6 +13,8 @@
 pub mod blockdev;
 pub mod bytes;
 pub mod compare;
+#[cfg(test)]
+mod crash_test;
 pub mod create;
 pub mod error;
 pub mod file;

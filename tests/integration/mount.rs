@@ -304,15 +304,15 @@ fn a_corrupt_gpt_shows_the_disk_only_and_says_why() {
 fn a_writable_raw_mount_takes_changes_through_a_loop_mount() {
     let dir = scratch("mount-rw");
     let raw = mbr_disk(&dir, "before\n");
-    // Other formats are refused by name; raw must be named.
-    let qcow2 = dir.join("d.qcow2");
-    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&qcow2)]);
+    // Formats without an in-place writer are refused by name; raw must be named.
+    let vmdk = dir.join("d.vmdk");
+    qemu_img(&["convert", "-f", "raw", "-O", "vmdk", s(&raw), s(&vmdk)]);
     std::fs::create_dir_all(dir.join("mnt")).unwrap();
-    let out = run(vmnest().args(["mount", "--rw", s(&qcow2), s(&dir.join("mnt"))]));
+    let out = run(vmnest().args(["mount", "--rw", s(&vmdk), s(&dir.join("mnt"))]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("qcow2 images cannot be mounted writable"),
+        err.contains("vmdk images cannot be mounted writable"),
         "{err}"
     );
 

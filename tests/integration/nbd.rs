@@ -149,15 +149,8 @@ fn unix_socket_export_reads_like_the_file() {
     drop(guard);
 }
 
-#[test]
-fn qemu_io_writes_land_in_a_writable_raw_export() {
-    let dir = scratch("nbd-qemu-io");
-    let original = dir.join("original.raw");
-    write_pattern_raw(&original, 16 << 20, 5);
-    let disk = dir.join("disk.raw");
-    std::fs::copy(&original, &disk).unwrap();
-    let served = Served::start(&dir, &["--rw", "-f", "raw", s(&disk)], 1);
-    let url = &served.urls[0];
+/// Writes, zeroes, discards and flushes through qemu-io on `url`, then reads back.
+fn qemu_io_edits(url: &str) {
     run_ok(Command::new(require("qemu-io")).args([
         "-f",
         "raw",
@@ -179,19 +172,85 @@ fn qemu_io_writes_land_in_a_writable_raw_export() {
         "read -P 0 131072 65536",
         url,
     ]));
-    drop(served);
-    let before = read_raw(&original);
-    let after = read_raw(&disk);
-    let mut want = before.clone();
+}
+
+/// `before` with [`qemu_io_edits`] applied (its discard covers one whole 64 KiB cluster, which
+/// reads back as zeros).
+fn edited(before: &[u8]) -> Vec<u8> {
+    let mut want = before.to_vec();
     want[4096..4096 + 65536].fill(0xab);
     want[1 << 20..(1 << 20) + 8192].fill(0xcd);
     want[..4096].fill(0);
     want[131072..131072 + 65536].fill(0);
     want[3 << 20..4 << 20].fill(0);
+    want
+}
+
+#[test]
+fn qemu_io_writes_land_in_a_writable_raw_export() {
+    let dir = scratch("nbd-qemu-io");
+    let original = dir.join("original.raw");
+    write_pattern_raw(&original, 16 << 20, 5);
+    let disk = dir.join("disk.raw");
+    std::fs::copy(&original, &disk).unwrap();
+    let served = Served::start(&dir, &["--rw", "-f", "raw", s(&disk)], 1);
+    qemu_io_edits(&served.urls[0]);
+    drop(served);
+    let after = read_raw(&disk);
+    let want = edited(&read_raw(&original));
     assert_eq!(after.len(), want.len());
     if let Some(i) = image_format::bytes::first_difference(&after, &want) {
         panic!("disk differs from the expected content at {i:#x}");
     }
+}
+
+#[test]
+fn qemu_io_writes_land_in_a_writable_qcow2_export_over_a_backing_file() {
+    use super::qcow2_rw::{overlay, to_qcow2, verify};
+    let dir = scratch("nbd-qemu-io-qcow2");
+    let original = dir.join("original.raw");
+    write_pattern_raw(&original, 16 << 20, 6);
+    // The lower half in a compressed backing file, the upper half written into the overlay.
+    let base = dir.join("base.qcow2");
+    to_qcow2(&original, &base, &["-c"]);
+    let disk = dir.join("disk.qcow2");
+    overlay(&base, &disk, "");
+    run_ok(Command::new(require("qemu-io")).args([
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x11 8388608 8388608",
+        s(&disk),
+    ]));
+    let mut before = read_raw(&original);
+    before[8 << 20..].fill(0x11);
+    let served = Served::start(&dir, &["--rw", s(&disk)], 1);
+    qemu_io_edits(&served.urls[0]);
+    // Writes into the overlay's own clusters (in place) and across the halves.
+    run_ok(Command::new(require("qemu-io")).args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x22 8323072 131072",
+        "-c",
+        "flush",
+        &served.urls[0],
+    ]));
+    drop(served);
+    let mut want = edited(&before);
+    want[8323072..8323072 + 131072].fill(0x22);
+    // qemu-img check clean, qemu-img compare, our reader and qcow2-rs all see `want`.
+    verify(&dir, &disk, &want, "nbd-export");
+    // The backing file is unchanged.
+    qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        s(&original),
+        s(&base),
+    ]);
 }
 
 #[test]
@@ -298,15 +357,34 @@ fn nbdcopy_with_four_connections_copies_both_ways() {
         .unwrap()
         .set_len(std::fs::metadata(&raw).unwrap().len())
         .unwrap();
-    let served = Served::start(&dir, &["--rw", "-f", "raw", s(&target)], 1);
+    nbdcopy_into_export(&dir, &raw, &["--rw", "-f", "raw", s(&target)]);
+    assert_eq!(hash_file(&target), hash_file(&raw));
+
+    // Into a writable qcow2 export with small clusters: four connections allocating at once.
+    let size = std::fs::metadata(&raw).unwrap().len();
+    let target = dir.join("target.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        s(&target),
+        &size.to_string(),
+    ]);
+    nbdcopy_into_export(&dir, &raw, &["--rw", s(&target)]);
+    super::qcow2_rw::verify(&dir, &target, &read_raw(&raw), "nbdcopy-qcow2");
+}
+
+/// `nbdcopy --connections 4 --flush SRC URL` into the one export `vmnest serve ARGS` serves.
+fn nbdcopy_into_export(dir: &Path, src: &Path, args: &[&str]) {
+    let served = Served::start(dir, args, 1);
     run_ok(
         Command::new(require("nbdcopy"))
             .args(["--connections", "4", "--flush"])
-            .arg(&raw)
+            .arg(src)
             .arg(&served.urls[0]),
     );
-    drop(served);
-    assert_eq!(hash_file(&target), hash_file(&raw));
 }
 
 /// `nbdsh` runs Debian's python3 (which has the `nbd` module), whatever python3 comes first in
@@ -591,9 +669,9 @@ fn option_reply_text(text: &str) -> Vec<u8> {
 }
 
 #[test]
-fn serve_refuses_remote_listening_without_allow_remote_and_rw_on_qcow2() {
+fn serve_refuses_remote_listening_without_allow_remote_and_rw_on_vmdk() {
     let dir = scratch("nbd-refusals");
-    let (_, qcow2, _) = pattern_images(&dir);
+    let (_, qcow2, vmdk) = pattern_images(&dir);
     let out = run(vmnest().args(["serve", "--listen", "0.0.0.0:0", s(&qcow2)]));
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -601,13 +679,15 @@ fn serve_refuses_remote_listening_without_allow_remote_and_rw_on_qcow2() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = run(vmnest().args(["serve", "--rw", s(&qcow2)]));
+    let vmdk_bytes = std::fs::read(&vmdk).unwrap();
+    let out = run(vmnest().args(["serve", "--rw", s(&vmdk)]));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("qcow2 images cannot be served writable"),
+        err.contains("vmdk images cannot be served writable"),
         "{err}"
     );
+    assert_eq!(std::fs::read(&vmdk).unwrap(), vmdk_bytes);
     let out = run(vmnest().args(["serve", s(&qcow2), s(&qcow2)]));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--export-name"));

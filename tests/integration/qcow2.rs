@@ -515,7 +515,7 @@ fn qcow2_unknown_incompatible_feature_is_refused_naming_the_bit() {
 }
 
 /// BLAKE3 of an image's guest content as qcow2-rs (an independent async reader) reads it.
-fn hash_with_qcow2_rs(img: &Path) -> String {
+pub(crate) fn hash_with_qcow2_rs(img: &Path) -> String {
     use qcow2_rs::dev::Qcow2DevParams;
     use qcow2_rs::helpers::Qcow2IoBuf;
     use qcow2_rs::utils::qcow2_setup_dev_sync;

@@ -6,8 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use vmnest_tests::{
-    PATTERN_SIZE, pattern_bytes, qemu_from_raw, qemu_img, require, run, run_ok, scratch, vmnest,
-    write_pattern_raw,
+    PATTERN_SIZE, pattern_bytes, poke, qemu_from_raw, qemu_img, require, run, run_ok, same,
+    scratch, vmnest, write_pattern_raw,
 };
 
 fn st(store: &Path) -> Command {
@@ -23,24 +23,6 @@ fn json(cmd: &mut Command) -> serde_json::Value {
 
 fn pack_count(store: &Path) -> usize {
     std::fs::read_dir(store.join("packs")).map_or(0, |d| d.count())
-}
-
-fn same(a: &Path, b: &Path) {
-    let out = qemu_img(&[
-        "compare",
-        &a.display().to_string(),
-        &b.display().to_string(),
-    ]);
-    assert!(out.contains("identical"), "{out}");
-}
-
-/// Changes `len` bytes at `off` of a raw file.
-fn poke(path: &Path, off: u64, len: usize, seed: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    let mut buf = vec![0u8; len];
-    pattern_bytes(&mut buf, off, seed);
-    f.write_all_at(&buf, off).unwrap();
 }
 
 fn gold(dir: &Path) -> PathBuf {

@@ -171,14 +171,14 @@ fn be32(b: &[u8], at: usize) -> u32 {
 
 /// What the child needs to know of its parent: read from the parent's footer (at offset 0 of
 /// a dynamic disk) and dynamic header (at 512 for qemu-made images).
-struct ParentFacts {
+pub(crate) struct ParentFacts {
     footer: [u8; 512],
-    unique_id: [u8; 16],
+    pub(crate) unique_id: [u8; 16],
     max_table_entries: u32,
     block_size: u32,
 }
 
-fn parent_facts(parent: &Path) -> ParentFacts {
+pub(crate) fn parent_facts(parent: &Path) -> ParentFacts {
     let bytes = std::fs::read(parent).unwrap();
     let footer: [u8; 512] = bytes[..512].try_into().unwrap();
     let header = &bytes[512..1536];
@@ -201,7 +201,13 @@ fn parent_facts(parent: &Path) -> ParentFacts {
 /// ...    block `block`: sector bitmap (bits set for `sectors`) + data (all 0xC5)
 /// end    footer
 /// ```
-fn write_child(path: &Path, p: &ParentFacts, parent_uuid: [u8; 16], block: u32, sectors: &[u32]) {
+pub(crate) fn write_child(
+    path: &Path,
+    p: &ParentFacts,
+    parent_uuid: [u8; 16],
+    block: u32,
+    sectors: &[u32],
+) {
     write_child_with_locator(path, p, parent_uuid, block, sectors, r".\parent.vhd");
 }
 
@@ -274,7 +280,7 @@ fn write_child_with_locator(
 }
 
 /// A qemu-made dynamic parent of the patterned disk, in `dir/parent.vhd`.
-fn make_parent(dir: &Path) -> PathBuf {
+pub(crate) fn make_parent(dir: &Path) -> PathBuf {
     let raw = dir.join("pattern.raw");
     write_pattern_raw(&raw, PATTERN_SIZE, 11);
     let parent = dir.join("parent.vhd");
@@ -282,7 +288,7 @@ fn make_parent(dir: &Path) -> PathBuf {
     parent
 }
 
-const MARKED: [u32; 6] = [0, 1, 2, 3, 10, 2050];
+pub(crate) const MARKED: [u32; 6] = [0, 1, 2, 3, 10, 2050];
 
 #[test]
 fn differencing_child_reads_marked_sectors_from_itself_and_the_rest_from_its_parent() {

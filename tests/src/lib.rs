@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use image_format::{BlockDevice, Image, OpenOptions};
 
+pub mod s3;
+
 /// The `target/<profile>` directory the test binary runs from.
 fn target_profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
@@ -232,6 +234,28 @@ pub fn pattern_bytes(buf: &mut [u8], off: u64, seed: u64) {
         let bytes = x.to_le_bytes();
         chunk.copy_from_slice(&bytes[..chunk.len()]);
     }
+}
+
+/// Overwrites `len` bytes at `off` of a raw file with [`pattern_bytes`] (incompressible).
+pub fn poke(path: &Path, off: u64, len: usize, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut buf = vec![0u8; len];
+    pattern_bytes(&mut buf, off, seed);
+    f.write_all_at(&buf, off).expect("write");
+}
+
+/// Asserts that `qemu-img compare` finds the guest content of `a` and `b` identical.
+pub fn same(a: &Path, b: &Path) {
+    let out = qemu_img(&[
+        "compare",
+        &a.display().to_string(),
+        &b.display().to_string(),
+    ]);
+    assert!(out.contains("identical"), "{out}");
 }
 
 /// Size of [`write_pattern_raw`]'s images: 20 MiB plus 7 sectors, so not cluster-aligned.

@@ -134,3 +134,47 @@ impl<S: ChunkStore> Iterator for Diff<S> {
         }
     }
 }
+
+/// Visits the ids of map `new` that are not at the same place in map `old`: the map nodes on
+/// the paths to changed leaves, and the changed leaves (what a replica holding `old` lacks for
+/// `new`). `visit(id, is_node)` returns whether to descend into a node (false for one already
+/// seen). With no `old`, or one of another geometry, every id of `new` is visited. Reads only
+/// nodes on changed paths: O(changes × depth).
+pub fn changed<S: ChunkStore + ?Sized>(
+    store: &S,
+    old: Option<&MapRoot>,
+    new: &MapRoot,
+    visit: &mut dyn FnMut(&ChunkId, bool) -> bool,
+) -> Result<()> {
+    let geo = Geometry::of(new)?;
+    let old = old.filter(|o| (o.size, o.chunk_size) == (new.size, new.chunk_size));
+    let Some(top) = new.root else {
+        return Ok(());
+    };
+    let mut stack = vec![(old.and_then(|o| o.root), top, geo.depth - 1, 0u64)];
+    while let Some((was, id, level, start)) = stack.pop() {
+        if was == Some(id) || !visit(&id, true) {
+            continue;
+        }
+        let node = load_node(store, &geo, &id, level, start)?;
+        let prior = match was {
+            Some(w) => Some(load_node(store, &geo, &w, level, start)?),
+            None => None,
+        };
+        for (slot, entry) in node.entries.iter().enumerate() {
+            let Some(child) = entry else { continue };
+            let before = prior
+                .as_ref()
+                .and_then(|p| p.entries.get(slot).copied().flatten());
+            if level == 0 {
+                if before != Some(*child) {
+                    visit(child, false);
+                }
+            } else {
+                let (s, _) = geo.entry_range(level, start, slot);
+                stack.push((before, *child, level - 1, s));
+            }
+        }
+    }
+    Ok(())
+}

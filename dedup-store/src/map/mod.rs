@@ -72,7 +72,7 @@ mod update;
 mod tests;
 
 pub use builder::MapBuilder;
-pub use diff::{Diff, DiffEntry, diff};
+pub use diff::{Diff, DiffEntry, changed, diff};
 pub use node::{Node, decode_node, encode_node};
 pub use reader::{Map, RangeIter};
 

@@ -472,3 +472,69 @@ fn a_node_at_the_wrong_place_is_corruption_naming_the_node() {
     );
     assert!(diff(&store, &MapRoot::new(None, 10 * 4096, 4096).unwrap(), &root).is_err());
 }
+
+#[test]
+fn changed_visits_what_a_holder_of_the_old_map_lacks() {
+    use std::collections::HashSet;
+    let mut rng = Rng(5);
+    for round in 0..20 {
+        let chunks = [1, 256, 257, 5000, 66_000][rng.below(5) as usize];
+        let model = random_model(&mut rng, chunks, 50);
+        let store = MemoryChunkStore::new();
+        let root = build_streaming(&store, &model, chunks * 4096);
+        let mut after = model.clone();
+        let edits: Vec<(u64, Option<ChunkId>)> = (0..rng.below(40))
+            .map(|_| {
+                let i = rng.below(chunks);
+                let id = (rng.below(3) != 0).then(|| data_id(2000 + rng.below(20)));
+                after[i as usize] = id;
+                (i, id)
+            })
+            .collect();
+        let new = Map::update(&store, &root, edits).unwrap();
+        let nodes_of = |r: &MapRoot| {
+            let mut nodes = HashSet::new();
+            crate::map::walk(
+                &store,
+                r,
+                &mut |id, is_node| {
+                    if is_node {
+                        nodes.insert(*id);
+                    }
+                    true
+                },
+                &mut |id, e| panic!("{id}: {e}"),
+            )
+            .unwrap();
+            nodes
+        };
+        let (old_nodes, new_nodes) = (nodes_of(&root), nodes_of(&new));
+        let (mut leaves, mut nodes) = (HashSet::new(), HashSet::new());
+        changed(&store, Some(&root), &new, &mut |id, is_node| {
+            if is_node {
+                nodes.insert(*id)
+            } else {
+                leaves.insert(*id);
+                true
+            }
+        })
+        .unwrap();
+        let want: HashSet<ChunkId> = model_diff(&model, &after)
+            .iter()
+            .filter_map(|d| d.new)
+            .collect();
+        assert_eq!(leaves, want, "round {round}");
+        assert!(nodes.is_subset(&new_nodes), "round {round}");
+        assert!(
+            new_nodes.difference(&old_nodes).all(|n| nodes.contains(n)),
+            "round {round}"
+        );
+        // With no old map, everything.
+        let mut all = HashSet::new();
+        changed(&store, None, &new, &mut |id, is_node| {
+            if is_node { all.insert(*id) } else { true }
+        })
+        .unwrap();
+        assert_eq!(all, new_nodes, "round {round}");
+    }
+}

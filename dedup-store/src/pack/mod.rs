@@ -797,7 +797,7 @@ impl FrameCache {
         }
     }
 
-    fn get(&self, key: (PackId, u32)) -> Option<std::sync::Arc<Vec<u8>>> {
+    pub(crate) fn get(&self, key: (PackId, u32)) -> Option<std::sync::Arc<Vec<u8>>> {
         let mut g = self.inner.lock().ok()?;
         g.tick += 1;
         let tick = g.tick;
@@ -806,7 +806,7 @@ impl FrameCache {
         Some(e.0.clone())
     }
 
-    fn insert(&self, key: (PackId, u32), frame: std::sync::Arc<Vec<u8>>) {
+    pub(crate) fn insert(&self, key: (PackId, u32), frame: std::sync::Arc<Vec<u8>>) {
         if frame.len() > self.max_bytes {
             return;
         }
@@ -997,15 +997,7 @@ impl PackReader {
 
 fn name_chunk(e: Error, id: &ChunkId) -> Error {
     match e {
-        Error::Corrupt {
-            object,
-            offset,
-            reason,
-        } => Error::Corrupt {
-            object,
-            offset,
-            reason: format!("{reason} (reading chunk {id})"),
-        },
+        Error::Corrupt { .. } => e.noted(&format!("reading chunk {id}")),
         other => other,
     }
 }

@@ -400,6 +400,12 @@ impl PackStore {
         self.packs().iter().map(|p| p.file_len()).sum()
     }
 
+    /// The intact pack that durably holds `id` and where in it, if any (push reads chunks and
+    /// picks packs to upload through this).
+    pub fn locate(&self, id: &ChunkId) -> Result<Option<(Arc<PackReader>, crate::pack::ChunkLoc)>> {
+        self.durable(id)
+    }
+
     /// Where `id` is durably stored in an intact pack, if anywhere.
     fn durable(&self, id: &ChunkId) -> Result<Option<(Arc<PackReader>, crate::pack::ChunkLoc)>> {
         let locs = self.index.read().map_err(|_| poisoned())?.lookup_all(id);

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use image_format::blockdev::{self, BlockDevice, Caps, Extent, ExtentKind};
 use image_format::{Image, ImageInfo};
 
-use crate::chunk::ChunkStore;
+use crate::chunk::{ChunkId, ChunkStore};
 use crate::map::{Map, MapRoot};
 use crate::pack::PackStore;
+use crate::remote::RemoteChunks;
 use crate::store::{Layout, Member, Resolved, Store};
 
 /// Decoded map nodes a stored disk keeps (about 8 KiB each): the leaves of a 16 GiB disk at
@@ -23,12 +24,45 @@ pub const DISK_NODE_CACHE: usize = 1024;
 /// Most map runs one `block_status` call looks at.
 const STATUS_RUNS: usize = 4096;
 
+/// Where a stored disk's chunks come from: the local store, or a remote read by range GETs.
+#[derive(Clone, Debug)]
+pub enum DiskChunks {
+    /// The local store's packs.
+    Local(Arc<PackStore>),
+    /// A remote's packs (`vmnest restore`).
+    Remote(Arc<RemoteChunks>),
+}
+
+impl DiskChunks {
+    fn inner(&self) -> &dyn ChunkStore {
+        match self {
+            DiskChunks::Local(p) => p.as_ref(),
+            DiskChunks::Remote(r) => r.as_ref(),
+        }
+    }
+}
+
+impl ChunkStore for DiskChunks {
+    fn put(&self, id: ChunkId, data: &[u8]) -> crate::Result<bool> {
+        self.inner().put(id, data)
+    }
+    fn get(&self, id: &ChunkId) -> crate::Result<Vec<u8>> {
+        self.inner().get(id)
+    }
+    fn contains(&self, id: &ChunkId) -> crate::Result<bool> {
+        self.inner().contains(id)
+    }
+    fn flush(&self) -> crate::Result<()> {
+        self.inner().flush()
+    }
+}
+
 /// A disk member of a stored snapshot, readable.
 #[derive(Debug)]
 pub struct StoredDisk {
     /// Held for the store's lock: gc waits while a stored disk is open.
-    _store: Arc<Store>,
-    map: Map<Arc<PackStore>>,
+    _store: Option<Arc<Store>>,
+    map: Map<DiskChunks>,
     size: u64,
     chunk_size: u64,
     /// `store:NAME@SNAP` and the store directory, for `info`.
@@ -44,6 +78,42 @@ impl StoredDisk {
         store: &Arc<Store>,
         snap: &Resolved,
         member: Option<&str>,
+    ) -> crate::Result<StoredDisk> {
+        Self::open_on(
+            DiskChunks::Local(store.chunks().clone()),
+            Some(store.clone()),
+            snap,
+            member,
+            format!("store:{}@{}", snap.name, snap.id.short()),
+            store.root().to_path_buf(),
+        )
+    }
+
+    /// Opens member `member` of a snapshot of a remote, read through `chunks` (`vmnest
+    /// restore`; no local copy).
+    pub fn open_remote(
+        chunks: Arc<RemoteChunks>,
+        snap: &Resolved,
+        member: Option<&str>,
+    ) -> crate::Result<StoredDisk> {
+        let remote = chunks.remote().clone();
+        Self::open_on(
+            DiskChunks::Remote(chunks),
+            None,
+            snap,
+            member,
+            format!("remote:{}:{}@{}", remote.name(), snap.name, snap.id.short()),
+            PathBuf::from(remote.url()),
+        )
+    }
+
+    fn open_on(
+        chunks: DiskChunks,
+        store: Option<Arc<Store>>,
+        snap: &Resolved,
+        member: Option<&str>,
+        label: String,
+        store_dir: PathBuf,
     ) -> crate::Result<StoredDisk> {
         let m: &Member = match member {
             Some(name) => snap.manifest.member(name).ok_or_else(|| {
@@ -66,12 +136,12 @@ impl StoredDisk {
         };
         let root = MapRoot::new(root, m.size, chunk_size)?;
         Ok(StoredDisk {
-            _store: store.clone(),
-            map: Map::with_cache_cap(store.chunks().clone(), root, DISK_NODE_CACHE)?,
+            _store: store,
+            map: Map::with_cache_cap(chunks, root, DISK_NODE_CACHE)?,
             size: m.size,
             chunk_size: u64::from(chunk_size),
-            label: format!("store:{}@{}", snap.name, snap.id.short()),
-            store_dir: store.root().to_path_buf(),
+            label,
+            store_dir,
             snapshot: snap.id.to_hex(),
             member: m.name.clone(),
         })

@@ -349,6 +349,20 @@ impl Store {
         Manifest::decode(&object, &bytes)
     }
 
+    /// The bytes of manifest `id`, checked against its name (push sends them unchanged).
+    pub fn manifest_bytes(&self, id: &SnapshotId) -> Result<Vec<u8>> {
+        let path = self.manifest_path(id);
+        let bytes = read_capped(&path, manifest::MAX_MANIFEST_LEN as u64, "manifest")?;
+        if SnapshotId::of(&bytes) != *id {
+            return Err(Error::corrupt(
+                format!("snapshots/{}", id.to_hex()),
+                0,
+                "manifest does not match its name",
+            ));
+        }
+        Ok(bytes)
+    }
+
     /// Whether the manifest of `id` exists.
     pub fn has_manifest(&self, id: &SnapshotId) -> bool {
         self.manifest_path(id).exists()
@@ -365,6 +379,25 @@ impl Store {
             write_atomic(&self.root.join("snapshots"), &path, &bytes)?;
         }
         Ok(id)
+    }
+
+    /// Stores manifest bytes received from elsewhere (pull) unchanged, so the snapshot keeps its
+    /// id; they must hash to `id` and parse. Everything they refer to must be durable already.
+    pub fn import_manifest(&self, id: &SnapshotId, bytes: &[u8]) -> Result<Manifest> {
+        let object = format!("snapshots/{}", id.to_hex());
+        if SnapshotId::of(bytes) != *id {
+            return Err(Error::corrupt(
+                object,
+                0,
+                "manifest does not match its name",
+            ));
+        }
+        let m = Manifest::decode(&object, bytes)?;
+        let path = self.manifest_path(id);
+        if !path.exists() {
+            write_atomic(&self.root.join("snapshots"), &path, bytes)?;
+        }
+        Ok(m)
     }
 
     /// Every manifest in the store (referenced or not).
@@ -610,4 +643,4 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -11,7 +11,7 @@ use super::verify::verify;
 use super::*;
 use crate::chunker::cdc::xorshift_bytes;
 
-fn tmp(name: &str) -> PathBuf {
+pub(crate) fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vmnest-store-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir

@@ -3,11 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use crate::chunk::ChunkId;
+use crate::chunk::{ChunkId, ChunkStore};
 use crate::error::Result;
 use crate::map::walk;
 use crate::store::gc::live_snapshots;
-use crate::store::{Layout, Store};
+use crate::store::{Layout, Member, Store};
 
 /// What verify found.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -33,6 +33,52 @@ impl VerifyReport {
     pub fn is_clean(&self) -> bool {
         self.damaged.is_empty() && self.damaged_packs.is_empty() && self.affected.is_empty()
     }
+}
+
+/// Walks everything `member` refers to in `store` (map nodes and parts are read from it; each
+/// subtree once), calling `need(id, problems, member name)` for every id; what cannot be read
+/// goes to `problems`. Shared by the store's verify and `verify --remote`.
+pub(crate) fn check_member<S: ChunkStore + ?Sized>(
+    store: &S,
+    member: &Member,
+    problems: &mut BTreeSet<String>,
+    need: &dyn Fn(&ChunkId, &mut BTreeSet<String>, &str),
+) -> Result<()> {
+    match &member.layout {
+        Layout::Map { .. } => {
+            let Some(root) = member.map_root() else {
+                return Ok(());
+            };
+            let mut seen = HashSet::new();
+            let mut errors = Vec::new();
+            walk(
+                store,
+                &root,
+                &mut |id, _| {
+                    need(id, problems, &member.name);
+                    seen.insert(*id)
+                },
+                &mut |id, e| errors.push(format!("{}: map node {id}: {e}", member.name)),
+            )?;
+            problems.extend(errors);
+        }
+        Layout::Recipe { parts, .. } => {
+            for part in parts {
+                need(part, problems, &member.name);
+                match crate::store::stream::part_chunks(store, part) {
+                    Ok(ids) => {
+                        for id in ids {
+                            need(&id, problems, &member.name);
+                        }
+                    }
+                    Err(e) => {
+                        problems.insert(format!("{}: recipe part {part}: {e}", member.name));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Verifies the store; see the module documentation.
@@ -106,41 +152,7 @@ pub fn verify(store: &Store) -> Result<VerifyReport> {
             }
         };
         for member in &m.members {
-            match &member.layout {
-                Layout::Map { .. } => {
-                    let Some(root) = member.map_root() else {
-                        continue;
-                    };
-                    let mut seen = HashSet::new();
-                    let mut errors = Vec::new();
-                    walk(
-                        store.chunks().as_ref(),
-                        &root,
-                        &mut |id, _| {
-                            need(id, &mut problems, &member.name);
-                            seen.insert(*id)
-                        },
-                        &mut |id, e| errors.push(format!("{}: map node {id}: {e}", member.name)),
-                    )?;
-                    problems.extend(errors);
-                }
-                Layout::Recipe { parts, .. } => {
-                    for part in parts {
-                        need(part, &mut problems, &member.name);
-                        match crate::store::stream::part_chunks(store.chunks().as_ref(), part) {
-                            Ok(ids) => {
-                                for id in ids {
-                                    need(&id, &mut problems, &member.name);
-                                }
-                            }
-                            Err(e) => {
-                                problems
-                                    .insert(format!("{}: recipe part {part}: {e}", member.name));
-                            }
-                        }
-                    }
-                }
-            }
+            check_member(store.chunks().as_ref(), member, &mut problems, &need)?;
         }
         if !problems.is_empty() {
             report

@@ -209,7 +209,7 @@ pub(super) fn check(img: &Qcow2Image) -> Result<CheckReport> {
         &mut c,
         &mut l2_refs,
         h.l1_table_offset,
-        &img.l1,
+        &img.l1.read().unwrap_or_else(|e| e.into_inner()),
         Some(&stored_of),
     );
     let mut walked = 0u64;

@@ -3,6 +3,9 @@
 //!
 //! The cache lock is held only to look up or insert a table (an `Arc`), never while reading
 //! from the file; two threads missing on the same table may both read it, which is harmless.
+//! An in-place writer replaces a table with [`L2Cache::put`] after writing it to the file; a
+//! load that started before a `put` is returned to its caller but not cached, so a table read
+//! from the file before the write can never replace the newer one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,6 +31,8 @@ pub struct L2Cache {
 struct CacheInner {
     tables: HashMap<u64, (Arc<[u64]>, u64)>,
     tick: u64,
+    /// Bumped by every [`L2Cache::put`].
+    epoch: u64,
 }
 
 impl L2Cache {
@@ -44,7 +49,7 @@ impl L2Cache {
 
     /// The table at `offset`, loaded with `load` on a miss (without the lock held).
     pub fn get(&self, offset: u64, load: impl FnOnce() -> Result<Vec<u64>>) -> Result<Arc<[u64]>> {
-        {
+        let epoch = {
             let mut inner = self.lock();
             inner.tick += 1;
             let tick = inner.tick;
@@ -52,9 +57,29 @@ impl L2Cache {
                 *used = tick;
                 return Ok(Arc::clone(table));
             }
-        }
+            inner.epoch
+        };
         let table: Arc<[u64]> = load()?.into();
         let mut inner = self.lock();
+        if inner.epoch != epoch {
+            return Ok(table);
+        }
+        if let Some((cached, _)) = inner.tables.get(&offset) {
+            return Ok(Arc::clone(cached));
+        }
+        self.insert(&mut inner, offset, Arc::clone(&table));
+        Ok(table)
+    }
+
+    /// Replaces (or adds) the table at `offset`, which the caller has just written to the file.
+    pub fn put(&self, offset: u64, table: Arc<[u64]>) {
+        let mut inner = self.lock();
+        inner.epoch += 1;
+        inner.tables.remove(&offset);
+        self.insert(&mut inner, offset, table);
+    }
+
+    fn insert(&self, inner: &mut CacheInner, offset: u64, table: Arc<[u64]>) {
         if inner.tables.len() >= self.capacity
             && let Some(oldest) = inner
                 .tables
@@ -66,8 +91,7 @@ impl L2Cache {
         }
         inner.tick += 1;
         let tick = inner.tick;
-        inner.tables.insert(offset, (Arc::clone(&table), tick));
-        Ok(table)
+        inner.tables.insert(offset, (table, tick));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
@@ -227,5 +251,19 @@ mod tests {
         cache.get(3, || Ok(vec![3])).unwrap(); // evicts 2
         assert_eq!(&*cache.get(1, || Ok(vec![9])).unwrap(), &[1]);
         assert_eq!(&*cache.get(2, || Ok(vec![8])).unwrap(), &[8]);
+    }
+
+    #[test]
+    fn a_load_racing_a_put_is_not_cached() {
+        let cache = L2Cache::new(4096);
+        // The load reads the old table from the file; meanwhile a writer puts the new one.
+        let got = cache
+            .get(7, || {
+                cache.put(7, vec![2].into());
+                Ok(vec![1])
+            })
+            .unwrap();
+        assert_eq!(&*got, &[1]);
+        assert_eq!(&*cache.get(7, || Ok(vec![9])).unwrap(), &[2]);
     }
 }

@@ -9,6 +9,7 @@
 //!  check.rs   refcount rebuild from every reference, compared with the stored refcounts
 //!  mod.rs     the driver: open (validate, load L1, snapshots, backing), read_at, block_status
 //!  write.rs   the writer of new images: options, allocator, compression, exact refcounts
+//!  rw.rs      in-place writes to an existing image opened writable (BlockDeviceMut)
 //! ```
 //!
 //! At open the header is validated against named caps (L1 entries, refcount table bytes,
@@ -23,21 +24,23 @@
 //! reads fail rather than read zeros.
 //!
 //! Dirty (incompatible bit 0) and corrupt (bit 1) images open read-only: reading needs only the
-//! L1/L2 tables, never the refcounts. Existing images are never written in place; new ones are
-//! made by [`write::create`] (see its module for the layout).
+//! L1/L2 tables, never the refcounts. Opened writable, an existing image is written in place by
+//! `rw.rs` (copy-on-write, allocation, crash-safe ordering: see that module); new images are made
+//! by [`write::create`] (see its module for the layout).
 
 mod check;
 pub mod header;
 mod io;
 pub mod map;
+mod rw;
 pub mod write;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::blockdev::{
-    BlockDevice, Caps, Extent, ExtentKind, backing_status, check_range, check_status_range,
-    read_padded,
+    BlockDevice, BlockDeviceMut, Caps, Extent, ExtentKind, backing_status, check_range,
+    check_status_range, read_padded,
 };
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
@@ -74,13 +77,7 @@ impl Driver for Qcow2Driver {
     }
 
     fn open(&self, ctx: &OpenContext<'_>) -> Result<Arc<dyn Image>> {
-        if ctx.writable() {
-            return Err(Error::ReadOnly {
-                path: ctx.path().to_path_buf(),
-                reason: "writing qcow2 is not supported yet".into(),
-            });
-        }
-        let file = ImageFile::open(ctx.path())?;
+        let file = ImageFile::open_with(ctx.path(), ctx.writable())?;
         Ok(Arc::new(Qcow2Image::open(file, ctx)?))
     }
 
@@ -107,8 +104,14 @@ pub struct Qcow2Image {
     header: Header,
     ext: Extensions,
     geometry: Geometry,
-    l1: Vec<u64>,
+    /// The active L1 table (changed in place by [`rw`] when opened writable).
+    l1: RwLock<Vec<u64>>,
     l2_cache: io::L2Cache,
+    /// Held shared from looking up a host offset to using it; taken exclusively by the writer
+    /// before a host cluster may be reused (see [`rw`]).
+    in_flight: RwLock<()>,
+    /// The in-place write state, when opened writable.
+    writer: Option<rw::Writer>,
     /// The last decompressed cluster: sequential small reads of one compressed cluster
     /// decompress it once.
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
@@ -201,13 +204,20 @@ impl Qcow2Image {
             }
             Some(name) => Backing::NotOpened(name.clone()),
         };
+        let writer = if file.is_writable() {
+            Some(rw::open_writer(&file, &header, &backing)?)
+        } else {
+            None
+        };
         Ok(Qcow2Image {
             l2_cache: io::L2Cache::new(header.cluster_size()),
             file,
             header,
             ext,
             geometry,
-            l1,
+            l1: RwLock::new(l1),
+            in_flight: RwLock::new(()),
+            writer,
             last_compressed: Mutex::new(None),
             backing_name,
             backing,
@@ -236,8 +246,13 @@ impl Qcow2Image {
             .saturating_add(l1_index.saturating_mul(8));
         let entry = usize::try_from(l1_index)
             .ok()
-            .and_then(|i| self.l1.get(i))
-            .copied()
+            .and_then(|i| {
+                self.l1
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(i)
+                    .copied()
+            })
             .ok_or_else(|| {
                 Error::corrupt("qcow2 L1 table", at, "guest offset beyond the L1 table")
                     .in_file(self.file.path())
@@ -392,11 +407,17 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn caps(&self) -> Caps {
-        Caps::EXTENTS | Caps::MULTI_CONN
+        let base = Caps::EXTENTS | Caps::MULTI_CONN;
+        if self.writer.is_some() {
+            base | Caps::WRITE | Caps::FLUSH | Caps::WRITE_ZEROES | Caps::DISCARD
+        } else {
+            base
+        }
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         check_range(off, buf.len() as u64, self.size())?;
+        let _in_flight = self.in_flight.read().unwrap_or_else(|e| e.into_inner());
         // A pending host run: (host offset, start in buf, length), flushed as one pread.
         let mut pending: Option<(u64, usize, usize)> = None;
         let flush = |p: &mut Option<(u64, usize, usize)>, buf: &mut [u8]| -> Result<()> {
@@ -554,6 +575,14 @@ impl Image for Qcow2Image {
             Backing::Open(b) => Some(b),
             _ => None,
         }
+    }
+
+    fn writes_in_place(&self) -> bool {
+        true
+    }
+
+    fn into_mut_device(self: Arc<Self>) -> Option<Arc<dyn BlockDeviceMut>> {
+        self.mut_device()
     }
 }
 

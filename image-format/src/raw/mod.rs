@@ -134,21 +134,7 @@ impl BlockDeviceMut for RawImage {
 
     fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
         check_range(off, len, self.size())?;
-        let file = self.writable_file()?;
-        if len > 0 && file.punch_hole(off, len)? {
-            return Ok(());
-        }
-        // Write zeros in bounded pieces (a block device or a file system without hole punching
-        // must still end up reading zeros).
-        const PIECE: u64 = 1 << 20;
-        let zeros = vec![0u8; PIECE.min(len) as usize];
-        let mut pos = off;
-        while pos < off + len {
-            let n = (off + len - pos).min(PIECE);
-            file.write_all_at(&zeros[..n as usize], pos)?;
-            pos += n;
-        }
-        Ok(())
+        self.writable_file()?.zero_range(off, len)
     }
 
     fn discard(&self, off: u64, len: u64) -> Result<()> {
@@ -181,6 +167,10 @@ impl Image for RawImage {
     fn info(&self) -> Result<ImageInfo> {
         let path = self.file.path().to_path_buf();
         Ok(ImageInfo::new(path.clone(), "raw", self.size(), vec![path]))
+    }
+
+    fn writes_in_place(&self) -> bool {
+        true
     }
 
     fn into_mut_device(self: Arc<Self>) -> Option<Arc<dyn BlockDeviceMut>> {

@@ -2,8 +2,8 @@
 //!
 //! A request is cut into [`Piece`]s, each the longest run that one source serves: a host range
 //! of this file (one `pread`: the whole request for a fixed disk, up to a block for dynamic
-//! disks, a run of set bitmap bits for differencing disks), zeros, or the parent. Metadata
-//! (the BAT) is immutable after open; sector bitmaps of differencing disks are read on demand
+//! disks, a run of set bitmap bits for differencing disks), zeros, or the parent. BAT entries
+//! change only from unallocated to allocated (by `rw.rs`, after the block is written); sector bitmaps of differencing disks are read on demand
 //! into a bounded cache whose lock is never held during I/O.
 
 use std::collections::HashMap;
@@ -142,7 +142,12 @@ impl BlockDevice for VhdImage {
     }
 
     fn caps(&self) -> Caps {
-        Caps::EXTENTS | Caps::MULTI_CONN
+        let base = Caps::EXTENTS | Caps::MULTI_CONN;
+        if self.writer.is_some() {
+            base | Caps::WRITE | Caps::FLUSH | Caps::WRITE_ZEROES | Caps::DISCARD
+        } else {
+            base
+        }
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {

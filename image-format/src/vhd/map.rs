@@ -13,6 +13,8 @@
 //! Everything here is pure: [`BlockMap::locate`] returns a [`BlockLocation`] and
 //! [`bitmap_run`] reads a bitmap the caller has fetched; the I/O module executes the answer.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use crate::error::{Error, Result};
 
 use super::header::{BAT_UNALLOCATED, SECTOR};
@@ -20,7 +22,9 @@ use super::header::{BAT_UNALLOCATED, SECTOR};
 /// The BAT of an open image with the geometry needed to use it.
 #[derive(Debug)]
 pub struct BlockMap {
-    bat: Vec<u32>,
+    /// Entries change only from unallocated to allocated, by an in-place writer that has
+    /// written the block first.
+    bat: Vec<AtomicU32>,
     block_size: u64,
     bitmap_size: u64,
     disk_size: u64,
@@ -54,7 +58,7 @@ impl BlockMap {
         table_offset: u64,
     ) -> Self {
         BlockMap {
-            bat,
+            bat: bat.into_iter().map(AtomicU32::new).collect(),
             block_size,
             bitmap_size,
             disk_size,
@@ -69,9 +73,17 @@ impl BlockMap {
             .collect()
     }
 
-    /// The BAT entries.
-    pub fn entries(&self) -> &[u32] {
-        &self.bat
+    /// The BAT entries (a copy).
+    pub fn entries(&self) -> Vec<u32> {
+        self.bat.iter().map(|e| e.load(Ordering::Acquire)).collect()
+    }
+
+    /// Records that block `block` now starts at `sector` (the entry has been written to the
+    /// file). Out-of-range blocks are ignored (the caller looked the block up first).
+    pub fn set_entry(&self, block: u64, sector: u32) {
+        if let Some(e) = usize::try_from(block).ok().and_then(|i| self.bat.get(i)) {
+            e.store(sector, Ordering::Release);
+        }
     }
 
     /// Guest bytes per block.
@@ -101,7 +113,10 @@ impl BlockMap {
 
     /// Host offset of block `block`'s bitmap, when it is allocated.
     pub fn block_start(&self, block: u64) -> Option<u64> {
-        let entry = *self.bat.get(usize::try_from(block).ok()?)?;
+        let entry = self
+            .bat
+            .get(usize::try_from(block).ok()?)?
+            .load(Ordering::Acquire);
         (entry != BAT_UNALLOCATED).then(|| u64::from(entry) * SECTOR)
     }
 
@@ -146,7 +161,8 @@ impl BlockMap {
                     ),
                 )
             })?;
-        Ok((*entry != BAT_UNALLOCATED).then(|| u64::from(*entry) * SECTOR))
+        let entry = entry.load(Ordering::Acquire);
+        Ok((entry != BAT_UNALLOCATED).then(|| u64::from(entry) * SECTOR))
     }
 }
 

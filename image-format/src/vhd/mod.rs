@@ -1,5 +1,5 @@
 //! VHD images (qemu's "vpc" driver; alias "vhd"): fixed, dynamic and differencing disks read;
-//! fixed and dynamic disks written ([`write`]).
+//! fixed and dynamic disks created ([`write`]) and written in place (`rw.rs`).
 //!
 //! Specification: Microsoft, "Virtual Hard Disk Image Format Specification", v1.0, October 2006.
 //!
@@ -16,6 +16,7 @@
 //! * [`io`](self::io): `read_at` / `block_status`, executing that mapping.
 //! * [`check`](self::check): structural checks.
 //! * [`write`]: the writer (`convert -O vpc`): options, the size rule it writes, layout.
+//! * `rw.rs`: in-place writes to an existing fixed or dynamic disk opened writable.
 //!
 //! # Decisions
 //!
@@ -61,6 +62,7 @@ mod check;
 pub mod header;
 mod io;
 pub mod map;
+mod rw;
 pub mod write;
 
 use std::path::{Path, PathBuf};
@@ -68,6 +70,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::json;
 
+use crate::blockdev::BlockDeviceMut;
 use crate::create::{CreateOptions, ImageWriter};
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
@@ -124,13 +127,7 @@ impl Driver for VhdDriver {
     }
 
     fn open(&self, ctx: &OpenContext<'_>) -> Result<Arc<dyn Image>> {
-        if ctx.writable() {
-            return Err(Error::ReadOnly {
-                path: ctx.path().to_path_buf(),
-                reason: "writing vpc (VHD) images is not supported yet".into(),
-            });
-        }
-        let file = ImageFile::open(ctx.path())?;
+        let file = ImageFile::open_with(ctx.path(), ctx.writable())?;
         VhdImage::open(file, ctx).map(|image| Arc::new(image) as Arc<dyn Image>)
     }
 
@@ -286,6 +283,8 @@ pub struct VhdImage {
     layout: Layout,
     parent: Option<Parent>,
     bitmaps: Mutex<io::BitmapCache>,
+    /// The in-place write state, when opened writable.
+    writer: Option<rw::Writer>,
 }
 
 impl VhdImage {
@@ -366,6 +365,11 @@ impl VhdImage {
             ) => Some(open_parent(ctx, &file, header, *header_offset)?),
             _ => None,
         };
+        let writer = if file.is_writable() {
+            Some(rw::open_writer(&file, footer.disk_type, &copies, chosen)?)
+        } else {
+            None
+        };
         Ok(VhdImage {
             file,
             footer,
@@ -375,6 +379,7 @@ impl VhdImage {
             layout,
             parent,
             bitmaps: Mutex::new(io::BitmapCache::default()),
+            writer,
         })
     }
 
@@ -577,6 +582,14 @@ impl Image for VhdImage {
 
     fn check(&self) -> Result<CheckReport> {
         Ok(check::check(self))
+    }
+
+    fn writes_in_place(&self) -> bool {
+        self.footer.disk_type != DiskType::Differencing
+    }
+
+    fn into_mut_device(self: Arc<Self>) -> Option<Arc<dyn BlockDeviceMut>> {
+        self.mut_device()
     }
 
     fn backing(&self) -> Option<&Arc<dyn Image>> {

@@ -1,0 +1,238 @@
+//! Replication commands: remote add/ls/rm, push, pull, restore, verify --remote.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use dedup_store::remote::{
+    PushOptions, Remote, add_remote, list_remotes, pull, push, remove_remote, verify_remote,
+};
+use dedup_store::store::Access;
+use serde_json::json;
+
+use crate::cmd_store::{ExportArgs, export_from, print_affected};
+use crate::common::{Output, human_size, print_json};
+use crate::store_args::{open_store, store_dir};
+
+#[derive(Debug, clap::Args)]
+pub struct RemoteArgs {
+    #[command(subcommand)]
+    cmd: RemoteCmd,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum RemoteCmd {
+    /// Add a remote: `s3://BUCKET[/PREFIX]` (endpoint, region and credentials from the AWS_*
+    /// variables) or a directory (`file:///DIR` or a path).
+    Add {
+        /// Its name.
+        name: String,
+        /// Its URL.
+        url: String,
+    },
+    /// List the remotes.
+    Ls {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Forget a remote (nothing on it is touched).
+    Rm {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PushArgs {
+    /// The remote.
+    remote: String,
+    /// What to push: NAME (and its ref) or NAME@ID (that snapshot); default every name.
+    specs: Vec<String>,
+    /// Bandwidth limit in bytes a second (`20M`, `512K`).
+    #[arg(long, value_name = "RATE")]
+    bwlimit: Option<String>,
+    /// Uploads at once.
+    #[arg(long, default_value_t = 4)]
+    jobs: usize,
+    /// Show a progress bar (on by default on a terminal).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Summary format.
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PullArgs {
+    /// The remote.
+    remote: String,
+    /// What to pull: NAME (moves the local name), NAME@ID or @ID.
+    spec: String,
+    /// Summary format.
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// The remote.
+    remote: String,
+    #[command(flatten)]
+    export: ExportArgs,
+}
+
+fn open_remote(name: &str) -> Result<Arc<Remote>> {
+    Ok(Arc::new(
+        Remote::open(&store_dir(), name).with_context(|| format!("remote {name}"))?,
+    ))
+}
+
+pub fn run_remote(args: RemoteArgs) -> Result<u8> {
+    match args.cmd {
+        RemoteCmd::Add { name, url } => {
+            let store = open_store(Access::Write)?;
+            add_remote(store.root(), &name, &url)?;
+        }
+        RemoteCmd::Ls { output } => {
+            let list = list_remotes(&store_dir())?;
+            match output {
+                Output::Json => print_json(&list)?,
+                Output::Human => {
+                    for (name, url) in &list {
+                        println!("{name}\t{url}");
+                    }
+                }
+            }
+        }
+        RemoteCmd::Rm { name } => {
+            let store = open_store(Access::Write)?;
+            remove_remote(store.root(), &name)?;
+        }
+    }
+    Ok(0)
+}
+
+pub fn run_push(args: PushArgs) -> Result<u8> {
+    let store = open_store(Access::Read)?;
+    let mut targets = Vec::new();
+    if args.specs.is_empty() {
+        for (name, id) in store.refs()? {
+            targets.push((name, id, true));
+        }
+    }
+    for spec in &args.specs {
+        let r = store.resolve(spec)?;
+        let head = store.head(&r.name)?;
+        targets.push((r.name.clone(), r.id, head == Some(r.id)));
+    }
+    let mut remote = Remote::open(store.root(), &args.remote)
+        .with_context(|| format!("remote {}", args.remote))?;
+    if let Some(text) = &args.bwlimit {
+        let rate = image_format::create::parse_size(text)
+            .filter(|r| *r > 0)
+            .with_context(|| format!("--bwlimit {text:?}: expected bytes a second (20M, 512K)"))?;
+        remote.set_bwlimit(Some(rate));
+    }
+    let show = args.output == Output::Human && (args.progress || std::io::stderr().is_terminal());
+    let bar = show.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let opts = PushOptions {
+        concurrency: args.jobs.max(1),
+        progress: bar.clone().map(|b| {
+            Arc::new(move |done: u64, total: u64| {
+                b.set_length(total);
+                b.set_position(done);
+            }) as Arc<dyn Fn(u64, u64) + Send + Sync>
+        }),
+        ..Default::default()
+    };
+    let r = push(&store, &remote, &targets, &opts)
+        .with_context(|| format!("push to {}", args.remote))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    match args.output {
+        Output::Json => print_json(&r)?,
+        Output::Human => {
+            for s in &r.snapshots_pushed {
+                println!("pushed {s}");
+            }
+            println!(
+                "{} snapshots pushed ({} already there), {} chunks needed ({}); {} objects, {} uploaded \
+                 ({} packs whole, {} built, {} found there); {} retries; {:.1} s",
+                r.snapshots_pushed.len(),
+                r.snapshots_present,
+                r.chunks_needed,
+                human_size(r.chunk_bytes_needed),
+                r.objects_uploaded,
+                human_size(r.bytes_uploaded),
+                r.packs_whole,
+                r.packs_built,
+                r.packs_skipped,
+                r.retries,
+                r.seconds
+            );
+        }
+    }
+    Ok(0)
+}
+
+pub fn run_pull(args: PullArgs) -> Result<u8> {
+    let store = open_store(Access::Write)?;
+    let remote = open_remote(&args.remote)?;
+    let r = pull(&store, &remote, &args.spec)
+        .with_context(|| format!("pull {} from {}", args.spec, args.remote))?;
+    match args.output {
+        Output::Json => print_json(&r)?,
+        Output::Human => println!(
+            "{}: {} snapshots pulled, {} chunks ({}) fetched, {} downloaded{}; {:.1} s",
+            r.snapshot,
+            r.snapshots_pulled.len(),
+            r.chunks_fetched,
+            human_size(r.chunk_bytes_fetched),
+            human_size(r.bytes_downloaded),
+            r.ref_updated
+                .as_ref()
+                .map(|n| format!(", {n} updated"))
+                .unwrap_or_default(),
+            r.seconds
+        ),
+    }
+    Ok(0)
+}
+
+pub fn run_restore(args: RestoreArgs) -> Result<u8> {
+    export_from(args.export, Some(&args.remote))
+}
+
+pub fn run_verify_remote(name: &str, output: Output) -> Result<u8> {
+    let remote = open_remote(name)?;
+    let r = verify_remote(&remote).with_context(|| format!("verify remote {name}"))?;
+    match output {
+        Output::Json => print_json(&json!({"remote": name, "report": r, "clean": r.is_clean()}))?,
+        Output::Human => {
+            for d in &r.dangling_refs {
+                println!("dangling ref {d}");
+            }
+            print_affected(&r.affected, "is incomplete or damaged");
+            println!(
+                "remote {name}: {} packs, {} chunks, {} snapshots, {} refs: {}",
+                r.packs,
+                r.chunks,
+                r.snapshots,
+                r.refs,
+                if r.is_clean() { "ok" } else { "DAMAGED" }
+            );
+        }
+    }
+    Ok(if r.is_clean() { 0 } else { 1 })
+}

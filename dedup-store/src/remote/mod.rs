@@ -1,0 +1,870 @@
+//! Remotes: a copy of a store's snapshots in object storage (`s3://bucket/prefix`) or in another
+//! directory, both reached through the `object_store` crate with one object layout.
+//!
+//! ```text
+//! packs/<hex>.pack     a pack, byte for byte as in a local store (crate::pack): content-named,
+//!                      immutable, so an object that exists never needs sending again
+//! index/<hex>.idx      the same pack's index: its bytes from the index section to the end
+//!                      (entries, frame table, trailer); written only after its pack landed
+//! snapshots/<hex>      a manifest, byte for byte (its name is its BLAKE3); written last, with
+//!                      If-None-Match: * (the commit point of a push)
+//! refs/<name>          "<snapshot hex>\n", written after the manifest
+//! ```
+//!
+//! Invariant, kept by [`push`] and checked by [`verify_remote`]: a manifest exists on the remote
+//! only once every chunk and map node it refers to is in a pack whose index object exists.
+//! Packs and index objects without a manifest (an interrupted push) are harmless: a later push
+//! finds them and does not send them again (a pack that landed without its index gets its
+//! index at the next push).
+//!
+//! The local side keeps `remotes/<name>.json` (the URL) and `remotes/<name>/cache/index/`
+//! (copies of the remote's index objects, refreshed by listing) in the store directory.
+//!
+//! Everything here is synchronous to its callers; a private tokio runtime runs the requests.
+//! Transient failures (5xx, SlowDown, dropped connections, timeouts) are retried with
+//! exponential backoff; objects read back are untrusted (sizes bounded, checksums and hashes
+//! checked). Errors name the remote by its URL and the object key, never a credential.
+
+mod chunks;
+mod pull;
+mod push;
+mod verify;
+
+pub use chunks::{REMOTE_FRAME_CACHE, RemoteChunks};
+pub use pull::{PullReport, pull};
+pub use push::{PushOptions, PushReport, push};
+pub use verify::{RemoteVerifyReport, verify_remote};
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{
+    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, aws::AmazonS3Builder,
+    local::LocalFileSystem,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{ChunkId, ChunkStore};
+use crate::error::{Error, Result};
+use crate::pack::{ChunkLoc, FrameInfo, PackId, TRAILER_LEN, parse_index, parse_trailer};
+use crate::store::manifest::MAX_MANIFEST_LEN;
+use crate::store::{Layout, Manifest, Member, SnapshotId, check_name, read_capped, write_atomic};
+
+/// Largest index object accepted: a pack's index section at the format's limits, and its trailer.
+pub const MAX_INDEX_OBJECT: u64 = crate::pack::MAX_PACK_CHUNKS * crate::pack::ENTRY_LEN
+    + crate::pack::MAX_PACK_FRAMES as u64 * crate::pack::FRAME_ENTRY_LEN
+    + TRAILER_LEN;
+/// Largest ref object accepted.
+const MAX_REF_LEN: u64 = 256;
+/// Attempts of one request before its error is final, unless `VMNEST_REMOTE_ATTEMPTS` says
+/// otherwise (1..=50).
+const ATTEMPTS: u32 = 8;
+/// Request timeout unless `VMNEST_REMOTE_TIMEOUT` (seconds) says otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A remote's entry in the store: `remotes/<name>.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// `s3://bucket[/prefix]`, `file:///dir` or a directory path.
+    pub url: String,
+}
+
+/// Where a remote URL points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A bucket and a key prefix ("" or ending in '/').
+    S3 { bucket: String, prefix: String },
+    /// A directory.
+    Dir(PathBuf),
+}
+
+/// Parses a remote URL.
+pub fn parse_url(url: &str) -> Result<Target> {
+    let bad = |why: &str| Error::InvalidArgument(format!("remote URL {url:?}: {why}"));
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty()
+            || !bucket
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            return Err(bad("expected s3://BUCKET[/PREFIX]"));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|p| p == "." || p == "..") {
+            return Err(bad("the prefix may not hold . or .."));
+        }
+        let prefix = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}/")
+        };
+        return Ok(Target::S3 {
+            bucket: bucket.to_string(),
+            prefix,
+        });
+    }
+    let path = url.strip_prefix("file://").unwrap_or(url);
+    if path.is_empty() || url.contains("://") && !url.starts_with("file://") {
+        return Err(bad(
+            "expected s3://BUCKET[/PREFIX], file:///DIR or a directory",
+        ));
+    }
+    Ok(Target::Dir(PathBuf::from(path)))
+}
+
+fn remotes_dir(store_root: &Path) -> PathBuf {
+    store_root.join("remotes")
+}
+
+fn config_path(store_root: &Path, name: &str) -> Result<PathBuf> {
+    check_name(name).map_err(|e| Error::InvalidArgument(format!("remote name: {e}")))?;
+    Ok(remotes_dir(store_root).join(format!("{name}.json")))
+}
+
+/// Adds remote `name` with `url` to the store at `store_root`; fails when the name exists.
+pub fn add_remote(store_root: &Path, name: &str, url: &str) -> Result<()> {
+    parse_url(url)?;
+    let path = config_path(store_root, name)?;
+    if path.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "remote {name} exists already"
+        )));
+    }
+    let dir = remotes_dir(store_root);
+    std::fs::create_dir_all(&dir).map_err(crate::pack::io_err(&dir, "create remotes dir"))?;
+    let bytes = serde_json::to_vec_pretty(&RemoteConfig { url: url.into() })
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    write_atomic(&dir, &path, &bytes)
+}
+
+/// The remotes of the store at `store_root`: name -> URL.
+pub fn list_remotes(store_root: &Path) -> Result<BTreeMap<String, String>> {
+    let dir = remotes_dir(store_root);
+    let mut out = BTreeMap::new();
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Ok(out);
+    };
+    for ent in rd.flatten() {
+        let file = ent.file_name().to_string_lossy().into_owned();
+        if let Some(name) = file.strip_suffix(".json")
+            && check_name(name).is_ok()
+        {
+            out.insert(name.to_string(), remote_url(store_root, name)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The URL of remote `name`.
+pub fn remote_url(store_root: &Path, name: &str) -> Result<String> {
+    let path = config_path(store_root, name)?;
+    if !path.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "no remote {name} (vmnest remote add {name} URL)"
+        )));
+    }
+    let bytes = read_capped(&path, 64 << 10, "remote config")?;
+    let c: RemoteConfig = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::corrupt(path.display().to_string(), 0, e.to_string()))?;
+    Ok(c.url)
+}
+
+/// Removes remote `name` and its local cache (nothing on the remote is touched).
+pub fn remove_remote(store_root: &Path, name: &str) -> Result<()> {
+    let path = config_path(store_root, name)?;
+    std::fs::remove_file(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::InvalidArgument(format!("no remote {name}"))
+        } else {
+            crate::pack::io_err(&path, "remove remote")(e)
+        }
+    })?;
+    let cache = remotes_dir(store_root).join(name);
+    let _ = std::fs::remove_dir_all(&cache);
+    crate::pack::sync_dir(&remotes_dir(store_root))
+}
+
+/// Whether an object-store error may go away by trying again.
+fn transient(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    !matches!(
+        e,
+        E::NotFound { .. }
+            | E::AlreadyExists { .. }
+            | E::Precondition { .. }
+            | E::NotModified { .. }
+            | E::NotSupported { .. }
+            | E::NotImplemented { .. }
+            | E::PermissionDenied { .. }
+            | E::Unauthenticated { .. }
+            | E::InvalidPath { .. }
+            | E::UnknownConfigurationKey { .. }
+    )
+}
+
+/// A token bucket over bytes sent (`--bwlimit`): at most `rate` bytes a second on average,
+/// bursts of one second.
+#[derive(Debug)]
+pub struct RateLimit {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimit {
+    /// A limit of `rate` bytes a second (at least 1).
+    pub fn new(rate: u64) -> RateLimit {
+        let rate = rate.max(1) as f64;
+        RateLimit {
+            rate,
+            state: Mutex::new((rate, Instant::now())),
+        }
+    }
+
+    /// Waits until `n` bytes may be sent.
+    async fn take(&self, mut n: u64) {
+        while n > 0 {
+            let piece = (n as f64).min(self.rate);
+            let wait = {
+                let Ok(mut g) = self.state.lock() else { return };
+                let now = Instant::now();
+                let (tokens, last) = *g;
+                let tokens =
+                    (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.rate);
+                if tokens >= piece {
+                    *g = (tokens - piece, now);
+                    n -= piece as u64;
+                    None
+                } else {
+                    *g = (tokens, now);
+                    Some(Duration::from_secs_f64((piece - tokens) / self.rate))
+                }
+            };
+            if let Some(w) = wait {
+                tokio::time::sleep(w).await;
+            }
+        }
+    }
+}
+
+/// Counters of one session with a remote.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Objects written.
+    pub objects_up: AtomicU64,
+    /// Bytes written.
+    pub bytes_up: AtomicU64,
+    /// Bytes read.
+    pub bytes_down: AtomicU64,
+    /// Requests retried after a transient failure.
+    pub retries: AtomicU64,
+}
+
+/// A pack as the remote's index objects describe it.
+#[derive(Debug)]
+pub(crate) struct RemotePack {
+    pub(crate) frames: Vec<FrameInfo>,
+    pub(crate) len: u64,
+}
+
+/// The remote's chunk set, from its index objects.
+#[derive(Debug, Default)]
+pub(crate) struct RemoteIndex {
+    pub(crate) chunks: HashMap<ChunkId, (PackId, ChunkLoc)>,
+    pub(crate) packs: HashMap<PackId, Arc<RemotePack>>,
+}
+
+/// An open remote.
+#[derive(Debug)]
+pub struct Remote {
+    name: String,
+    url: String,
+    rt: tokio::runtime::Runtime,
+    os: Arc<dyn ObjectStore>,
+    prefix: String,
+    cache_dir: PathBuf,
+    index: RwLock<RemoteIndex>,
+    limit: Option<Arc<RateLimit>>,
+    traffic: Traffic,
+}
+
+fn timeout_from_env() -> Duration {
+    std::env::var("VMNEST_REMOTE_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| *s > 0.0 && *s < 86_400.0)
+        .map_or(DEFAULT_TIMEOUT, Duration::from_secs_f64)
+}
+
+impl Remote {
+    /// Opens remote `name` of the store at `store_root` (no request is made).
+    pub fn open(store_root: &Path, name: &str) -> Result<Remote> {
+        let url = remote_url(store_root, name)?;
+        let cache_dir = remotes_dir(store_root).join(name).join("cache");
+        Self::open_url(name, &url, cache_dir)
+    }
+
+    /// Opens `url` as remote `name`, caching index objects under `cache_dir`. An S3 remote takes
+    /// its endpoint, region and credentials from the standard `AWS_*` variables; requests go
+    /// path-style, and over plain HTTP only when the endpoint says `http://`.
+    pub fn open_url(name: &str, url: &str, cache_dir: PathBuf) -> Result<Remote> {
+        let target = parse_url(url)?;
+        let label = |why: String| Error::Remote {
+            object: url.to_string(),
+            reason: why,
+        };
+        let timeout = timeout_from_env();
+        let (os, prefix): (Arc<dyn ObjectStore>, String) = match target {
+            Target::S3 { bucket, prefix } => {
+                let endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+                    .iter()
+                    .find_map(|k| std::env::var(k).ok());
+                let http = endpoint
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("http://"));
+                let client = object_store::ClientOptions::new()
+                    .with_allow_http(http)
+                    .with_timeout(timeout)
+                    .with_connect_timeout(timeout.min(Duration::from_secs(10)));
+                let retry = object_store::RetryConfig {
+                    backoff: object_store::BackoffConfig {
+                        init_backoff: Duration::from_millis(100),
+                        max_backoff: Duration::from_secs(2),
+                        base: 2.0,
+                    },
+                    max_retries: 2,
+                    retry_timeout: Duration::from_secs(120),
+                };
+                let mut b = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_virtual_hosted_style_request(false)
+                    .with_client_options(client)
+                    .with_retry(retry);
+                if std::env::var_os("AWS_REGION").is_none()
+                    && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+                {
+                    b = b.with_region("us-east-1");
+                }
+                let s3 = b.build().map_err(|e| label(e.to_string()))?;
+                (Arc::new(s3), prefix)
+            }
+            Target::Dir(dir) => {
+                std::fs::create_dir_all(&dir)
+                    .map_err(crate::pack::io_err(&dir, "create remote directory"))?;
+                let fs =
+                    LocalFileSystem::new_with_prefix(&dir).map_err(|e| label(e.to_string()))?;
+                (Arc::new(fs), String::new())
+            }
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("vmnest-remote")
+            .enable_all()
+            .build()
+            .map_err(|e| label(format!("start the I/O runtime: {e}")))?;
+        Ok(Remote {
+            name: name.to_string(),
+            url: url.to_string(),
+            rt,
+            os,
+            prefix,
+            cache_dir,
+            index: RwLock::new(RemoteIndex::default()),
+            limit: None,
+            traffic: Traffic::default(),
+        })
+    }
+
+    /// Limits uploads to `rate` bytes a second.
+    pub fn set_bwlimit(&mut self, rate: Option<u64>) {
+        self.limit = rate.map(|r| Arc::new(RateLimit::new(r)));
+    }
+
+    /// The remote's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The remote's URL (never holds credentials: they come from the environment).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// What went over the wire so far.
+    pub fn traffic(&self) -> &Traffic {
+        &self.traffic
+    }
+
+    fn key(&self, rel: &str) -> ObjPath {
+        ObjPath::from(format!("{}{rel}", self.prefix))
+    }
+
+    /// An error about object `rel`.
+    pub(crate) fn err(&self, rel: &str, reason: impl std::fmt::Display) -> Error {
+        Error::Remote {
+            object: format!("{}/{rel}", self.url.trim_end_matches('/')),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn os_err(&self, rel: &str, e: object_store::Error) -> Error {
+        // object_store's messages name the request and the server's answer; credentials are
+        // sent in signed headers and never appear in them.
+        self.err(rel, e)
+    }
+
+    /// Runs `op` with retries of transient failures (exponential backoff from 200 ms).
+    pub(crate) async fn retry<T, F, Fut>(&self, rel: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, object_store::Error>>,
+    {
+        let attempts = std::env::var("VMNEST_REMOTE_ATTEMPTS")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|n| (1..=50).contains(n))
+            .unwrap_or(ATTEMPTS);
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1..=attempts {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt < attempts && transient(&e) => {
+                    self.traffic.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(self.os_err(rel, e)),
+            }
+        }
+        Err(self.err(rel, "gave up"))
+    }
+
+    pub(crate) fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// Names of the objects under `dir/` (relative to it).
+    pub(crate) async fn list(&self, dir: &str) -> Result<Vec<(String, u64)>> {
+        let prefix = self.key(dir);
+        let what = format!("{dir}/");
+        self.retry(&what, || async {
+            let mut out = Vec::new();
+            let mut s = self.os.list(Some(&prefix));
+            while let Some(meta) = s.next().await {
+                let meta = meta?;
+                let full = meta.location.to_string();
+                let rel = full
+                    .strip_prefix(&format!("{}{dir}/", self.prefix))
+                    .unwrap_or(&full)
+                    .to_string();
+                out.push((rel, meta.size));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Size of object `rel`, or None when it does not exist.
+    pub(crate) async fn head(&self, rel: &str) -> Result<Option<u64>> {
+        let key = self.key(rel);
+        self.retry(rel, || async {
+            match self.os.head(&key).await {
+                Ok(m) => Ok(Some(m.size)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    /// Bytes `range` of object `rel` (exactly that many, or an error).
+    pub(crate) async fn get_range(&self, rel: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+        let key = self.key(rel);
+        let want = range.end - range.start;
+        let b = self
+            .retry(rel, || self.os.get_range(&key, range.clone()))
+            .await?;
+        self.traffic
+            .bytes_down
+            .fetch_add(b.len() as u64, Ordering::Relaxed);
+        if b.len() as u64 != want {
+            return Err(self.err(
+                rel,
+                format!(
+                    "{} bytes at {:#x} where {want} were asked",
+                    b.len(),
+                    range.start
+                ),
+            ));
+        }
+        Ok(b)
+    }
+
+    /// The whole of object `rel`, which must be at most `cap` bytes; None when it does not exist.
+    pub(crate) async fn get_small(&self, rel: &str, cap: u64) -> Result<Option<Bytes>> {
+        let Some(size) = self.head(rel).await? else {
+            return Ok(None);
+        };
+        if size > cap {
+            return Err(self.err(rel, format!("{size} bytes, more than {cap}")));
+        }
+        if size == 0 {
+            return Ok(Some(Bytes::new()));
+        }
+        self.get_range(rel, 0..size).await.map(Some)
+    }
+
+    /// Writes object `rel` (replacing it), paced by the bandwidth limit.
+    pub(crate) async fn put(&self, rel: &str, bytes: Bytes) -> Result<()> {
+        if let Some(l) = &self.limit {
+            l.take(bytes.len() as u64).await;
+        }
+        let key = self.key(rel);
+        let len = bytes.len() as u64;
+        self.retry(rel, || self.os.put(&key, PutPayload::from(bytes.clone())))
+            .await?;
+        self.count_up(len);
+        Ok(())
+    }
+
+    fn count_up(&self, len: u64) {
+        self.traffic.objects_up.fetch_add(1, Ordering::Relaxed);
+        self.traffic.bytes_up.fetch_add(len, Ordering::Relaxed);
+    }
+
+    /// Writes object `rel` only if it does not exist (If-None-Match: *). Returns false when it
+    /// existed already.
+    pub(crate) async fn put_new(&self, rel: &str, bytes: Bytes) -> Result<bool> {
+        let key = self.key(rel);
+        let len = bytes.len() as u64;
+        let opts = || PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let r = self
+            .retry(rel, || {
+                let key = key.clone();
+                let payload = PutPayload::from(bytes.clone());
+                async move {
+                    match self.os.put_opts(&key, payload, opts()).await {
+                        Ok(_) => Ok(true),
+                        Err(object_store::Error::AlreadyExists { .. })
+                        | Err(object_store::Error::Precondition { .. }) => Ok(false),
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .await?;
+        if r {
+            self.count_up(len);
+        }
+        Ok(r)
+    }
+
+    /// Writes a large object in parts of `part` bytes (multipart upload), paced by the limit.
+    pub(crate) async fn put_large(&self, rel: &str, bytes: Bytes, part: usize) -> Result<()> {
+        if bytes.len() <= part * 2 {
+            return self.put(rel, bytes).await;
+        }
+        let key = self.key(rel);
+        let len = bytes.len() as u64;
+        self.retry(rel, || async {
+            let mut up = self.os.put_multipart(&key).await?;
+            for piece in bytes.chunks(part) {
+                if let Some(l) = &self.limit {
+                    l.take(piece.len() as u64).await;
+                }
+                let sent = up.put_part(PutPayload::from(bytes.slice_ref(piece))).await;
+                if let Err(e) = sent {
+                    let _ = up.abort().await;
+                    return Err(e);
+                }
+            }
+            match up.complete().await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    let _ = up.abort().await;
+                    Err(e)
+                }
+            }
+        })
+        .await?;
+        self.count_up(len);
+        Ok(())
+    }
+
+    /// The snapshots on the remote.
+    pub fn snapshots(&self) -> Result<HashSet<SnapshotId>> {
+        let listed = self.block_on(self.list("snapshots"))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|(n, _)| SnapshotId::from_hex(&n))
+            .collect())
+    }
+
+    /// The names on the remote and their snapshots.
+    pub fn refs(&self) -> Result<BTreeMap<String, SnapshotId>> {
+        let listed = self.block_on(self.list("refs"))?;
+        let mut out = BTreeMap::new();
+        for (name, _) in listed {
+            if check_name(&name).is_err() {
+                continue;
+            }
+            if let Some(id) = self.head_of(&name)? {
+                out.insert(name, id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The snapshot `refs/<name>` names on the remote, if any.
+    pub fn head_of(&self, name: &str) -> Result<Option<SnapshotId>> {
+        check_name(name).map_err(Error::InvalidArgument)?;
+        let rel = format!("refs/{name}");
+        let Some(b) = self.block_on(self.get_small(&rel, MAX_REF_LEN))? else {
+            return Ok(None);
+        };
+        let text = std::str::from_utf8(&b).unwrap_or("");
+        SnapshotId::from_hex(text.trim_end_matches('\n'))
+            .map(Some)
+            .ok_or_else(|| self.err(&rel, "not a snapshot id"))
+    }
+
+    /// The bytes and parsed manifest of snapshot `id` (checked against its name), or None.
+    pub fn manifest(&self, id: &SnapshotId) -> Result<Option<(Bytes, Manifest)>> {
+        let rel = format!("snapshots/{}", id.to_hex());
+        let Some(b) = self.block_on(self.get_small(&rel, MAX_MANIFEST_LEN as u64))? else {
+            return Ok(None);
+        };
+        let object = format!("{}/{rel}", self.url.trim_end_matches('/'));
+        if SnapshotId::of(&b) != *id {
+            return Err(Error::corrupt(
+                object,
+                0,
+                "manifest does not match its name",
+            ));
+        }
+        let m = Manifest::decode(&object, &b)?;
+        Ok(Some((b, m)))
+    }
+
+    /// Finds a snapshot on the remote: `NAME` (its ref), `NAME@HEX` (a snapshot of that name by
+    /// an id prefix of at least 4 hex digits), `@HEX` (any). Returns the name, the id and
+    /// whether it is the name's current snapshot there.
+    pub fn resolve(&self, spec: &str) -> Result<(String, SnapshotId, bool)> {
+        let (name, sel) = match spec.split_once('@') {
+            Some((n, s)) => (n, Some(s)),
+            None => (spec, None),
+        };
+        let head = if name.is_empty() {
+            None
+        } else {
+            self.head_of(name)?
+        };
+        match sel {
+            None | Some("") => {
+                let id = head.ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "remote {} has no snapshot named {name}",
+                        self.name
+                    ))
+                })?;
+                Ok((name.to_string(), id, true))
+            }
+            Some(prefix) => {
+                let prefix = prefix.to_ascii_lowercase();
+                if prefix.len() < 4 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(Error::InvalidArgument(format!(
+                        "{spec}: a snapshot is named by at least 4 hex digits of its id"
+                    )));
+                }
+                let found: Vec<SnapshotId> = self
+                    .snapshots()?
+                    .into_iter()
+                    .filter(|id| id.to_hex().starts_with(&prefix))
+                    .collect();
+                let [id] = found.as_slice() else {
+                    return Err(Error::InvalidArgument(format!(
+                        "{spec}: {} snapshots on remote {} match",
+                        found.len(),
+                        self.name
+                    )));
+                };
+                let (_, m) = self
+                    .manifest(id)?
+                    .ok_or_else(|| self.err(&format!("snapshots/{}", id.to_hex()), "vanished"))?;
+                let name = if name.is_empty() {
+                    m.name.clone()
+                } else {
+                    name.to_string()
+                };
+                Ok((name, *id, head == Some(*id)))
+            }
+        }
+    }
+
+    /// Re-reads the remote's chunk set: lists `index/`, fetches index objects not cached yet
+    /// (checking them), drops cached ones no longer listed.
+    pub fn refresh_index(&self) -> Result<()> {
+        let listed = self.block_on(self.list("index"))?;
+        let dir = self.cache_dir.join("index");
+        std::fs::create_dir_all(&dir).map_err(crate::pack::io_err(&dir, "create cache"))?;
+        let mut fresh = RemoteIndex::default();
+        let mut keep = HashSet::new();
+        for (file, size) in listed {
+            let Some(id) = file.strip_suffix(".idx").and_then(PackId::from_hex) else {
+                continue;
+            };
+            keep.insert(format!("{}.idx", id.to_hex()));
+            let rel = format!("index/{file}");
+            let cached = dir.join(&file);
+            let bytes = match read_capped(&cached, MAX_INDEX_OBJECT, "cached index") {
+                Ok(b) if b.len() as u64 == size => b,
+                _ => {
+                    if size > MAX_INDEX_OBJECT {
+                        return Err(
+                            self.err(&rel, format!("{size} bytes, more than {MAX_INDEX_OBJECT}"))
+                        );
+                    }
+                    let b = self.block_on(self.get_range(&rel, 0..size))?.to_vec();
+                    self.parse_index_object(&rel, &b)?;
+                    write_atomic(&dir, &cached, &b)?;
+                    b
+                }
+            };
+            let (entries, frames, len) = self.parse_index_object(&rel, &bytes)?;
+            for e in entries {
+                fresh.chunks.entry(e.id).or_insert((id, e.loc));
+            }
+            fresh.packs.insert(id, Arc::new(RemotePack { frames, len }));
+        }
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for ent in rd.flatten() {
+                if !keep.contains(&*ent.file_name().to_string_lossy()) {
+                    let _ = std::fs::remove_file(ent.path());
+                }
+            }
+        }
+        *self
+            .index
+            .write()
+            .map_err(|_| Error::InvalidArgument("remote index lock poisoned".into()))? = fresh;
+        Ok(())
+    }
+
+    /// Parses index object `rel` of this remote; see [`parse_index_object`].
+    pub(crate) fn parse_index_object(
+        &self,
+        rel: &str,
+        bytes: &[u8],
+    ) -> Result<(Vec<crate::pack::PackEntry>, Vec<FrameInfo>, u64)> {
+        parse_index_object(&format!("{}/{rel}", self.url.trim_end_matches('/')), bytes)
+    }
+
+    /// Whether the remote's chunk set (as last refreshed) holds `id`.
+    pub fn has_chunk(&self, id: &ChunkId) -> bool {
+        self.index
+            .read()
+            .map(|i| i.chunks.contains_key(id))
+            .unwrap_or(false)
+    }
+
+    /// Where the remote holds `id`, and its pack.
+    pub(crate) fn locate(&self, id: &ChunkId) -> Option<(PackId, ChunkLoc, Arc<RemotePack>)> {
+        let i = self.index.read().ok()?;
+        let (p, loc) = *i.chunks.get(id)?;
+        let pack = i.packs.get(&p)?.clone();
+        Some((p, loc, pack))
+    }
+
+    /// Packs the remote's index objects describe.
+    pub(crate) fn indexed_packs(&self) -> HashSet<PackId> {
+        self.index
+            .read()
+            .map(|i| i.packs.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Chunks in the remote's chunk set.
+    pub fn chunk_count(&self) -> usize {
+        self.index.read().map(|i| i.chunks.len()).unwrap_or(0)
+    }
+}
+
+/// Parses an index object (a pack's bytes from its index section to its end), `object` naming
+/// it in errors: returns the pack's entries, frames and file length. Bounded and checked by the
+/// pack's own parsers (trailer checksum, index checksum, frames contiguous, entries sorted).
+pub fn parse_index_object(
+    object: &str,
+    bytes: &[u8],
+) -> Result<(Vec<crate::pack::PackEntry>, Vec<FrameInfo>, u64)> {
+    let n = bytes.len();
+    if (n as u64) < TRAILER_LEN {
+        return Err(Error::corrupt(object, 0, "index object too short"));
+    }
+    let tb = &bytes[n - TRAILER_LEN as usize..];
+    let at = |o: usize| u64::from_le_bytes(tb[o..o + 8].try_into().unwrap_or([0; 8]));
+    let file_len = at(24)
+        .checked_add(at(32))
+        .and_then(|v| v.checked_add(TRAILER_LEN))
+        .ok_or_else(|| Error::corrupt(object, 0, "index offsets overflow"))?;
+    let t = parse_trailer(object, tb, file_len)?;
+    if t.index_len + TRAILER_LEN != n as u64 {
+        return Err(Error::corrupt(
+            object,
+            0,
+            format!(
+                "{n} bytes, where the trailer says {}",
+                t.index_len + TRAILER_LEN
+            ),
+        ));
+    }
+    let (entries, frames) = parse_index(object, &t, &bytes[..t.index_len as usize])?;
+    Ok((entries, frames, file_len))
+}
+
+/// Visits the ids member `new` refers to that a replica holding `old` (the same member of an
+/// ancestor, if any) may lack: see [`crate::map::changed`]. A recipe's parts that `old` has
+/// too are skipped; `visit(id, is_node)` returning false skips a node's or part's contents.
+pub(crate) fn member_ids<S: ChunkStore + ?Sized>(
+    store: &S,
+    old: Option<&Member>,
+    new: &Member,
+    visit: &mut dyn FnMut(&ChunkId, bool) -> bool,
+) -> Result<()> {
+    match &new.layout {
+        Layout::Map { .. } => {
+            let Some(root) = new.map_root() else {
+                return Ok(());
+            };
+            let old_root = old.and_then(Member::map_root);
+            crate::map::changed(store, old_root.as_ref(), &root, visit)
+        }
+        Layout::Recipe { parts, .. } => {
+            let before: HashSet<ChunkId> = match old.map(|o| &o.layout) {
+                Some(Layout::Recipe { parts, .. }) => parts.iter().copied().collect(),
+                _ => HashSet::new(),
+            };
+            for part in parts {
+                if before.contains(part) || !visit(part, true) {
+                    continue;
+                }
+                for id in crate::store::stream::part_chunks(store, part)? {
+                    visit(&id, false);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,256 @@
+//! Push, pull and verify against a directory remote (the S3 side is driven through the CLI by
+//! tests/integration/remote.rs, against moto).
+
+use std::sync::Arc;
+
+use super::*;
+use crate::chunker::cdc::xorshift_bytes;
+use crate::store::tests::{commit_disk, read_all, tmp};
+use crate::store::{Access, Store};
+
+fn remote_at(store: &Store, dir: &Path) -> Arc<Remote> {
+    let _ = add_remote(store.root(), "r", &dir.display().to_string());
+    Arc::new(Remote::open(store.root(), "r").unwrap())
+}
+
+fn all_refs(store: &Store) -> Vec<(String, SnapshotId, bool)> {
+    store
+        .refs()
+        .unwrap()
+        .into_iter()
+        .map(|(n, id)| (n, id, true))
+        .collect()
+}
+
+#[test]
+fn urls_parse_to_buckets_and_directories() {
+    assert_eq!(
+        parse_url("s3://bk/a/b/").unwrap(),
+        Target::S3 {
+            bucket: "bk".into(),
+            prefix: "a/b/".into()
+        }
+    );
+    assert_eq!(
+        parse_url("s3://bk").unwrap(),
+        Target::S3 {
+            bucket: "bk".into(),
+            prefix: String::new()
+        }
+    );
+    assert_eq!(
+        parse_url("file:///x/y").unwrap(),
+        Target::Dir(PathBuf::from("/x/y"))
+    );
+    assert_eq!(parse_url("/x").unwrap(), Target::Dir(PathBuf::from("/x")));
+    for bad in ["s3://", "s3:///p", "s3://b/../x", "http://h/b", ""] {
+        assert!(parse_url(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn remotes_are_added_listed_and_removed() {
+    let dir = tmp("remote-config");
+    let store = Store::create(&dir, Default::default()).unwrap();
+    add_remote(store.root(), "site-b", "s3://bk/p").unwrap();
+    assert!(add_remote(store.root(), "site-b", "s3://bk/q").is_err());
+    assert!(add_remote(store.root(), "../x", "s3://bk/q").is_err());
+    assert_eq!(
+        list_remotes(store.root())
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![("site-b".to_string(), "s3://bk/p".to_string())]
+    );
+    remove_remote(store.root(), "site-b").unwrap();
+    assert!(list_remotes(store.root()).unwrap().is_empty());
+    assert!(remove_remote(store.root(), "site-b").is_err());
+}
+
+#[test]
+fn push_sends_only_what_changed_and_pull_reads_back_the_same() {
+    let dir = tmp("remote-push-pull");
+    let src = Store::create(&dir.join("src"), Default::default()).unwrap();
+    let mut v1 = xorshift_bytes(7, 2 << 20);
+    commit_disk(&src, "disk", &v1);
+    let remote = remote_at(&src, &dir.join("remote"));
+    let first = push(&src, &remote, &all_refs(&src), &PushOptions::default()).unwrap();
+    assert_eq!(first.snapshots_pushed.len(), 1);
+    assert!(first.chunks_needed > 100, "{first:?}");
+
+    // 16 KiB changed: one chunk and the map nodes above it.
+    v1[(1 << 20)..(1 << 20) + 16384].copy_from_slice(&xorshift_bytes(8, 16384));
+    commit_disk(&src, "disk", &v1);
+    let second = push(&src, &remote, &all_refs(&src), &PushOptions::default()).unwrap();
+    assert_eq!(second.snapshots_pushed.len(), 1);
+    assert!(second.chunks_needed <= 3, "{second:?}");
+    assert!(second.bytes_uploaded < 64 << 10, "{second:?}");
+
+    let dst = Arc::new(Store::create(&dir.join("dst"), Default::default()).unwrap());
+    let remote2 = remote_at(&dst, &dir.join("remote"));
+    let r = pull(&dst, &remote2, "disk").unwrap();
+    assert_eq!(r.snapshots_pulled.len(), 2, "{r:?}");
+    assert_eq!(r.ref_updated.as_deref(), Some("disk"));
+    assert_eq!(read_all(&dst, "disk"), v1);
+    assert!(crate::store::verify::verify(&dst).unwrap().is_clean());
+    // Again: nothing to fetch.
+    let again = pull(&dst, &remote2, "disk").unwrap();
+    assert_eq!(again.chunks_fetched, 0);
+    assert!(verify_remote(&remote2).unwrap().is_clean());
+}
+
+#[test]
+fn a_mostly_unneeded_pack_is_repacked_not_sent_whole() {
+    let dir = tmp("remote-repack");
+    let src = Store::create(&dir.join("src"), Default::default()).unwrap();
+    let big = xorshift_bytes(9, 4 << 20);
+    commit_disk(&src, "big", &big);
+    // Same size, the first 256 KiB of `big` and zeros: its chunks sit in big's pack.
+    let mut small = vec![0u8; 4 << 20];
+    small[..256 << 10].copy_from_slice(&big[..256 << 10]);
+    let id = commit_disk(&src, "small", &small);
+    let remote = remote_at(&src, &dir.join("remote"));
+    let r = push(
+        &src,
+        &remote,
+        &[("small".into(), id, true)],
+        &PushOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(r.packs_built, 1, "{r:?}");
+    assert!(r.bytes_uploaded < 512 << 10, "{r:?}");
+    let dst = Arc::new(Store::create(&dir.join("dst"), Default::default()).unwrap());
+    let remote2 = remote_at(&dst, &dir.join("remote"));
+    pull(&dst, &remote2, "small").unwrap();
+    assert_eq!(read_all(&dst, "small"), small);
+}
+
+#[test]
+fn verify_remote_names_the_snapshot_a_missing_pack_breaks() {
+    let dir = tmp("remote-verify");
+    let src = Store::create(&dir.join("src"), Default::default()).unwrap();
+    commit_disk(&src, "a", &xorshift_bytes(3, 1 << 20));
+    let remote = remote_at(&src, &dir.join("remote"));
+    push(&src, &remote, &all_refs(&src), &PushOptions::default()).unwrap();
+    assert!(verify_remote(&remote).unwrap().is_clean());
+    for ent in std::fs::read_dir(dir.join("remote/packs")).unwrap() {
+        std::fs::remove_file(ent.unwrap().path()).unwrap();
+    }
+    let r = verify_remote(&remote).unwrap();
+    assert!(!r.is_clean());
+    assert_eq!(r.affected.len(), 1, "{r:?}");
+    assert!(r.affected.keys().next().unwrap().starts_with("a@"), "{r:?}");
+    // Push trusts index objects (they are written only after their pack): with them gone too,
+    // and the manifests, the next push sends everything again.
+    for ent in std::fs::read_dir(dir.join("remote/index")).unwrap() {
+        std::fs::remove_file(ent.unwrap().path()).unwrap();
+    }
+    std::fs::remove_dir_all(dir.join("remote/snapshots")).unwrap();
+    push(&src, &remote, &all_refs(&src), &PushOptions::default()).unwrap();
+    assert!(verify_remote(&remote).unwrap().is_clean());
+}
+
+#[test]
+fn damaged_index_objects_are_errors_not_panics() {
+    let dir = tmp("remote-index-damage");
+    let src = Store::create(&dir.join("src"), Default::default()).unwrap();
+    commit_disk(&src, "a", &xorshift_bytes(4, 1 << 20));
+    let remote = remote_at(&src, &dir.join("remote"));
+    push(&src, &remote, &all_refs(&src), &PushOptions::default()).unwrap();
+    let idx = std::fs::read_dir(dir.join("remote/index"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let good = std::fs::read(&idx).unwrap();
+    assert!(remote.parse_index_object("index/x", &good).is_ok());
+    for cut in [0, 1, 63, good.len() - 1] {
+        assert!(remote.parse_index_object("index/x", &good[..cut]).is_err());
+    }
+    for at in [0, good.len() / 2, good.len() - 10, good.len() - 40] {
+        let mut bad = good.clone();
+        bad[at] ^= 1;
+        assert!(remote.parse_index_object("index/x", &bad).is_err(), "{at}");
+    }
+    // Damaged on the remote: refresh fails naming the object.
+    let mut bad = good.clone();
+    bad[5] ^= 1;
+    std::fs::write(&idx, &bad).unwrap();
+    let _ = std::fs::remove_dir_all(dir.join("src/remotes/r/cache"));
+    let e = remote.refresh_index().unwrap_err().to_string();
+    assert!(e.contains("index/"), "{e}");
+}
+
+#[test]
+fn the_rate_limit_paces_bytes() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let limit = RateLimit::new(200_000);
+    let t = std::time::Instant::now();
+    rt.block_on(async {
+        for _ in 0..5 {
+            limit.take(100_000).await;
+        }
+    });
+    // 500 kB at 200 kB/s, the first 200 kB free (a one-second burst): about 1.5 s.
+    let s = t.elapsed().as_secs_f64();
+    assert!((1.3..3.0).contains(&s), "{s}");
+}
+
+#[test]
+fn a_store_without_the_remote_is_told_so() {
+    let dir = tmp("remote-missing");
+    let store = Store::open(&dir, Access::Write).unwrap();
+    let e = Remote::open(store.root(), "nope").unwrap_err().to_string();
+    assert!(e.contains("no remote nope"), "{e}");
+}
+
+#[test]
+fn byte_stream_members_push_and_pull_too() {
+    use crate::store::stream::{export_stream, import_stream};
+    use crate::store::{Member, MemberKind, RefUpdate};
+    let dir = tmp("remote-stream");
+    let src = Store::create(&dir.join("src"), Default::default()).unwrap();
+    let mut data = xorshift_bytes(11, 3 << 20);
+    data.extend(std::iter::repeat_n(7u8, 1 << 20));
+    let commit = |data: &[u8]| {
+        let (layout, size, _) = import_stream(src.chunks().as_ref(), data).unwrap();
+        src.chunks().flush().unwrap();
+        let member = Member {
+            name: "memory".into(),
+            kind: MemberKind::Memory,
+            size,
+            layout,
+        };
+        src.commit("vm", RefUpdate::NewVersion, |parent| {
+            let mut m = Store::new_manifest("test".into(), vec![member]);
+            m.parent = parent;
+            Ok(m)
+        })
+        .unwrap()
+    };
+    commit(&data);
+    let remote = remote_at(&src, &dir.join("remote"));
+    push(&src, &remote, &all_refs(&src), &PushOptions::default()).unwrap();
+    data[100_000..100_100].copy_from_slice(&[1; 100]);
+    commit(&data);
+    let second = push(&src, &remote, &all_refs(&src), &PushOptions::default()).unwrap();
+    assert!(second.chunk_bytes_needed < 1 << 20, "{second:?}");
+    assert!(verify_remote(&remote).unwrap().is_clean());
+
+    let dst = Store::create(&dir.join("dst"), Default::default()).unwrap();
+    let remote2 = remote_at(&dst, &dir.join("remote"));
+    pull(&dst, &remote2, "vm").unwrap();
+    let snap = dst.resolve("vm").unwrap();
+    let mut out = Vec::new();
+    export_stream(
+        dst.chunks().as_ref(),
+        &snap.manifest.members[0].layout,
+        &mut out,
+    )
+    .unwrap();
+    assert!(out == data, "stream round trip through the remote");
+}

@@ -1,0 +1,102 @@
+//! `verify --remote`: checks that every manifest on a remote refers only to chunks and map nodes
+//! that are in packs the remote holds (listed, with the length their index object gives), and
+//! that every ref names a manifest there. Map nodes are fetched and checked (checksums,
+//! hashes); data chunks are checked for presence, not read.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use crate::chunk::ChunkId;
+use crate::error::Result;
+use crate::pack::PackId;
+use crate::remote::chunks::REMOTE_FRAME_CACHE;
+use crate::remote::{Remote, RemoteChunks};
+use crate::store::verify::check_member;
+
+/// What `verify --remote` found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RemoteVerifyReport {
+    /// Manifests checked.
+    pub snapshots: usize,
+    /// Refs checked.
+    pub refs: usize,
+    /// Packs with an index object.
+    pub packs: usize,
+    /// Chunks in those packs.
+    pub chunks: usize,
+    /// Refs naming a manifest the remote does not hold.
+    pub dangling_refs: Vec<String>,
+    /// Snapshots (`name@id`) that refer to something missing or damaged, and what.
+    pub affected: BTreeMap<String, Vec<String>>,
+}
+
+impl RemoteVerifyReport {
+    /// True when nothing is wrong.
+    pub fn is_clean(&self) -> bool {
+        self.dangling_refs.is_empty() && self.affected.is_empty()
+    }
+}
+
+/// Verifies `remote`; see the module documentation.
+pub fn verify_remote(remote: &Arc<Remote>) -> Result<RemoteVerifyReport> {
+    remote.refresh_index()?;
+    let mut report = RemoteVerifyReport {
+        packs: remote.indexed_packs().len(),
+        chunks: remote.chunk_count(),
+        ..Default::default()
+    };
+    let listed: HashMap<PackId, u64> = remote
+        .block_on(remote.list("packs"))?
+        .into_iter()
+        .filter_map(|(f, size)| Some((f.strip_suffix(".pack").and_then(PackId::from_hex)?, size)))
+        .collect();
+    let rc = RemoteChunks::new(remote.clone(), REMOTE_FRAME_CACHE);
+    let snapshots = remote.snapshots()?;
+    let mut ids: Vec<_> = snapshots.iter().copied().collect();
+    ids.sort();
+    for sid in ids {
+        report.snapshots += 1;
+        let mut problems = BTreeSet::new();
+        let label;
+        match remote.manifest(&sid) {
+            Ok(Some((_, m))) => {
+                label = format!("{}@{}", m.name, sid.short());
+                let need = |id: &ChunkId, problems: &mut BTreeSet<String>, what: &str| match remote
+                    .locate(id)
+                {
+                    None => {
+                        problems.insert(format!("{what}: missing chunk {id}"));
+                    }
+                    Some((p, _, info)) if listed.get(&p) != Some(&info.len) => {
+                        problems.insert(format!(
+                            "{what}: chunk {id} is in pack {p}, which is missing or cut short"
+                        ));
+                    }
+                    Some(_) => {}
+                };
+                for member in &m.members {
+                    check_member(&rc, member, &mut problems, &need)?;
+                }
+            }
+            Ok(None) => continue,
+            Err(e) => {
+                label = format!("@{}", sid.short());
+                problems.insert(e.to_string());
+            }
+        }
+        if !problems.is_empty() {
+            report
+                .affected
+                .insert(label, problems.into_iter().collect());
+        }
+    }
+    for (name, id) in remote.refs()? {
+        report.refs += 1;
+        if !snapshots.contains(&id) {
+            report
+                .dangling_refs
+                .push(format!("{name} -> {}", id.to_hex()));
+        }
+    }
+    Ok(report)
+}
