@@ -12,30 +12,47 @@
 #   rand 4k iops     fio --ioengine=nbd, 4 KiB random reads, queue depth 32, 10 s
 #   rand 4k cpu      the server's CPU time (all threads) per request in those runs: less
 #                    sensitive than IOPS to load from elsewhere on a shared machine
+#   fuse seq cat     cat FILE >/dev/null, buffered, FILE being the disk file of `vmnest mount`
+#                    of the qcow2 against the file of `nbdfuse -r` over the qemu-nbd above; the
+#                    FUSE file's page cache is dropped before each run (fadvise, `dd iflag=nocache
+#                    count=0`), the qcow2's stays warm
+#   fuse seq dd 1M   dd if=FILE bs=1M of=/dev/null, the same way
 # Ratios: qemu-nbd time / vmnest time, vmnest IOPS / qemu-nbd IOPS, and qemu-nbd CPU per request /
 # vmnest CPU per request (> 1: vmnest better).
 #
-# Usage: bench/export.sh
+# Usage: bench/export.sh [QCOW2]   (another qcow2 instead of the Debian disk, e.g. a small one
+#                                   to check the script; EXPORT_CASES="nbd fuse" picks the parts,
+#                                   VMNEST_BIN another vmnest binary than a fresh release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=bench/work
 mkdir -p "$work/out"
-for tool in qemu-nbd:qemu-utils nbdcopy:libnbd-bin fio:fio; do
+cases=${EXPORT_CASES:-nbd fuse}
+for tool in qemu-nbd:qemu-utils nbdcopy:libnbd-bin fio:fio nbdfuse:libnbd-bin fusermount3:fuse3; do
   command -v "${tool%%:*}" >/dev/null || {
     echo "${tool%%:*} missing: apt-get install ${tool##*:}" >&2
     exit 1
   }
 done
-src=$work/linux.qcow2
-if [ ! -f "$src" ]; then
+src=${1:-$work/linux.qcow2}
+if [ ! -f "$src" ] && [ $# -eq 0 ]; then
   bench/make-linux-disk.sh "$work/linux.raw" 3
   qemu-img convert -f raw -O qcow2 "$work/linux.raw" "$src"
 fi
-cargo build --release -q -p vmnest
-vmnest=$PWD/target/release/vmnest
+vsize=$(qemu-img info --output=json "$src" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')
+if [ -n "${VMNEST_BIN:-}" ]; then
+  vmnest=$VMNEST_BIN # another build, e.g. to check the script with a debug binary
+else
+  cargo build --release -q -p vmnest
+  vmnest=$PWD/target/release/vmnest
+fi
 
 pids=()
+fmnt=$work/fuse-vmnest
+qmnt=$work/fuse-nbdfuse
 cleanup() {
+  if mountpoint -q "$fmnt" 2>/dev/null; then "$vmnest" umount "$fmnt" >/dev/null || true; fi
+  if mountpoint -q "$qmnt" 2>/dev/null; then fusermount3 -u "$qmnt" || true; fi
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   rm -f "$work/out/"*
 }
@@ -80,7 +97,7 @@ iops() {
   local c0 c1 out
   c0=$(cpu "$2")
   out=$(fio --name=rand --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=32 \
-    --runtime=10 --time_based --size=3G --output-format=json 2>"$work/err.last") ||
+    --runtime=10 --time_based --size=$vsize --output-format=json 2>"$work/err.last") ||
     { cat "$work/err.last" >&2; return 1; }
   c1=$(cpu "$2")
   # fio prints a line before its JSON.
@@ -109,6 +126,7 @@ seq_case() {
 }
 
 printf '%-16s %12s %12s %8s\n' case qemu-nbd vmnest ratio
+if [[ " $cases " == *" nbd "* ]]; then
 seq_case "seq nbdcopy" nbdcopy URL null:
 seq_case "seq nbdcopy 1c" nbdcopy --connections 1 URL null:
 seq_case "seq qemu-img" qemu-img convert -f raw -O raw URL "$work/out/copy.raw"
@@ -120,4 +138,37 @@ done
 qi=$(max <<<"$qi"); vi=$(max <<<"$vi"); qc=$(min <<<"$qc"); vc=$(min <<<"$vc")
 printf '%-16s %12s %12s %7sx  (IOPS, best)\n' "rand 4k iops" "$qi" "$vi" "$(awk "BEGIN{printf \"%.2f\", $vi / $qi}")"
 printf '%-16s %12s %12s %7sx  (server CPU us per request, qemu-nbd / vmnest)\n' "rand 4k cpu" "$qc" "$vc" "$(awk "BEGIN{printf \"%.2f\", $qc / $vc}")"
+fi
+
+if [[ " $cases " == *" fuse "* ]]; then
+  # vmnest mount of the qcow2 (returns once mounted) against nbdfuse over the qemu-nbd above.
+  mkdir -p "$fmnt" "$qmnt"
+  "$vmnest" mount "$src" "$fmnt" >"$work/vmnest-mount.out"
+  rm -f "$work/nbdfuse.pid" # nbdfuse writes it when its mount is ready
+  nbdfuse -r -P "$work/nbdfuse.pid" "$qmnt" "$qurl" 2>"$work/nbdfuse.err" &
+  pids+=("$!")
+  for _ in $(seq 100); do [ -s "$work/nbdfuse.pid" ] && break; sleep 0.1; done
+  [ -f "$qmnt/nbd" ] || { echo "nbdfuse did not mount:" >&2; cat "$work/nbdfuse.err" >&2; exit 1; }
+  # fuse_case NAME CMD-WITH-FILE...: like seq_case, on the two FUSE files ("FILE" is replaced),
+  # each file's page cache dropped before each run.
+  fuse_case() {
+    local name=$1; shift
+    local q="" v="" f
+    for _ in 1 2 3; do
+      for f in "$qmnt/nbd" "$fmnt/disk"; do
+        dd if="$f" iflag=nocache count=0 status=none
+        if [ "$f" = "$qmnt/nbd" ]; then
+          q+="$(secs "${@//FILE/$f}")"$'\n'
+        else
+          v+="$(secs "${@//FILE/$f}")"$'\n'
+        fi
+      done
+    done
+    q=$(min <<<"$q")
+    v=$(min <<<"$v")
+    printf '%-16s %12s %12s %7sx  (s; nbdfuse+qemu-nbd vs vmnest mount)\n' "$name" "$q" "$v" "$(awk "BEGIN{printf \"%.2f\", $q / $v}")"
+  }
+  fuse_case "fuse seq cat" cat FILE
+  fuse_case "fuse seq dd 1M" dd if=FILE of=/dev/null bs=1M
+fi
 echo "($(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), qemu-nbd $(qemu-nbd --version | head -1 | awk '{print $2}'), libnbd $(nbdcopy --version | awk 'NR==2 {print $2}'), fio $(fio --version))"

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs what vmnest's tests need on a Debian machine: the peers used as oracles
-# (qemu-img, libyal's readers, libnbd's nbdinfo/nbdcopy/nbdsh), bzip2 for the sample images, and
-# moto's S3 server (PyPI, in a venv under $VMNEST_MOTO_DIR, default /opt/vmnest-moto) for the remote tests. Idempotent; needs root (or sudo).
+# (qemu-img, libyal's readers, libnbd's nbdinfo/nbdcopy/nbdsh/nbdfuse), fusermount3 for `vmnest mount`,
+# sfdisk and e2fsprogs (mkfs.ext4, debugfs) to build and check partitioned disks, bzip2 for the
+# sample images, and moto's S3 server (PyPI, in a venv under $VMNEST_MOTO_DIR, default
+# /opt/vmnest-moto) for the remote tests. Idempotent; needs root (or sudo).
 set -euo pipefail
 
-packages=(qemu-utils libvmdk-utils libvhdi-utils libqcow-utils bzip2 libnbd-bin python3-libnbd openssl python3-venv)
+packages=(qemu-utils libvmdk-utils libvhdi-utils libqcow-utils bzip2 libnbd-bin python3-libnbd openssl python3-venv
+  fuse3 fdisk e2fsprogs mount)
 need=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")

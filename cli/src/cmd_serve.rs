@@ -14,7 +14,7 @@ use fuse_mount::nbd::{Export, Server, ServerOptions, Tls};
 use image_format::BlockDevice;
 
 use crate::cmd_volume::open_volume_export;
-use crate::common::{OpenArgs, SourceOptions, open_source};
+use crate::common::{OpenArgs, SourceOptions, open_source, open_source_mut};
 
 /// The IANA port of NBD.
 const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -234,25 +234,8 @@ fn open_export(spec: &str, name: String, args: &Args) -> Result<Export> {
         let device: Arc<dyn BlockDevice> = image;
         return Ok(Export::read_only(name, device).with_description(description));
     }
-    // Learn the format read-only first: a format that cannot be written in place is refused
-    // before its file is ever opened for writing.
-    let format = image.format();
-    if !image.writes_in_place() {
-        bail!(
-            "{spec}: {format} images cannot be served writable (--rw) here: vmnest writes raw, \
-             qcow2 and fixed or dynamic VHD (vpc) images in place, not this one"
-        );
-    }
     drop(image);
-    let how = SourceOptions {
-        writable: true,
-        ..how
-    };
-    let image = open_source(spec, &how, &args.open)?;
-    let format = image.format();
-    let Some(device) = image.into_mut_device() else {
-        bail!("{spec}: the {format} driver cannot write this image in place");
-    };
+    let device = open_source_mut(spec, args.format.as_deref(), &args.open, "served")?;
     Ok(Export::writable(name, device).with_description(description))
 }
 

@@ -170,14 +170,8 @@ pub struct VolumeExport {
 }
 
 /// Opens (or creates over `spec`, `NAME[@SNAP][/MEMBER]`) volume `name` (default: the NAME of
-/// `spec`) and makes a writable export of it, committing when the last client disconnects
-/// cleanly if `commit_on_disconnect`.
-pub fn open_volume_export(
-    spec: &str,
-    name: Option<&str>,
-    export_name: String,
-    commit_on_disconnect: bool,
-) -> Result<VolumeExport> {
+/// `spec`), saying on stderr what its replay cut. Returns the volume and its name.
+pub fn open_volume(spec: &str, name: Option<&str>) -> Result<(Arc<Volume>, String)> {
     let snap_name = spec.split(['@', '/']).next().unwrap_or("");
     let vol_name = match name {
         Some(n) => n,
@@ -188,6 +182,20 @@ pub fn open_volume_export(
     let volume = Volume::open_or_create(store, vol_name, spec)
         .with_context(|| format!("volume {vol_name}"))?;
     report_replay(&volume);
+    Ok((volume, vol_name.to_string()))
+}
+
+/// Opens (or creates over `spec`, `NAME[@SNAP][/MEMBER]`) volume `name` (default: the NAME of
+/// `spec`) and makes a writable export of it, committing when the last client disconnects
+/// cleanly if `commit_on_disconnect`.
+pub fn open_volume_export(
+    spec: &str,
+    name: Option<&str>,
+    export_name: String,
+    commit_on_disconnect: bool,
+) -> Result<VolumeExport> {
+    let (volume, vol_name) = open_volume(spec, name)?;
+    let vol_name = vol_name.as_str();
     let vf = volume.file()?;
     let description = format!(
         "vmnest volume {vol_name} over {}@{}",

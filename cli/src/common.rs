@@ -3,8 +3,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Result;
-use image_format::{Image, OpenOptions};
+use anyhow::{Context, Result, bail};
+use image_format::{BlockDeviceMut, Image, OpenOptions};
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -99,6 +99,39 @@ pub fn open_source(spec: &str, how: &SourceOptions<'_>, args: &OpenArgs) -> Resu
         open_backing: true,
     };
     Ok(image_format::open(path, &options)?)
+}
+
+/// Opens an image file SOURCE for writing in place, for `what` (`served`, `mounted`). The format is
+/// learnt read-only first, so a format that cannot be written in place is refused by name before
+/// its file is ever opened for writing.
+pub fn open_source_mut(
+    spec: &str,
+    format: Option<&str>,
+    args: &OpenArgs,
+    what: &str,
+) -> Result<Arc<dyn BlockDeviceMut>> {
+    let read_only = SourceOptions {
+        format,
+        writable: false,
+    };
+    let image = open_source(spec, &read_only, args)?;
+    let found = image.format();
+    if !image.writes_in_place() {
+        bail!(
+            "{spec}: {found} images cannot be {what} writable (--rw) here: vmnest writes raw, \
+             qcow2 and fixed or dynamic VHD (vpc) images in place, not this one"
+        );
+    }
+    drop(image);
+    let writable = SourceOptions {
+        format,
+        writable: true,
+    };
+    let image = open_source(spec, &writable, args)?;
+    let found = image.format();
+    image
+        .into_mut_device()
+        .with_context(|| format!("{spec}: the {found} driver cannot write this image in place"))
 }
 
 /// `1.5 MiB`, as qemu-img prints sizes.

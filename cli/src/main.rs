@@ -6,6 +6,7 @@ mod cmd_compare;
 mod cmd_convert;
 mod cmd_info;
 mod cmd_map;
+mod cmd_mount;
 mod cmd_remote;
 mod cmd_serve;
 mod cmd_store;
@@ -78,6 +79,11 @@ enum Command {
     Restore(Box<cmd_remote::RestoreArgs>),
     /// Export images over NBD (loopback unless --allow-remote; read-only unless --rw).
     Serve(cmd_serve::Args),
+    /// Show an image's disk and partitions as files over FUSE (read-only unless --rw); returns
+    /// once mounted unless -f.
+    Mount(cmd_mount::MountArgs),
+    /// Unmount a `vmnest mount` and wait until its server has flushed (and committed) and exited.
+    Umount(cmd_mount::UmountArgs),
     /// Turn a volume (the writes of `serve store:NAME --rw`) into a new snapshot of NAME.
     Commit(cmd_volume::CommitArgs),
     /// Writable volumes over stored snapshots: list, discard.
@@ -113,6 +119,8 @@ fn main() -> ExitCode {
         Command::Gc(args) => (cmd_store::run_gc(args), 1),
         Command::Verify(args) => (cmd_store::run_verify(args), 2),
         Command::Serve(args) => (cmd_serve::run(args), 1),
+        Command::Mount(args) => (cmd_mount::run_mount(args), 1),
+        Command::Umount(args) => (cmd_mount::run_umount(args), 1),
         Command::Remote(args) => (cmd_remote::run_remote(args), 1),
         Command::Push(args) => (cmd_remote::run_push(args), 1),
         Command::Pull(args) => (cmd_remote::run_pull(args), 1),

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{Context, Result};
 use dedup_store::remote::{READ_AHEAD, Remote, RemoteChunks, RemoteReadOptions};
 use dedup_store::store::disk::StoredDisk;
-use dedup_store::store::{Access, Resolved, Store};
+use dedup_store::store::{Access, Layout, MemberKind, Resolved, Store};
 
 static STORE_DIR: OnceLock<PathBuf> = OnceLock::new();
 
@@ -83,6 +83,36 @@ pub fn open_stored(spec: &str, member: Option<&str>) -> Result<Arc<StoredDisk>> 
     let store = open_store(Access::Read)?;
     let snap = store.resolve(spec)?;
     Ok(Arc::new(StoredDisk::open(&store, &snap, member)?))
+}
+
+/// The disks of `store:NAME[@SNAP][/MEMBER]`: the one member named, else every disk member of
+/// the snapshot, each with its member name.
+pub fn open_stored_disks(
+    spec: &str,
+    member: Option<&str>,
+) -> Result<Vec<(String, Arc<StoredDisk>)>> {
+    let store = open_store(Access::Read)?;
+    let snap = store.resolve(spec)?;
+    let names: Vec<String> = match member {
+        Some(m) => vec![m.to_string()],
+        None => snap
+            .manifest
+            .members
+            .iter()
+            .filter(|m| m.kind == MemberKind::Disk && matches!(m.layout, Layout::Map { .. }))
+            .map(|m| m.name.clone())
+            .collect(),
+    };
+    if names.is_empty() {
+        anyhow::bail!("{spec}: the snapshot has no disk members");
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let disk = StoredDisk::open(&store, &snap, Some(&name))?;
+            Ok((name, Arc::new(disk)))
+        })
+        .collect()
 }
 
 /// A `remote:REMOTE:NAME[@SNAP][/MEMBER]` source split into remote, snapshot spec and member.

@@ -82,6 +82,18 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// Decodes UTF-16LE up to the first NUL, replacing invalid units (VHDX creator and metadata
+/// strings, GPT partition names).
+pub fn utf16le_string(bytes: &[u8]) -> String {
+    let units = bytes
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .take_while(|&u| u != 0);
+    char::decode_utf16(units)
+        .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@ mod boot;
 mod cli;
 mod conformance;
 mod convert;
+mod mount;
 mod nbd;
 mod parallels;
 mod qcow2;

@@ -147,16 +147,7 @@ pub fn parse_file_identifier(buf: &[u8]) -> Result<String> {
     Ok(utf16le_string(f.slice(8, CREATOR_LEN)?))
 }
 
-/// Decodes UTF-16LE up to the first NUL, replacing invalid units.
-pub fn utf16le_string(bytes: &[u8]) -> String {
-    let units = bytes
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0);
-    char::decode_utf16(units)
-        .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
-        .collect()
-}
+pub use crate::bytes::utf16le_string;
 
 /// One header copy ([MS-VHDX] 2.2.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
