@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # NBD export: `vmnest serve` vs `qemu-nbd -r -f qcow2`, serving the same qcow2 file, side by side in
-# one run. Input: bench/work/linux.qcow2, the 3 GiB Debian disk of bench/make-linux-disk.sh
+# one run; and `vmnest serve store:linux`, the same disk imported into a store (bench/work/export-store,
+# kept between runs), against the same qemu-nbd. Input: bench/work/linux.qcow2, the 3 GiB Debian disk of bench/make-linux-disk.sh
 # (built, then converted by qemu-img, when missing).
 #
 # Cases (best of 3 each, the two servers' runs alternating, page cache warm for both alike):
@@ -17,6 +18,7 @@
 #                    FUSE file's page cache is dropped before each run (fadvise, `dd iflag=nocache
 #                    count=0`), the qcow2's stays warm
 #   fuse seq dd 1M   dd if=FILE bs=1M of=/dev/null, the same way
+# NBD columns: qemu-nbd (qcow2), vmnest (qcow2), vmnest store (the stored snapshot).
 # Ratios: qemu-nbd time / vmnest time, vmnest IOPS / qemu-nbd IOPS, and qemu-nbd CPU per request /
 # vmnest CPU per request (> 1: vmnest better).
 #
@@ -67,6 +69,19 @@ for _ in $(seq 50); do grep -q '^serving' "$work/vmnest-serve.out" && break; sle
 vurl=$(awk '/^serving/ {print $2; exit}' "$work/vmnest-serve.out")
 [ -n "$vurl" ] || { cat "$work/vmnest-serve.err" >&2; exit 1; }
 
+# vmnest serve of the same disk imported into a store (imported once, kept).
+store=$work/export-store
+if [ ! -f "$store/refs/linux" ]; then
+  rm -rf "$store"
+  "$vmnest" --store "$store" import "$src" linux >/dev/null
+fi
+"$vmnest" --store "$store" serve --export-name linux --listen 127.0.0.1:0 store:linux >"$work/vmnest-serve-store.out" 2>"$work/vmnest-serve-store.err" &
+spid=$!
+pids+=("$spid")
+for _ in $(seq 50); do grep -q '^serving' "$work/vmnest-serve-store.out" && break; sleep 0.1; done
+surl=$(awk '/^serving/ {print $2; exit}' "$work/vmnest-serve-store.out")
+[ -n "$surl" ] || { cat "$work/vmnest-serve-store.err" >&2; exit 1; }
+
 # qemu-nbd read-only, several connections allowed (so nbdcopy can use multi-conn).
 qport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 qemu-nbd -r -f qcow2 -t -e 16 -x linux -b 127.0.0.1 -p "$qport" "$src" 2>"$work/qemu-nbd.err" &
@@ -76,6 +91,7 @@ qurl=nbd://127.0.0.1:$qport/linux
 for _ in $(seq 50); do nbdinfo --can connect "$qurl" 2>/dev/null && break; sleep 0.1; done
 
 cat "$src" >/dev/null # warm the page cache for both servers alike
+cat "$store"/packs/* >/dev/null # and the store's packs
 
 # secs CMD...: wall time of one run.
 secs() {
@@ -109,35 +125,38 @@ print(int(r["iops"]), "%.1f" % ((float(sys.argv[2]) - float(sys.argv[1])) * 1e6 
 min() { awk 'BEGIN{m=""} NF {if (m == "" || $1 < m) m = $1} END{print m}'; }
 max() { awk 'BEGIN{m=""} NF {if (m == "" || $1 > m) m = $1} END{print m}'; }
 
+# ratio A B: A / B with two decimals.
+ratio() { awk "BEGIN{printf \"%.2f\", $1 / $2}"; }
+
 # seq NAME CMD-WITH-URL...: three runs of each server, alternating so that load from elsewhere
-# falls on both alike; best times; ratio qemu-nbd / vmnest. "URL" in the command is replaced.
+# falls on all alike; best times; ratios qemu-nbd / vmnest. "URL" in the command is replaced.
 seq_case() {
   local name=$1; shift
-  local q="" v="" qcmd vcmd
+  local q="" v="" st=""
   for _ in 1 2 3; do
-    qcmd=("${@//URL/$qurl}")
-    vcmd=("${@//URL/$vurl}")
-    q+="$(secs "${qcmd[@]}")"$'\n'
-    v+="$(secs "${vcmd[@]}")"$'\n'
+    q+="$(secs "${@//URL/$qurl}")"$'\n'
+    v+="$(secs "${@//URL/$vurl}")"$'\n'
+    st+="$(secs "${@//URL/$surl}")"$'\n'
   done
-  q=$(min <<<"$q")
-  v=$(min <<<"$v")
-  printf '%-16s %12s %12s %7sx  (s)\n' "$name" "$q" "$v" "$(awk "BEGIN{printf \"%.2f\", $q / $v}")"
+  q=$(min <<<"$q"); v=$(min <<<"$v"); st=$(min <<<"$st")
+  printf '%-16s %10s %10s %12s %7sx %7sx  (s)\n' "$name" "$q" "$v" "$st" "$(ratio "$q" "$v")" "$(ratio "$q" "$st")"
 }
 
-printf '%-16s %12s %12s %8s\n' case qemu-nbd vmnest ratio
 if [[ " $cases " == *" nbd "* ]]; then
+printf '%-16s %10s %10s %12s %8s %8s\n' case qemu-nbd vmnest "vmnest store" ratio "ratio st"
 seq_case "seq nbdcopy" nbdcopy URL null:
 seq_case "seq nbdcopy 1c" nbdcopy --connections 1 URL null:
 seq_case "seq qemu-img" qemu-img convert -f raw -O raw URL "$work/out/copy.raw"
-qi="" vi="" qc="" vc=""
+qi="" vi="" si="" qc="" vc="" sc=""
 for _ in 1 2 3; do
   read -r i c < <(iops "$qurl" "$qpid"); qi+="$i"$'\n'; qc+="$c"$'\n'
   read -r i c < <(iops "$vurl" "$vpid"); vi+="$i"$'\n'; vc+="$c"$'\n'
+  read -r i c < <(iops "$surl" "$spid"); si+="$i"$'\n'; sc+="$c"$'\n'
 done
-qi=$(max <<<"$qi"); vi=$(max <<<"$vi"); qc=$(min <<<"$qc"); vc=$(min <<<"$vc")
-printf '%-16s %12s %12s %7sx  (IOPS, best)\n' "rand 4k iops" "$qi" "$vi" "$(awk "BEGIN{printf \"%.2f\", $vi / $qi}")"
-printf '%-16s %12s %12s %7sx  (server CPU us per request, qemu-nbd / vmnest)\n' "rand 4k cpu" "$qc" "$vc" "$(awk "BEGIN{printf \"%.2f\", $qc / $vc}")"
+qi=$(max <<<"$qi"); vi=$(max <<<"$vi"); si=$(max <<<"$si")
+qc=$(min <<<"$qc"); vc=$(min <<<"$vc"); sc=$(min <<<"$sc")
+printf '%-16s %10s %10s %12s %7sx %7sx  (IOPS, best)\n' "rand 4k iops" "$qi" "$vi" "$si" "$(ratio "$vi" "$qi")" "$(ratio "$si" "$qi")"
+printf '%-16s %10s %10s %12s %7sx %7sx  (server CPU us per request, qemu-nbd / vmnest)\n' "rand 4k cpu" "$qc" "$vc" "$sc" "$(ratio "$qc" "$vc")" "$(ratio "$qc" "$sc")"
 fi
 
 if [[ " $cases " == *" fuse "* ]]; then
@@ -166,7 +185,7 @@ if [[ " $cases " == *" fuse "* ]]; then
     done
     q=$(min <<<"$q")
     v=$(min <<<"$v")
-    printf '%-16s %12s %12s %7sx  (s; nbdfuse+qemu-nbd vs vmnest mount)\n' "$name" "$q" "$v" "$(awk "BEGIN{printf \"%.2f\", $q / $v}")"
+    printf '%-16s %10s %10s %12s %7sx  (s; nbdfuse+qemu-nbd vs vmnest mount)\n' "$name" "$q" "$v" "" "$(ratio "$q" "$v")"
   }
   fuse_case "fuse seq cat" cat FILE
   fuse_case "fuse seq dd 1M" dd if=FILE of=/dev/null bs=1M
