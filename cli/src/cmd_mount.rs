@@ -159,6 +159,8 @@ fn canonical_mountpoint(path: &Path) -> Result<PathBuf> {
 }
 
 pub fn run_mount(args: MountArgs) -> Result<u8> {
+    // Random reads of a stored snapshot decode each frame once (as `vmnest serve` does).
+    dedup_store::pack::set_frame_cache_bytes(crate::cmd_serve::SERVE_FRAME_CACHE);
     let mountpoint = args
         .mountpoint
         .canonicalize()

@@ -16,6 +16,9 @@ use image_format::BlockDevice;
 use crate::cmd_volume::open_volume_export;
 use crate::common::{OpenArgs, SourceOptions, open_source, open_source_mut};
 
+/// The frame cache `vmnest mount` gives stored snapshots (serve's `--frame-cache` default).
+pub const SERVE_FRAME_CACHE: usize = 1 << 30;
+
 /// The IANA port of NBD.
 const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 /// Threads for device I/O per CPU core. Requests of all connections run on them. Measured on 2
@@ -39,6 +42,10 @@ pub struct Args {
     /// With --from: bytes of fetched frames kept on disk at most (`0` keeps none).
     #[arg(long, value_name = "SIZE", default_value = "1G", requires = "from")]
     cache_size: String,
+    /// Decoded frames of stored snapshots (`store:` sources) kept in memory at most, so that
+    /// random reads decode each frame once (an upper bound, reached only when that much is read).
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    frame_cache: String,
     /// TCP address to listen on (port 0 picks a free port; the line printed names it).
     #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN, conflicts_with = "socket")]
     listen: String,
@@ -79,6 +86,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<u8> {
+    let frame_cache = image_format::create::parse_size(&args.frame_cache).with_context(|| {
+        format!(
+            "--frame-cache {:?}: expected a size (1G, 512M)",
+            args.frame_cache
+        )
+    })?;
+    dedup_store::pack::set_frame_cache_bytes(usize::try_from(frame_cache).unwrap_or(usize::MAX));
     if args.export_names.len() > args.sources.len() {
         bail!(
             "{} export names for {} sources",

@@ -58,14 +58,14 @@ mod store;
 
 pub use store::{OpenReport, PackStore};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
@@ -769,61 +769,169 @@ pub fn decode_frame(object: &str, frame: u32, info: &FrameInfo, stored: &[u8]) -
 }
 
 /// A bounded LRU cache of decompressed frames, keyed by pack and frame, shared by readers.
+///
+/// A frame is decoded once however many readers want it at the same moment (the others wait for
+/// it), and each chunk of a cached frame is hashed against its id once, not on every read: the
+/// cache remembers which (offset, length, id) it has checked in that decoded frame.
 #[derive(Debug)]
 pub struct FrameCache {
     inner: Mutex<CacheInner>,
+    /// Signalled when a frame being decoded is ready (or its decoding failed).
+    ready: Condvar,
     max_bytes: usize,
 }
 
-/// A decoded frame and the tick of its last use.
-type CachedFrame = (std::sync::Arc<Vec<u8>>, u64);
+/// A cache key: the pack and the frame's number in it.
+type FrameKey = (PackId, u32);
+
+/// A decoded frame, the tick of its last use, and the chunks checked in it.
+#[derive(Debug)]
+struct CachedFrame {
+    plain: std::sync::Arc<Vec<u8>>,
+    tick: u64,
+    checked: HashSet<(u32, u32, ChunkId)>,
+}
 
 #[derive(Debug, Default)]
 struct CacheInner {
-    map: HashMap<(PackId, u32), CachedFrame>,
+    map: HashMap<FrameKey, CachedFrame>,
+    /// Frames some reader is decoding now.
+    loading: HashSet<FrameKey>,
     bytes: usize,
     tick: u64,
 }
 
-/// Default byte bound of a store's frame cache.
+/// Default byte bound of a store's frame cache (imports, exports, verify).
 pub const FRAME_CACHE_BYTES: usize = 32 << 20;
+
+/// The bound new pack stores give their frame cache; see [`set_frame_cache_bytes`].
+static FRAME_CACHE_LIMIT: AtomicUsize = AtomicUsize::new(FRAME_CACHE_BYTES);
+
+/// Sets the frame-cache bound of pack stores opened from now on in this process. Servers
+/// (`vmnest serve`, `mount`) raise it so that a disk read at random is decoded once, not once
+/// per read; it is an upper bound, reached only when that much has been read.
+pub fn set_frame_cache_bytes(bytes: usize) {
+    FRAME_CACHE_LIMIT.store(bytes, Ordering::Relaxed);
+}
+
+/// The bound set by [`set_frame_cache_bytes`] (default [`FRAME_CACHE_BYTES`]).
+pub fn frame_cache_bytes() -> usize {
+    FRAME_CACHE_LIMIT.load(Ordering::Relaxed)
+}
 
 impl FrameCache {
     /// A cache holding at most `max_bytes` of plaintext.
     pub fn new(max_bytes: usize) -> FrameCache {
         FrameCache {
             inner: Mutex::new(CacheInner::default()),
+            ready: Condvar::new(),
             max_bytes,
         }
     }
 
-    pub(crate) fn get(&self, key: (PackId, u32)) -> Option<std::sync::Arc<Vec<u8>>> {
+    pub(crate) fn get(&self, key: FrameKey) -> Option<std::sync::Arc<Vec<u8>>> {
         let mut g = self.inner.lock().ok()?;
         g.tick += 1;
         let tick = g.tick;
         let e = g.map.get_mut(&key)?;
-        e.1 = tick;
-        Some(e.0.clone())
+        e.tick = tick;
+        Some(e.plain.clone())
     }
 
-    pub(crate) fn insert(&self, key: (PackId, u32), frame: std::sync::Arc<Vec<u8>>) {
+    pub(crate) fn insert(&self, key: FrameKey, frame: std::sync::Arc<Vec<u8>>) {
+        let Ok(mut g) = self.inner.lock() else { return };
+        self.insert_locked(&mut g, key, frame);
+    }
+
+    fn insert_locked(&self, g: &mut CacheInner, key: FrameKey, frame: std::sync::Arc<Vec<u8>>) {
         if frame.len() > self.max_bytes {
             return;
         }
-        let Ok(mut g) = self.inner.lock() else { return };
         g.tick += 1;
         let tick = g.tick;
         g.bytes += frame.len();
-        if let Some(old) = g.map.insert(key, (frame, tick)) {
-            g.bytes -= old.0.len();
+        let entry = CachedFrame {
+            plain: frame,
+            tick,
+            checked: HashSet::new(),
+        };
+        if let Some(old) = g.map.insert(key, entry) {
+            g.bytes -= old.plain.len();
         }
         while g.bytes > self.max_bytes {
-            let Some(victim) = g.map.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k) else {
+            let Some(victim) = g.map.iter().min_by_key(|(_, v)| v.tick).map(|(k, _)| *k) else {
                 break;
             };
             if let Some(v) = g.map.remove(&victim) {
-                g.bytes -= v.0.len();
+                g.bytes -= v.plain.len();
             }
+        }
+    }
+
+    /// The cached frame `key`, or `load`'s result, cached. While one caller loads a frame, other
+    /// callers of the same frame wait for it instead of decoding it again.
+    pub(crate) fn get_or_load(
+        &self,
+        key: FrameKey,
+        load: impl FnOnce() -> Result<std::sync::Arc<Vec<u8>>>,
+    ) -> Result<std::sync::Arc<Vec<u8>>> {
+        let Ok(mut g) = self.inner.lock() else {
+            return load();
+        };
+        loop {
+            g.tick += 1;
+            let tick = g.tick;
+            if let Some(e) = g.map.get_mut(&key) {
+                e.tick = tick;
+                return Ok(e.plain.clone());
+            }
+            if g.loading.insert(key) {
+                break;
+            }
+            g = match self.ready.wait(g) {
+                Ok(g) => g,
+                Err(_) => return load(),
+            };
+        }
+        drop(g);
+        let result = load();
+        if let Ok(mut g) = self.inner.lock() {
+            g.loading.remove(&key);
+            if let Ok(frame) = &result {
+                self.insert_locked(&mut g, key, frame.clone());
+            }
+        }
+        self.ready.notify_all();
+        result
+    }
+
+    /// Whether chunk `id` at `offset..offset + len` of the cached frame `plain` (this very
+    /// decoded copy) has been checked against its id.
+    fn is_checked(
+        &self,
+        key: FrameKey,
+        plain: &std::sync::Arc<Vec<u8>>,
+        chunk: (u32, u32, ChunkId),
+    ) -> bool {
+        self.inner.lock().is_ok_and(|g| {
+            g.map.get(&key).is_some_and(|e| {
+                std::sync::Arc::ptr_eq(&e.plain, plain) && e.checked.contains(&chunk)
+            })
+        })
+    }
+
+    /// Records that `chunk` of the cached frame `plain` matched its id.
+    fn mark_checked(
+        &self,
+        key: FrameKey,
+        plain: &std::sync::Arc<Vec<u8>>,
+        chunk: (u32, u32, ChunkId),
+    ) {
+        if let Ok(mut g) = self.inner.lock()
+            && let Some(e) = g.map.get_mut(&key)
+            && std::sync::Arc::ptr_eq(&e.plain, plain)
+        {
+            e.checked.insert(chunk);
         }
     }
 
@@ -919,9 +1027,14 @@ impl PackReader {
 
     /// Reads, checks and decodes frame `frame`, through `cache`.
     pub fn frame(&self, frame: u32, cache: Option<&FrameCache>) -> Result<std::sync::Arc<Vec<u8>>> {
-        if let Some(hit) = cache.and_then(|c| c.get((self.id, frame))) {
-            return Ok(hit);
+        match cache {
+            Some(c) => c.get_or_load((self.id, frame), || self.decode(frame)),
+            None => self.decode(frame),
         }
+    }
+
+    /// Reads, checks and decodes frame `frame` from the file.
+    fn decode(&self, frame: u32) -> Result<std::sync::Arc<Vec<u8>>> {
         let Some(info) = self.frames.get(frame as usize) else {
             return Err(Error::corrupt(&self.name, 0, format!("no frame {frame}")));
         };
@@ -932,9 +1045,6 @@ impl PackReader {
         check_frame_header(&self.name, frame, info, &buf[..16])?;
         let plain = std::sync::Arc::new(decode_frame(&self.name, frame, info, &buf[16..])?);
         self.frames_decoded.fetch_add(1, Ordering::Relaxed);
-        if let Some(c) = cache {
-            c.insert((self.id, frame), plain.clone());
-        }
         Ok(plain)
     }
 
@@ -959,6 +1069,11 @@ impl PackReader {
                 format!("chunk {id} runs past frame {}", loc.frame),
             ));
         };
+        let key = (self.id, loc.frame);
+        let chunk = (loc.offset, loc.len, *id);
+        if cache.is_some_and(|c| c.is_checked(key, &plain, chunk)) {
+            return Ok(data.to_vec());
+        }
         if ChunkId::of(data) != *id {
             let at = self.frames.get(loc.frame as usize).map_or(0, |f| f.offset);
             return Err(Error::corrupt(
@@ -966,6 +1081,9 @@ impl PackReader {
                 at,
                 format!("chunk {id} in frame {} does not match its id", loc.frame),
             ));
+        }
+        if let Some(c) = cache {
+            c.mark_checked(key, &plain, chunk);
         }
         Ok(data.to_vec())
     }

@@ -27,7 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::{EncodedFrame, FRAME_CACHE_BYTES, FrameCache, PackId, PackReader, PackWriter};
+use super::{EncodedFrame, FrameCache, PackId, PackReader, PackWriter};
 use crate::chunk::{ChunkId, ChunkStore};
 use crate::error::{Error, Result};
 use crate::index::ChunkIndex;
@@ -190,7 +190,7 @@ impl PackStore {
             index: RwLock::new(index),
             readers: RwLock::new(readers),
             open: Mutex::new(OpenPack::default()),
-            cache: FrameCache::new(FRAME_CACHE_BYTES),
+            cache: FrameCache::new(super::frame_cache_bytes()),
             report,
             frame_target,
             level,

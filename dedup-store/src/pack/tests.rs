@@ -136,6 +136,47 @@ fn a_read_decompresses_only_its_frame_and_the_cache_keeps_it() {
 }
 
 #[test]
+fn readers_of_one_frame_at_once_decode_it_once() {
+    let dir = scratch("onedecode");
+    let chunks: Vec<Vec<u8>> = (0..16).map(|i| chunk(i, 16 << 10, true)).collect();
+    let p = write_pack(&dir, 256 << 10, &chunks);
+    let r = PackReader::open(p.id, &p.path).unwrap();
+    assert_eq!(r.frames().len(), 1);
+    let cache = FrameCache::new(1 << 20);
+    let start = std::sync::Barrier::new(8);
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let (r, cache, start, chunks) = (&r, &cache, &start, &chunks);
+            s.spawn(move || {
+                start.wait();
+                let c = &chunks[t * 2];
+                assert_eq!(r.get(&ChunkId::of(c), Some(cache)).unwrap().unwrap(), *c);
+            });
+        }
+    });
+    assert_eq!(r.frames_decoded(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_chunk_checked_once_is_not_trusted_under_another_id() {
+    let dir = scratch("checked");
+    let chunks: Vec<Vec<u8>> = (0..4).map(|i| chunk(i, 16 << 10, true)).collect();
+    let p = write_pack(&dir, 256 << 10, &chunks);
+    let r = PackReader::open(p.id, &p.path).unwrap();
+    let cache = FrameCache::new(1 << 20);
+    let a = ChunkId::of(&chunks[0]);
+    let loc = r.locate(&a).unwrap();
+    // Checked once, then served from the cache without hashing.
+    assert_eq!(r.read_at(&a, loc, Some(&cache)).unwrap(), chunks[0]);
+    assert_eq!(r.read_at(&a, loc, Some(&cache)).unwrap(), chunks[0]);
+    // The same bytes asked for under another id (a damaged index would do that) still fail.
+    let b = ChunkId::of(&chunks[1]);
+    assert!(r.read_at(&b, loc, Some(&cache)).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn frame_cache_is_bounded_by_bytes() {
     let dir = scratch("cache");
     let chunks: Vec<Vec<u8>> = (0..64).map(|i| chunk(i, 16 << 10, true)).collect();
