@@ -17,6 +17,7 @@
 # Page cache warm (the streams were just written or read). Needs root (make-vm-memory.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+. "$here/lib/store.sh"
 root=$(cd "$here/.." && pwd)
 estimate=0
 keep=0
@@ -81,18 +82,7 @@ for s in "${streams[@]}"; do
   echo "   export $vm: ${wall} s, peak RSS $((rss >> 10)) MiB, $ok"
   rm -f "$out"
 done
-stored=$("$vmnest" --store "$store" du --output json | python3 -c '
-import json, sys
-queue = [json.load(sys.stdin)]
-while queue:
-    node = queue.pop(0)
-    if isinstance(node, dict):
-        if isinstance(node.get("stored_bytes"), int):
-            print(node["stored_bytes"]); sys.exit(0)
-        queue.extend(node.values())
-    elif isinstance(node, list):
-        queue.extend(node)
-sys.exit("no stored_bytes in vmnest du --output json")') || { stored=0; fail=1; }
+stored=$(stored_bytes "$vmnest" "$store") || { stored=0; fail=1; }
 dir=$(du -sb "$store" | cut -f1)
 echo "== stored: $stored bytes (store directory $dir bytes) for $raw bytes of streams"
 echo "   stored / raw = $(printf %.3f "$(echo "scale=4; $stored / $raw" | bc)") (target <= 0.35); directory / raw = $(printf %.3f "$(echo "scale=4; $dir / $raw" | bc)")"

@@ -17,7 +17,8 @@ export VMNEST_STORE=$work/store
 [ -f "$work/sparse.qcow2" ] || qemu-img create -q -f qcow2 "$work/sparse.qcow2" 1T
 "$vmnest" import "$work/sparse.qcow2" tera >/dev/null
 "$vmnest" import "$work/full.raw" full >/dev/null
-stored() { "$vmnest" du --output json | awk -F': ' '/"stored_bytes"/ {gsub(/,/,"",$2); print $2}'; }
+. bench/lib/store.sh
+stored() { stored_bytes "$vmnest" "$VMNEST_STORE"; }
 packs() { ls "$work/store/packs" | wc -l; }
 before_bytes=$(stored); before_packs=$(packs)
 per_clone() { # NAME: ms per clone over 50 clones made by one command, and one clone alone

@@ -123,21 +123,7 @@ tool_restore() { # TOOL REPO IMAGE OUT
     vmnest*) "$vmnest" --store "$2" export "$3" "$4" -O raw ;;
   esac
 }
-vmnest_stored() { # REPO: stored_bytes from `du --output json` (top level first, else the first found)
-  "$vmnest" --store "$1" du --output json | python3 -c '
-import json, sys
-doc = json.load(sys.stdin)
-queue = [doc]
-while queue:
-    node = queue.pop(0)
-    if isinstance(node, dict):
-        if isinstance(node.get("stored_bytes"), int):
-            print(node["stored_bytes"]); sys.exit(0)
-        queue.extend(node.values())
-    elif isinstance(node, list):
-        queue.extend(node)
-sys.exit("no stored_bytes in vmnest du --output json")'
-}
+. "$here/lib/store.sh"
 
 # timed STEPLOG CMD...: runs CMD under /usr/bin/time; sets $wall and $rss (KiB); fails with CMD
 timed() {
@@ -172,7 +158,7 @@ for t in "${tool_list[@]}"; do
   done
   stored[$t]=$(du -sb "$repo" | cut -f1)
   stored_own[$t]=""
-  if [ "${t%%@*}" = vmnest ]; then stored_own[$t]=$(vmnest_stored "$repo" 2>>"$runs/$t.log" || echo "?"); fi
+  if [ "${t%%@*}" = vmnest ]; then stored_own[$t]=$(stored_bytes "$vmnest" "$repo" 2>>"$runs/$t.log" || echo "?"); fi
   out=$runs/restore.raw
   for i in "${images[@]}"; do
     rm -f "$out"
