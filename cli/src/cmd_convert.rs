@@ -11,7 +11,7 @@ use image_format::raw::RawImage;
 use image_format::{BlockDevice, CreateOptions, ImageWriter};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::common::{OpenArgs, Output, open_image, print_json, shown};
+use crate::common::{JobArgs, OpenArgs, Output, open_image, print_json, shown};
 use crate::presets::{self, Target};
 
 #[derive(Debug, clap::Args)]
@@ -50,15 +50,8 @@ pub struct ConvertArgs {
     /// can lose it. It is still renamed into place only when complete.
     #[arg(long)]
     pub(crate) no_sync: bool,
-    /// Show a progress bar.
-    #[arg(short = 'p')]
-    pub(crate) progress: bool,
-    /// Worker threads (default: 4 per core, 4 to 16).
-    #[arg(long)]
-    pub(crate) threads: Option<usize>,
-    /// Summary format.
-    #[arg(long, value_enum, default_value_t)]
-    pub(crate) output: Output,
+    #[command(flatten)]
+    pub(crate) job: JobArgs,
     #[command(flatten)]
     pub(crate) open: OpenArgs,
     /// Source image.
@@ -167,7 +160,7 @@ pub fn run_convert(args: ConvertArgs) -> Result<u8> {
     let src = open_image(&args.src, args.source_format.as_deref(), &args.open)?;
     let size = src.size();
     let mut engine = ConvertOptions {
-        threads: args.threads,
+        threads: args.job.threads,
         ..Default::default()
     };
     let writer: Box<dyn ImageWriter> = if args.no_create {
@@ -209,7 +202,7 @@ pub fn run_convert(args: ConvertArgs) -> Result<u8> {
         }
         image_format::default_registry().create(&format, &args.dst, &options)?
     };
-    let bar = bar(args.progress, size);
+    let bar = bar(args.job.progress, size);
     let progress: &dyn Progress = match &bar {
         Some(b) => b,
         None => &(),
@@ -219,7 +212,7 @@ pub fn run_convert(args: ConvertArgs) -> Result<u8> {
     if let Some(bar) = bar {
         bar.0.finish_and_clear();
     }
-    report(&args.src, &args.dst, &format, &stats, args.output)?;
+    report(&args.src, &args.dst, &format, &stats, args.job.output)?;
     Ok(0)
 }
 

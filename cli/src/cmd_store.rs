@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::cmd_convert::{ConvertArgs, bar, run_convert};
 use crate::cmd_volume::{print_volume_lines, volume_rows};
-use crate::common::{OpenArgs, Output, human_size, open_image, print_json, shown};
+use crate::common::{JobArgs, OpenArgs, Output, human_size, open_image, print_json, shown};
 use crate::presets::Target;
 use crate::store_args::{open_store, store_dir};
 
@@ -63,15 +63,8 @@ pub struct ImportArgs {
     /// A label, `key=value` (repeatable).
     #[arg(long)]
     label: Vec<String>,
-    /// Show a progress bar.
-    #[arg(short = 'p')]
-    progress: bool,
-    /// Worker threads.
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Summary format.
-    #[arg(long, value_enum, default_value_t)]
-    output: Output,
+    #[command(flatten)]
+    job: JobArgs,
     #[command(flatten)]
     open: OpenArgs,
     /// The image to import (any format), then the name to store it under.
@@ -108,15 +101,8 @@ pub struct ExportArgs {
     /// Do not fsync the finished image.
     #[arg(long)]
     no_sync: bool,
-    /// Show a progress bar.
-    #[arg(short = 'p')]
-    progress: bool,
-    /// Worker threads.
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Summary format.
-    #[arg(long, value_enum, default_value_t)]
-    output: Output,
+    #[command(flatten)]
+    job: JobArgs,
     #[command(flatten)]
     open: OpenArgs,
     /// The snapshot: NAME, NAME@ID, NAME@~N.
@@ -265,10 +251,10 @@ fn import_disk(
     let size = image.size();
     let (writer, handle) = DiskImporter::new(store.chunks().clone(), size, chunk_size)?;
     let engine = ConvertOptions {
-        threads: args.threads,
+        threads: args.job.threads,
         ..Default::default()
     };
-    let bar = bar(args.progress, size);
+    let bar = bar(args.job.progress, size);
     let progress: &dyn Progress = match &bar {
         Some(b) => b,
         None => &(),
@@ -467,7 +453,7 @@ pub fn run_import(args: ImportArgs) -> Result<u8> {
     let stored: u64 = imported.iter().map(|i| i.stored_bytes).sum();
     let data: u64 = imported.iter().map(|i| i.data_bytes).sum();
     let secs = started.elapsed().as_secs_f64();
-    match args.output {
+    match args.job.output {
         Output::Json => print_json(&json!({
             "name": name,
             "snapshot": id.to_hex(),
@@ -551,7 +537,7 @@ pub fn export_from(args: ExportArgs, remote: Option<&str>) -> Result<u8> {
                 shown(&args.dst)
             )
         })?;
-        if args.output == Output::Json {
+        if args.job.output == Output::Json {
             print_json(&json!({"snapshot": snap.id.to_hex(), "member": member.name, "bytes": n}))?;
         }
         return Ok(0);
@@ -584,9 +570,7 @@ pub fn export_from(args: ExportArgs, remote: Option<&str>) -> Result<u8> {
         target_is_zero: false,
         force: args.force,
         no_sync: args.no_sync,
-        progress: args.progress,
-        threads: args.threads,
-        output: args.output,
+        job: args.job,
         open: args.open,
         src: PathBuf::from(src),
         dst: args.dst,

@@ -6,6 +6,20 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use image_format::{BlockDeviceMut, Image, OpenOptions};
 
+/// The options of every long job (convert, import, export, restore): progress, threads, summary.
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub struct JobArgs {
+    /// Show a progress bar.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Worker threads (default: 4 per core, 4 to 16).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Summary format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
 /// How results are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
