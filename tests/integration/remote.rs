@@ -6,11 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use vmnest_tests::s3::{Fault, FaultProxy, Moto};
+use vmnest_tests::s3::{Fault, FaultProxy, KEY, Moto, SECRET};
 use vmnest_tests::{pattern_bytes, poke, run, run_ok, same, scratch, vmnest, write_pattern_raw};
-
-const KEY: &str = "vmnest-test-key";
-const SECRET: &str = "vmnest-Secret-7Qz9xK2pL";
 
 /// `vmnest --store STORE` with the S3 settings of `endpoint` (when given) in its environment only.
 pub(crate) fn st(store: &Path, endpoint: Option<&str>) -> Command {

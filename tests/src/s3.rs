@@ -1,5 +1,7 @@
-//! S3 test peers: moto's S3 server on a free loopback port (killed on drop), plain HTTP requests
-//! to it (moto checks no signatures), and a fault-injecting HTTP proxy in front of it.
+//! S3 test peers: moto's S3 server on a free loopback port (killed on drop), or, when
+//! `VMNEST_S3_ENDPOINT` names one (scripts/test-ceph.sh sets it to a Ceph RADOS Gateway), an
+//! S3 server that is already running; helpers that create, list and damage objects through it;
+//! and a fault-injecting HTTP proxy in front of either.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -24,18 +26,46 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// A running moto S3 server.
+/// The access key the tests use. An external server (`VMNEST_S3_ENDPOINT`) must have a user
+/// with these keys (scripts/test-ceph.sh creates it); moto accepts any.
+pub const KEY: &str = "vmnest-test-key";
+/// The secret key that goes with [`KEY`]; tests check that it never appears in any output.
+pub const SECRET: &str = "vmnest-Secret-7Qz9xK2pL";
+
+/// The S3 server of a test: moto started for it, or the external server of
+/// `VMNEST_S3_ENDPOINT` (`http://127.0.0.1:PORT`), shared by every test of the run.
 #[derive(Debug)]
 pub struct Moto {
-    _child: crate::KilledOnDrop,
+    _child: Option<crate::KilledOnDrop>,
     /// Its port on 127.0.0.1.
     pub port: u16,
 }
 
+/// The port of the external S3 server named by `VMNEST_S3_ENDPOINT`, if any.
+fn external_port() -> Option<u16> {
+    let url = std::env::var("VMNEST_S3_ENDPOINT").ok()?;
+    let port = url
+        .strip_prefix("http://127.0.0.1:")
+        .and_then(|p| p.trim_end_matches('/').parse().ok());
+    Some(
+        port.unwrap_or_else(|| {
+            panic!("VMNEST_S3_ENDPOINT must be http://127.0.0.1:PORT, not {url}")
+        }),
+    )
+}
+
 impl Moto {
     /// Starts moto (scripts/s3-test-server.sh) on a free port and waits until it answers; fails
-    /// the test when moto is not installed.
+    /// the test when moto is not installed. With `VMNEST_S3_ENDPOINT` set, uses that server
+    /// instead (boto3 from moto's environment still does the helpers' requests).
     pub fn start() -> Moto {
+        if let Some(port) = external_port() {
+            assert!(
+                http(port, "GET", "/", &[]).is_ok(),
+                "the S3 server of VMNEST_S3_ENDPOINT does not answer on port {port}"
+            );
+            return Moto { _child: None, port };
+        }
         assert!(
             moto_dir().join("bin/moto_server").is_file(),
             "moto's S3 server is missing: run scripts/install-test-deps.sh"
@@ -50,7 +80,7 @@ impl Moto {
             .spawn()
             .expect("start moto");
         let moto = Moto {
-            _child: crate::KilledOnDrop(child),
+            _child: Some(crate::KilledOnDrop(child)),
             port,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -61,8 +91,25 @@ impl Moto {
         moto
     }
 
-    /// Creates bucket `name`.
+    /// Whether this is an external server shared by the whole run.
+    pub fn is_external(&self) -> bool {
+        self._child.is_none()
+    }
+
+    /// Creates bucket `name` (on an external server: empty, whatever an earlier run left in it).
     pub fn bucket(&self, name: &str) {
+        if self.is_external() {
+            self.boto(
+                "b = sys.argv[1]\n\
+                 try:\n    s3.create_bucket(Bucket=b)\n\
+                 except (s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):\n    pass\n\
+                 for page in s3.get_paginator('list_objects_v2').paginate(Bucket=b):\n\
+                 \x20   for o in page.get('Contents', []):\n\
+                 \x20       s3.delete_object(Bucket=b, Key=o['Key'])",
+                &[name],
+            );
+            return;
+        }
         let (status, body) =
             http(self.port, "PUT", &format!("/{name}"), &[]).expect("create bucket");
         assert_eq!(
@@ -78,8 +125,18 @@ impl Moto {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Keys under `prefix` in `bucket` (one listing page: up to 1000).
+    /// Keys under `prefix` in `bucket` (moto: one listing page, up to 1000).
     pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        if self.is_external() {
+            let out = self.boto(
+                "for page in s3.get_paginator('list_objects_v2').paginate(\n\
+                 \x20   Bucket=sys.argv[1], Prefix=sys.argv[2]):\n\
+                 \x20   for o in page.get('Contents', []):\n\
+                 \x20       print(o['Key'])",
+                &[bucket, prefix],
+            );
+            return out.lines().map(str::to_string).collect();
+        }
         let (status, body) = http(
             self.port,
             "GET",
@@ -103,8 +160,8 @@ impl Moto {
             .arg("-c")
             .arg(format!(
                 "import sys, boto3\n\
-                 s3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='k', \
-                 aws_secret_access_key='s', region_name='us-east-1')\n{script}",
+                 s3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='{KEY}', \
+                 aws_secret_access_key='{SECRET}', region_name='us-east-1')\n{script}",
                 self.endpoint()
             ))
             .args(args)
