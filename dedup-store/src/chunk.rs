@@ -77,6 +77,41 @@ pub trait ChunkStore: Send + Sync {
     fn contains(&self, id: &ChunkId) -> Result<bool>;
     /// Makes every chunk put so far durable.
     fn flush(&self) -> Result<()>;
+    /// Copies bytes `from..from + dst.len()` of chunk `id`, which must be `len` bytes long, into
+    /// `dst`: a read of part of a chunk without a copy of the whole (the pack store copies
+    /// straight out of its cached frame).
+    fn read_into(&self, id: &ChunkId, len: usize, from: usize, dst: &mut [u8]) -> Result<()> {
+        copy_part(id, &self.get(id)?, len, from, dst)
+    }
+}
+
+/// Copies `from..from + dst.len()` of chunk `id`'s bytes `data` into `dst`, after checking that
+/// the chunk has the `len` bytes its map says.
+pub(crate) fn copy_part(
+    id: &ChunkId,
+    data: &[u8],
+    len: usize,
+    from: usize,
+    dst: &mut [u8],
+) -> Result<()> {
+    if data.len() != len {
+        return Err(crate::Error::corrupt(
+            format!("chunk {id}"),
+            0,
+            format!("{} bytes where the map needs {len}", data.len()),
+        ));
+    }
+    let part = from
+        .checked_add(dst.len())
+        .and_then(|end| data.get(from..end))
+        .ok_or_else(|| {
+            crate::Error::InvalidArgument(format!(
+                "bytes {from}..+{} of chunk {id} ({len} bytes)",
+                dst.len()
+            ))
+        })?;
+    dst.copy_from_slice(part);
+    Ok(())
 }
 
 /// A chunk store in memory, for tests and for staging.
@@ -94,6 +129,9 @@ impl<T: ChunkStore + ?Sized> ChunkStore for &T {
     fn flush(&self) -> Result<()> {
         (**self).flush()
     }
+    fn read_into(&self, id: &ChunkId, len: usize, from: usize, dst: &mut [u8]) -> Result<()> {
+        (**self).read_into(id, len, from, dst)
+    }
 }
 
 /// A shared store is a store (long-lived readers such as a stored disk own one).
@@ -109,6 +147,9 @@ impl<T: ChunkStore + ?Sized> ChunkStore for std::sync::Arc<T> {
     }
     fn flush(&self) -> Result<()> {
         (**self).flush()
+    }
+    fn read_into(&self, id: &ChunkId, len: usize, from: usize, dst: &mut [u8]) -> Result<()> {
+        (**self).read_into(id, len, from, dst)
     }
 }
 

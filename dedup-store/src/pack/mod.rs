@@ -1055,6 +1055,18 @@ impl PackReader {
         loc: ChunkLoc,
         cache: Option<&FrameCache>,
     ) -> Result<Vec<u8>> {
+        self.with_chunk(id, loc, cache, <[u8]>::to_vec)
+    }
+
+    /// Calls `f` with the bytes of chunk `id` at `loc` inside its decoded frame, after verifying
+    /// their BLAKE3 against `id` (once per cached frame): no copy of the chunk is made.
+    pub fn with_chunk<R>(
+        &self,
+        id: &ChunkId,
+        loc: ChunkLoc,
+        cache: Option<&FrameCache>,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R> {
         let plain = self
             .frame(loc.frame, cache)
             .map_err(|e| name_chunk(e, id))?;
@@ -1072,7 +1084,7 @@ impl PackReader {
         let key = (self.id, loc.frame);
         let chunk = (loc.offset, loc.len, *id);
         if cache.is_some_and(|c| c.is_checked(key, &plain, chunk)) {
-            return Ok(data.to_vec());
+            return Ok(f(data));
         }
         if ChunkId::of(data) != *id {
             let at = self.frames.get(loc.frame as usize).map_or(0, |f| f.offset);
@@ -1085,7 +1097,7 @@ impl PackReader {
         if let Some(c) = cache {
             c.mark_checked(key, &plain, chunk);
         }
-        Ok(data.to_vec())
+        Ok(f(data))
     }
 
     /// Reads chunk `id`, or `Ok(None)` when this pack lacks it.

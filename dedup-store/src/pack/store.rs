@@ -504,6 +504,24 @@ impl ChunkStore for PackStore {
         }
     }
 
+    fn read_into(&self, id: &ChunkId, len: usize, from: usize, dst: &mut [u8]) -> Result<()> {
+        if let Some(data) = self.open.lock().map_err(|_| poisoned())?.pending.get(id) {
+            return crate::chunk::copy_part(id, data, len, from, dst);
+        }
+        let found = match self.durable(id)? {
+            Some(found) => found,
+            None => {
+                // Another process may have stored it since this store was opened.
+                self.refresh()?;
+                self.durable(id)?.ok_or(Error::MissingChunk(*id))?
+            }
+        };
+        let (reader, loc) = found;
+        reader.with_chunk(id, loc, Some(&self.cache), |data| {
+            crate::chunk::copy_part(id, data, len, from, dst)
+        })?
+    }
+
     fn contains(&self, id: &ChunkId) -> Result<bool> {
         if self
             .open

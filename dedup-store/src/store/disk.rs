@@ -55,6 +55,15 @@ impl ChunkStore for DiskChunks {
     fn flush(&self) -> crate::Result<()> {
         self.inner().flush()
     }
+    fn read_into(
+        &self,
+        id: &ChunkId,
+        len: usize,
+        from: usize,
+        dst: &mut [u8],
+    ) -> crate::Result<()> {
+        self.inner().read_into(id, len, from, dst)
+    }
 }
 
 /// A disk member of a stored snapshot, readable.
@@ -210,21 +219,16 @@ impl BlockDevice for StoredDisk {
             match id {
                 None => dst.fill(0),
                 Some(id) => {
-                    let data = self.map.store().get(&id).map_err(|e| self.err(e))?;
                     let chunk_start = chunks.start * self.chunk_size;
                     let from = (run_start - chunk_start) as usize;
                     let want = chunk_start
                         .saturating_add(self.chunk_size)
                         .min(self.size)
                         .saturating_sub(chunk_start) as usize;
-                    if data.len() != want {
-                        return Err(self.err(crate::Error::corrupt(
-                            format!("chunk {id}"),
-                            0,
-                            format!("{} bytes where the map needs {want}", data.len()),
-                        )));
-                    }
-                    dst.copy_from_slice(&data[from..from + dst.len()]);
+                    self.map
+                        .store()
+                        .read_into(&id, want, from, dst)
+                        .map_err(|e| self.err(e))?;
                 }
             }
         }
