@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use dedup_store::remote::{
-    PushOptions, Remote, add_remote, list_remotes, pull, push, remove_remote, verify_remote,
+    PullProgress, PushOptions, Remote, add_remote, list_remotes, pull_with, push, remove_remote,
+    verify_remote,
 };
 use dedup_store::store::Access;
 use serde_json::json;
@@ -69,6 +70,9 @@ pub struct PullArgs {
     remote: String,
     /// What to pull: NAME (moves the local name), NAME@ID or @ID.
     spec: String,
+    /// Show a progress bar (on by default on a terminal).
+    #[arg(long)]
+    progress: bool,
     /// Summary format.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
@@ -134,17 +138,7 @@ pub fn run_push(args: PushArgs) -> Result<u8> {
             .with_context(|| format!("--bwlimit {text:?}: expected bytes a second (20M, 512K)"))?;
         remote.set_bwlimit(Some(rate));
     }
-    let show = args.output == Output::Human && (args.progress || std::io::stderr().is_terminal());
-    let bar = show.then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    });
+    let bar = byte_bar(args.output, args.progress);
     let opts = PushOptions {
         concurrency: args.jobs.max(1),
         progress: bar.clone().map(|b| {
@@ -186,11 +180,42 @@ pub fn run_push(args: PushArgs) -> Result<u8> {
     Ok(0)
 }
 
+/// A progress bar of bytes on stderr, when asked for or when stderr is a terminal (never with
+/// `--output json`).
+fn byte_bar(output: Output, asked: bool) -> Option<indicatif::ProgressBar> {
+    let show = output == Output::Human && (asked || std::io::stderr().is_terminal());
+    show.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    })
+}
+
 pub fn run_pull(args: PullArgs) -> Result<u8> {
     let store = open_store(Access::Write)?;
     let remote = open_remote(&args.remote)?;
-    let r = pull(&store, &remote, &args.spec)
-        .with_context(|| format!("pull {} from {}", args.spec, args.remote))?;
+    let bar = byte_bar(args.output, args.progress);
+    let progress = bar.clone().map(|b| {
+        move |done: u64, total: u64| {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    });
+    let r = pull_with(
+        &store,
+        &remote,
+        &args.spec,
+        progress.as_ref().map(|p| p as &PullProgress),
+    )
+    .with_context(|| format!("pull {} from {}", args.spec, args.remote))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     match args.output {
         Output::Json => print_json(&r)?,
         Output::Human => println!(

@@ -33,7 +33,7 @@ mod verify;
 
 pub use chunks::{READ_AHEAD, REMOTE_FRAME_CACHE, ReadStats, RemoteChunks, RemoteReadOptions};
 pub use disk_cache::DiskFrameCache;
-pub use pull::{PullReport, pull};
+pub use pull::{PullProgress, PullReport, pull, pull_with};
 pub use push::{PushOptions, PushReport, push};
 pub use verify::{RemoteVerifyReport, verify_remote};
 

@@ -66,8 +66,22 @@ impl ChunkStore for Layered<'_> {
     }
 }
 
+/// Called with (chunk bytes fetched so far, chunk bytes to fetch as known so far: each
+/// snapshot of the lineage adds its share when its turn comes), from the fetching threads.
+pub type PullProgress<'a> = dyn Fn(u64, u64) + Send + Sync + 'a;
+
 /// Pulls `spec` (`NAME`, `NAME@HEX`, `@HEX`) from `remote` into `store`.
 pub fn pull(store: &Store, remote: &Arc<Remote>, spec: &str) -> Result<PullReport> {
+    pull_with(store, remote, spec, None)
+}
+
+/// [`pull`], reporting its progress to `progress`.
+pub fn pull_with(
+    store: &Store,
+    remote: &Arc<Remote>,
+    spec: &str,
+    progress: Option<&PullProgress<'_>>,
+) -> Result<PullReport> {
     let started = Instant::now();
     let down0 = remote
         .traffic()
@@ -100,6 +114,8 @@ pub fn pull(store: &Store, remote: &Arc<Remote>, spec: &str) -> Result<PullRepor
     let rc = RemoteChunks::new(remote.clone(), REMOTE_FRAME_CACHE);
     let local = store.chunks().as_ref();
     let layered = Layered { local, remote: &rc };
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let mut total = 0u64;
     for (sid, bytes, m) in chain {
         let base = match m.parent {
             Some(p) if store.has_manifest(&p) => Some(store.manifest(&p)?),
@@ -129,6 +145,17 @@ pub fn pull(store: &Store, remote: &Arc<Remote>, spec: &str) -> Result<PullRepor
         // One pack per fetcher at a time, in pack order: each range GET (with its read-ahead)
         // then serves the chunks after it, and no two fetchers read the same frames.
         want.sort_by_key(|id| remote.locate(id).map(|(p, l, _)| (p, l.frame, l.offset)));
+        total += want
+            .iter()
+            .filter_map(|id| remote.locate(id).map(|(_, l, _)| u64::from(l.len)))
+            .sum::<u64>();
+        let tick = |n: u64| {
+            let now = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+            if let Some(p) = progress {
+                p(now, total);
+            }
+        };
+        tick(0);
         let mut groups: Vec<&[ChunkId]> = Vec::new();
         let mut start = 0;
         for i in 1..=want.len() {
@@ -142,7 +169,7 @@ pub fn pull(store: &Store, remote: &Arc<Remote>, spec: &str) -> Result<PullRepor
         let fetched: Vec<Result<u64>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..FETCHERS.min(groups.len()))
                 .map(|_| {
-                    let (rc, groups, next) = (&rc, &groups, &next);
+                    let (rc, groups, next, tick) = (&rc, &groups, &next, &tick);
                     s.spawn(move || -> Result<u64> {
                         let mut bytes = 0;
                         while let Some(group) =
@@ -152,6 +179,7 @@ pub fn pull(store: &Store, remote: &Arc<Remote>, spec: &str) -> Result<PullRepor
                                 let data = rc.get(id)?;
                                 bytes += data.len() as u64;
                                 local.put(*id, &data)?;
+                                tick(data.len() as u64);
                             }
                         }
                         Ok(bytes)

@@ -88,8 +88,18 @@ fn push_sends_only_what_changed_and_pull_reads_back_the_same() {
 
     let dst = Arc::new(Store::create(&dir.join("dst"), Default::default()).unwrap());
     let remote2 = remote_at(&dst, &dir.join("remote"));
-    let r = pull(&dst, &remote2, "disk").unwrap();
+    let seen = std::sync::Mutex::new(Vec::new());
+    let record = |done: u64, total: u64| seen.lock().unwrap().push((done, total));
+    let r = crate::remote::pull_with(&dst, &remote2, "disk", Some(&record)).unwrap();
     assert_eq!(r.snapshots_pulled.len(), 2, "{r:?}");
+    // Progress: never past its total, and at the end all that was fetched, out of all of it.
+    let seen = seen.into_inner().unwrap();
+    assert!(seen.len() as u64 > r.chunks_fetched, "{} calls", seen.len());
+    assert!(seen.iter().all(|(d, t)| d <= t), "{seen:?}");
+    assert_eq!(
+        seen.last(),
+        Some(&(r.chunk_bytes_fetched, r.chunk_bytes_fetched))
+    );
     assert_eq!(r.ref_updated.as_deref(), Some("disk"));
     assert_eq!(read_all(&dst, "disk"), v1);
     assert!(crate::store::verify::verify(&dst).unwrap().is_clean());
