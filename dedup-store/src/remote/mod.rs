@@ -298,6 +298,42 @@ pub struct Remote {
     index: RwLock<RemoteIndex>,
     limit: Option<Arc<RateLimit>>,
     traffic: Traffic,
+    /// A directory remote's root: objects are written by [`write_dir_object`] (fsynced), reads
+    /// and listings go through `os`.
+    dir: Option<PathBuf>,
+}
+
+/// Writes object `rel` of the directory remote at `root` so that a crash or a power cut leaves
+/// it whole or absent (`object_store`'s local backend renames without fsync): missing parent
+/// directories are created and their parents fsynced, then the object goes through a temporary
+/// file, fsync, rename (or, `create_only`, a link that never replaces an existing object) and a
+/// fsync of its directory. Returns false when `create_only` found the object there.
+fn write_dir_object(root: &Path, rel: &str, bytes: &[u8], create_only: bool) -> Result<bool> {
+    let bad = || Error::InvalidArgument(format!("object name {rel:?} for directory remote"));
+    let rel_path = Path::new(rel);
+    if rel.is_empty()
+        || !rel_path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(bad());
+    }
+    let path = root.join(rel_path);
+    let dir = path.parent().ok_or_else(bad)?;
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir).map_err(crate::pack::io_err(dir, "create directory"))?;
+        let mut d = dir;
+        while d != root {
+            let Some(up) = d.parent() else { break };
+            crate::pack::sync_dir(up)?;
+            d = up;
+        }
+    }
+    if create_only {
+        crate::store::write_new_atomic(dir, &path, bytes)
+    } else {
+        write_atomic(dir, &path, bytes).map(|()| true)
+    }
 }
 
 fn timeout_from_env() -> Duration {
@@ -326,6 +362,7 @@ impl Remote {
             reason: why,
         };
         let timeout = timeout_from_env();
+        let mut dir_root = None;
         let (os, prefix): (Arc<dyn ObjectStore>, String) = match target {
             Target::S3 { bucket, prefix } => {
                 let endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
@@ -365,6 +402,7 @@ impl Remote {
                     .map_err(crate::pack::io_err(&dir, "create remote directory"))?;
                 let fs =
                     LocalFileSystem::new_with_prefix(&dir).map_err(|e| label(e.to_string()))?;
+                dir_root = Some(dir);
                 (Arc::new(fs), String::new())
             }
         };
@@ -384,6 +422,7 @@ impl Remote {
             index: RwLock::new(RemoteIndex::default()),
             limit: None,
             traffic: Traffic::default(),
+            dir: dir_root,
         })
     }
 
@@ -541,12 +580,27 @@ impl Remote {
         if let Some(l) = &self.limit {
             l.take(bytes.len() as u64).await;
         }
-        let key = self.key(rel);
         let len = bytes.len() as u64;
-        self.retry(rel, || self.os.put(&key, PutPayload::from(bytes.clone())))
-            .await?;
+        if self.dir.is_some() {
+            self.write_file(rel, bytes, false).await?;
+        } else {
+            let key = self.key(rel);
+            self.retry(rel, || self.os.put(&key, PutPayload::from(bytes.clone())))
+                .await?;
+        }
         self.count_up(len);
         Ok(())
+    }
+
+    /// Writes object `rel` of a directory remote ([`write_dir_object`]) on the blocking pool.
+    async fn write_file(&self, rel: &str, bytes: Bytes, create_only: bool) -> Result<bool> {
+        let Some(root) = self.dir.clone() else {
+            return Err(self.err(rel, "not a directory remote"));
+        };
+        let name = format!("{}{rel}", self.prefix);
+        tokio::task::spawn_blocking(move || write_dir_object(&root, &name, &bytes, create_only))
+            .await
+            .map_err(|e| self.err(rel, e))?
     }
 
     fn count_up(&self, len: u64) {
@@ -557,8 +611,15 @@ impl Remote {
     /// Writes object `rel` only if it does not exist (If-None-Match: *). Returns false when it
     /// existed already.
     pub(crate) async fn put_new(&self, rel: &str, bytes: Bytes) -> Result<bool> {
-        let key = self.key(rel);
         let len = bytes.len() as u64;
+        if self.dir.is_some() {
+            let r = self.write_file(rel, bytes, true).await?;
+            if r {
+                self.count_up(len);
+            }
+            return Ok(r);
+        }
+        let key = self.key(rel);
         let opts = || PutOptions {
             mode: PutMode::Create,
             ..Default::default()
@@ -585,7 +646,7 @@ impl Remote {
 
     /// Writes a large object in parts of `part` bytes (multipart upload), paced by the limit.
     pub(crate) async fn put_large(&self, rel: &str, bytes: Bytes, part: usize) -> Result<()> {
-        if bytes.len() <= part * 2 {
+        if bytes.len() <= part * 2 || self.dir.is_some() {
             return self.put(rel, bytes).await;
         }
         let key = self.key(rel);

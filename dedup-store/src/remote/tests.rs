@@ -334,3 +334,53 @@ fn lazy_reads_fetch_ahead_once_and_reuse_the_disk_cache() {
     assert_eq!(s.fetches.load(Relaxed), 1, "{s:?}");
     assert_eq!(s.disk_hits.load(Relaxed), files - 1, "{s:?}");
 }
+
+#[test]
+fn directory_remote_objects_are_whole_or_absent_after_a_fault_at_any_operation() {
+    let root = tmp("remote-dir-writes");
+    std::fs::create_dir_all(&root).unwrap();
+    let bytes = xorshift_bytes(3, 100_000);
+    for create_only in [false, true] {
+        let rel = format!("packs/{create_only}/obj");
+        let path = root.join(&rel);
+        let mut clean_run = false;
+        for fail_at in 1.. {
+            let _ = std::fs::remove_dir_all(root.join("packs"));
+            crate::fault::plan::arm(Some(fail_at));
+            let r = write_dir_object(&root, &rel, &bytes, create_only);
+            let plan = crate::fault::plan::disarm();
+            if path.exists() {
+                // Linked or renamed into place only once its bytes were synced.
+                assert!(plan.unsynced.is_empty(), "{fail_at}: {:?}", plan.unsynced);
+                assert_eq!(std::fs::read(&path).unwrap(), bytes, "fault at {fail_at}");
+            }
+            let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            assert!(
+                leftovers.iter().all(|n| n == "obj"),
+                "fault at {fail_at} left {leftovers:?}"
+            );
+            if r.is_ok() {
+                assert!(path.exists());
+                clean_run = true;
+                break;
+            }
+        }
+        assert!(clean_run);
+        // An existing object is never replaced by a create-only write.
+        if create_only {
+            let other = xorshift_bytes(4, 10);
+            assert!(!write_dir_object(&root, &rel, &other, true).unwrap());
+            assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        } else {
+            let other = xorshift_bytes(4, 10);
+            assert!(write_dir_object(&root, &rel, &other, false).unwrap());
+            assert_eq!(std::fs::read(&path).unwrap(), other);
+        }
+    }
+    for bad in ["", "../x", "/abs", "a/../../b"] {
+        assert!(write_dir_object(&root, bad, b"x", false).is_err(), "{bad}");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -169,6 +169,33 @@ pub(crate) fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> 
     sync_dir(dir)
 }
 
+/// Creates `path` (in directory `dir`) holding `bytes` unless it exists: a temporary file in
+/// `dir`, fsynced, hard-linked to `path` (which fails when `path` exists, so an existing file is
+/// never replaced), then `dir` fsynced. Returns false when `path` existed.
+pub(crate) fn write_new_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<bool> {
+    let tmp = temp_path(dir, "obj");
+    let mut f = create_locked_temp(&tmp, "create")?;
+    let done = crate::fault::check("write", &tmp)
+        .and_then(|()| f.write_all(bytes))
+        .and_then(|()| crate::fault::check("sync", &tmp))
+        .and_then(|()| f.sync_all())
+        .map_err(io_err(&tmp, "write"))
+        .and_then(|()| {
+            match crate::fault::check("link", &tmp).and_then(|()| std::fs::hard_link(&tmp, path)) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(io_err(path, "link")(e)),
+            }
+        });
+    drop(f);
+    let _ = std::fs::remove_file(&tmp);
+    if done? {
+        sync_dir(dir)?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 /// Reads at most `cap` bytes of `path`; a longer file is an error naming it.
 pub(crate) fn read_capped(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>> {
     use std::io::Read;
