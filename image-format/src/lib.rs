@@ -23,6 +23,8 @@ pub mod parallels;
 pub mod qcow2;
 pub mod raw;
 pub mod registry;
+#[doc(hidden)]
+pub mod scratch;
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;

@@ -352,8 +352,7 @@ mod tests {
     use super::*;
 
     fn scratch_dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("vmnest-registry-{}-{name}", std::process::id()));
+        let dir = crate::scratch::path("registry", name);
         std::fs::create_dir_all(dir.join("sub")).unwrap();
         dir
     }

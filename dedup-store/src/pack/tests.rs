@@ -2,13 +2,7 @@ use super::*;
 use crate::chunk::ChunkStore;
 
 pub(crate) fn scratch(name: &str) -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "vmnest-pack-test-{}-{name}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = image_format::scratch::path("pack", name);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

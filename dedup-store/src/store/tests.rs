@@ -12,9 +12,7 @@ use super::*;
 use crate::chunker::cdc::xorshift_bytes;
 
 pub(crate) fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmnest-store-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    image_format::scratch::path("store", name)
 }
 
 /// Imports `data` as the engine would: windows of 1 MiB, data windows only, ascending commits.

@@ -660,8 +660,10 @@ mod tests {
     const G: usize = 4096; // grain bytes in these fixtures (8 sectors)
 
     fn temp(name: &str, bytes: &[u8]) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("vmnest-vmdk-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        // One directory for the whole process: descriptors name extents beside them.
+        static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        let dir = DIR.get_or_init(|| crate::scratch::path("vmdk", "unit"));
+        std::fs::create_dir_all(dir).unwrap();
         let path = dir.join(name);
         std::fs::write(&path, bytes).unwrap();
         path

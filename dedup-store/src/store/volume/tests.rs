@@ -13,9 +13,7 @@ use crate::store::verify::verify;
 const CHUNK: u32 = 16384;
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmnest-volume-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    image_format::scratch::path("volume", name)
 }
 
 fn read_dev(dev: &dyn BlockDevice) -> Vec<u8> {
