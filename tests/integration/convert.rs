@@ -108,12 +108,20 @@ fn disk_full_is_reported_with_the_file_and_leaves_nothing() {
             .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
             .arg(&mnt),
     );
+    /// Unmounts the tmpfs however the test ends (a panic would otherwise leave it mounted).
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let mounted = Unmount(&mnt);
     let out = run(vmnest()
         .args(["convert", "-O", "raw"])
         .arg(&src)
         .arg(mnt.join("out.raw")));
     let left = std::fs::read_dir(&mnt).unwrap().count();
-    run_ok(std::process::Command::new("umount").arg(&mnt));
+    drop(mounted);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
