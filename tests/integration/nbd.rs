@@ -869,6 +869,240 @@ fn tls_exports_serve_clients_that_upgrade_and_refuse_the_others() {
     assert!(closed_by_server(&mut client));
 }
 
+/// A key file in qemu's `keys.psk` format in a folder of its own (what `tls-creds-psk,dir=`
+/// names): identities `qemu` and `alice`, keys made from `seed`. Returns the folder, the file,
+/// and the hex of qemu's key.
+fn psk_creds(dir: &Path, name: &str, seed: u8) -> (PathBuf, PathBuf, String) {
+    let folder = dir.join(name);
+    std::fs::create_dir_all(&folder).unwrap();
+    let hex = |salt: u8| -> String {
+        (0..32u8)
+            .map(|i| format!("{:02x}", i.wrapping_mul(37) ^ seed ^ salt))
+            .collect()
+    };
+    let qemu_key = hex(0);
+    let file = folder.join("keys.psk");
+    std::fs::write(&file, format!("qemu:{qemu_key}\nalice:{}\n", hex(0x5a))).unwrap();
+    (folder, file, qemu_key)
+}
+
+/// qemu-img's image options for export `export` at 127.0.0.1:`port` over TLS object `tls0`.
+fn nbd_tls_opts(port: &str, export: &str) -> String {
+    format!("driver=nbd,host=127.0.0.1,port={port},export={export},tls-creds=tls0")
+}
+
+#[test]
+fn psk_exports_serve_qemu_and_libnbd_and_refuse_wrong_keys_and_plain_clients() {
+    let dir = scratch("nbd-psk");
+    let (raw, qcow2, _) = pattern_images(&dir);
+    let (creds, keys, qemu_key) = psk_creds(&dir, "creds", 0);
+    let (wrong_creds, wrong_keys, _) = psk_creds(&dir, "wrong", 0x80);
+    let served = Served::start(&dir, &["--tls-psk", s(&keys), s(&qcow2)], 1);
+    let url = &served.urls[0];
+    assert!(url.starts_with("nbds://127.0.0.1:"), "{url}");
+    let addr = served.addr();
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let psk_object =
+        |folder: &Path| format!("tls-creds-psk,id=tls0,endpoint=client,dir={}", s(folder));
+    let opts = nbd_tls_opts(&port, "pattern.qcow2");
+
+    // qemu: info and compare through tls-creds-psk (identity "qemu", qemu's default).
+    let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
+        "info",
+        "--output=json",
+        "--object",
+        &psk_object(&creds),
+        "--image-opts",
+        &opts,
+    ]))
+    .unwrap();
+    let size = std::fs::metadata(&raw).unwrap().len();
+    assert_eq!(info["virtual-size"].as_u64(), Some(size), "{info}");
+    let raw_opts = format!("driver=raw,file.driver=file,file.filename={}", s(&raw));
+    qemu_img(&[
+        "compare",
+        "--object",
+        &psk_object(&creds),
+        "--image-opts",
+        &raw_opts,
+        &opts,
+    ]);
+
+    let psk_url = |user: &str, file: &Path| {
+        format!(
+            "nbds://{user}@{addr}/pattern.qcow2?tls-psk-file={}",
+            s(file)
+        )
+    };
+    // libnbd: the identity is the URI's user name. nbdcopy copies into a pipe that is not read
+    // until the bad clients below are done, so its connection stays open (and blocked) meanwhile.
+    let info = run_ok(Command::new(require("nbdinfo")).arg(psk_url("qemu", &keys)));
+    assert!(info.contains("with TLS"), "{info}");
+    let mut copying = Command::new(require("nbdcopy"))
+        .arg(psk_url("alice", &keys))
+        .arg("-")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut copied = Vec::new();
+    let mut pipe = copying.stdout.take().unwrap();
+    let mut first = vec![0u8; 4096];
+    pipe.read_exact(&mut first).unwrap();
+    copied.extend_from_slice(&first);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        copying.try_wait().unwrap().is_none(),
+        "nbdcopy did not wait for the pipe"
+    );
+
+    // A wrong key, an unknown identity, no TLS at all: each refused.
+    let wrong = run(Command::new(require("qemu-img")).args([
+        "info",
+        "--object",
+        &psk_object(&wrong_creds),
+        "--image-opts",
+        &opts,
+    ]));
+    assert!(!wrong.status.success());
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(stderr.contains("TLS handshake failed"), "{stderr}");
+    let wrong = run(Command::new(require("nbdinfo")).arg(psk_url("qemu", &wrong_keys)));
+    assert!(!wrong.status.success());
+    // (libnbd does not send an identity missing from its own file: qemu does.)
+    let mallory = dir.join("mallory");
+    std::fs::create_dir_all(&mallory).unwrap();
+    std::fs::write(mallory.join("keys.psk"), format!("mallory:{qemu_key}\n")).unwrap();
+    let unknown = run(Command::new(require("qemu-img")).args([
+        "info",
+        "--object",
+        &format!("{},username=mallory", psk_object(&mallory)),
+        "--image-opts",
+        &opts,
+    ]));
+    assert!(!unknown.status.success());
+    let plain = run(Command::new(require("nbdinfo")).arg(format!("nbd://{addr}/pattern.qcow2")));
+    assert!(!plain.status.success());
+    let mut client = connect(&addr);
+    greet(&mut client);
+    send_option(&mut client, OPT_GO, &[0, 0, 0, 0, 0, 0]);
+    let (_, kind, _) = option_reply(&mut client);
+    assert_eq!(kind, (1 << 31) + 5, "NBD_REP_ERR_TLS_REQD");
+    send_option(&mut client, 1, b"pattern.qcow2");
+    assert!(closed_by_server(&mut client));
+
+    // The good client was not disturbed, and new ones still connect.
+    pipe.read_to_end(&mut copied).unwrap();
+    let done = copying.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(
+        copied == std::fs::read(&raw).unwrap(),
+        "nbdcopy's bytes differ"
+    );
+    qemu_img(&[
+        "compare",
+        "--object",
+        &psk_object(&creds),
+        "--image-opts",
+        &raw_opts,
+        &opts,
+    ]);
+
+    // The log names the refused identity and the connection, never a key.
+    let log = served.log();
+    assert!(
+        log.lines().any(|l| l.starts_with("vmnest nbd: connection ")
+            && l.contains("unknown PSK identity \"mallory\"")),
+        "{log}"
+    );
+    assert!(
+        log.contains("PSK identity \"qemu\": the client's key differs"),
+        "{log}"
+    );
+    let wrong_key = std::fs::read_to_string(&wrong_keys).unwrap();
+    for key in wrong_key.lines().chain([qemu_key.as_str()]) {
+        let hex = key.rsplit(':').next().unwrap();
+        assert!(!log.contains(&hex[..16]), "{log}");
+    }
+}
+
+#[test]
+fn psk_users_restrict_the_identities_and_bad_key_files_are_refused_by_line() {
+    let dir = scratch("nbd-psk-user");
+    let (_, qcow2, _) = pattern_images(&dir);
+    let (creds, keys, _) = psk_creds(&dir, "creds", 7);
+    let served = Served::start(
+        &dir,
+        &["--tls-psk", s(&keys), "--tls-psk-user", "alice", s(&qcow2)],
+        1,
+    );
+    let port = served.addr().rsplit(':').next().unwrap().to_string();
+    let object = |user: &str| {
+        format!(
+            "tls-creds-psk,id=tls0,endpoint=client,dir={},username={user}",
+            s(&creds)
+        )
+    };
+    let opts = nbd_tls_opts(&port, "pattern.qcow2");
+    qemu_img(&["info", "--object", &object("alice"), "--image-opts", &opts]);
+    // qemu's key is right, but the server was told to accept alice only.
+    let refused = run(Command::new(require("qemu-img")).args([
+        "info",
+        "--object",
+        &object("qemu"),
+        "--image-opts",
+        &opts,
+    ]));
+    assert!(!refused.status.success());
+    assert!(
+        served.log().contains("unknown PSK identity \"qemu\""),
+        "{}",
+        served.log()
+    );
+    drop(served);
+
+    let serve = |args: &[&str]| {
+        let out = run(vmnest()
+            .arg("serve")
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .arg(&qcow2));
+        assert!(!out.status.success(), "serve {args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = serve(&["--tls-psk", s(&keys), "--tls-psk-user", "carol"]);
+    assert!(e.contains("no key for identity \"carol\""), "{e}");
+    let (cert, key, _) = make_pki(&dir);
+    let e = serve(&[
+        "--tls-psk",
+        s(&keys),
+        "--tls-cert",
+        s(&cert),
+        "--tls-key",
+        s(&key),
+    ]);
+    assert!(e.contains("cannot be used with"), "{e}");
+    let e = serve(&["--tls-psk-user", "alice"]);
+    assert!(e.contains("--tls-psk"), "{e}");
+    let bad = dir.join("bad.psk");
+    let secret = "0123456789abcdef0123456789abcdeX";
+    std::fs::write(
+        &bad,
+        format!("qemu:{}\r\nalice:{secret}\r\n", "ab".repeat(16)),
+    )
+    .unwrap();
+    let e = serve(&["--tls-psk", s(&bad)]);
+    assert!(
+        e.contains(&format!("{}: line 2: the key is not hexadecimal", s(&bad))),
+        "{e}"
+    );
+    assert!(!e.contains("0123456789") && !e.contains("alice"), "{e}");
+}
+
 #[test]
 fn pipelined_requests_get_one_reply_each_with_the_right_data() {
     let dir = scratch("nbd-pipelined");
