@@ -18,6 +18,7 @@
 #                               binary than a fresh release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib/serve.sh
 work=bench/work
 size=${1:-1G}
 mkdir -p "$work/tls-creds"
@@ -58,11 +59,11 @@ trap 'exit 1' INT TERM HUP PIPE
   >"$work/tls-vmnest.out" 2>"$work/tls-vmnest.err" &
 vpid=$!
 pids+=("$vpid")
-for _ in $(seq 50); do grep -q '^serving' "$work/tls-vmnest.out" && break; sleep 0.1; done
-vaddr=$(awk '/^serving/ {sub("nbds://", "", $2); sub("/.*", "", $2); print $2; exit}' "$work/tls-vmnest.out")
-[ -n "$vaddr" ] || { cat "$work/tls-vmnest.err" >&2; exit 1; }
+vaddr=$(serving_url "$work/tls-vmnest.out" "$work/tls-vmnest.err")
+vaddr=${vaddr#nbds://}
+vaddr=${vaddr%%/*}
 
-qport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+qport=$(free_port)
 qemu-nbd -r -f qcow2 -t -e 16 -x disk -b 127.0.0.1 -p "$qport" \
   --object "tls-creds-psk,id=tls0,endpoint=server,dir=$PWD/$work/tls-creds" --tls-creds tls0 \
   "$src" 2>"$work/tls-qemu-nbd.err" &

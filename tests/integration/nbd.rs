@@ -855,16 +855,20 @@ fn tls_exports_serve_clients_that_upgrade_and_refuse_the_others() {
     );
     assert_eq!(hash_file(&out2), hash_file(&raw));
 
-    // Without TLS: refused (ERR_TLS_REQD), and no data leaks.
-    let plain = format!("nbd://127.0.0.1:{port}/pattern.qcow2");
-    let refused = run(Command::new(require("nbdinfo")).arg(&plain));
+    plain_clients_are_refused(&served.addr());
+}
+
+/// Without TLS, a client of a TLS server at `addr` is refused (ERR_TLS_REQD) and sees no data:
+/// nbdinfo fails, GO gets the error, and EXPORT_NAME (which cannot be refused politely) ends
+/// the connection.
+fn plain_clients_are_refused(addr: &str) {
+    let refused = run(Command::new(require("nbdinfo")).arg(format!("nbd://{addr}/pattern.qcow2")));
     assert!(!refused.status.success());
-    let mut client = connect(&served.addr());
+    let mut client = connect(addr);
     greet(&mut client);
     send_option(&mut client, OPT_GO, &[0, 0, 0, 0, 0, 0]);
     let (_, kind, _) = option_reply(&mut client);
     assert_eq!(kind, (1 << 31) + 5, "NBD_REP_ERR_TLS_REQD");
-    // EXPORT_NAME cannot be refused politely: the connection ends.
     send_option(&mut client, 1, b"pattern.qcow2");
     assert!(closed_by_server(&mut client));
 }
@@ -891,6 +895,34 @@ fn nbd_tls_opts(port: &str, export: &str) -> String {
     format!("driver=nbd,host=127.0.0.1,port={port},export={export},tls-creds=tls0")
 }
 
+/// qemu's PSK client credentials `tls0` from `folder`/keys.psk, as `user` (qemu's default: `qemu`).
+fn psk_client(folder: &Path, user: Option<&str>) -> String {
+    let mut object = format!("tls-creds-psk,id=tls0,endpoint=client,dir={}", s(folder));
+    if let Some(user) = user {
+        object.push_str(&format!(",username={user}"));
+    }
+    object
+}
+
+/// `qemu-img ARGS --object OBJECT --image-opts IMAGES...`, whatever its exit status.
+fn qemu_img_tls(args: &[&str], object: &str, images: &[&str]) -> std::process::Output {
+    run(Command::new(require("qemu-img"))
+        .args(args)
+        .args(["--object", object, "--image-opts"])
+        .args(images))
+}
+
+/// [`qemu_img_tls`], asserting success; returns stdout.
+fn qemu_img_tls_ok(args: &[&str], object: &str, images: &[&str]) -> String {
+    let out = qemu_img_tls(args, object, images);
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?} {images:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn psk_exports_serve_qemu_and_libnbd_and_refuse_wrong_keys_and_plain_clients() {
     let dir = scratch("nbd-psk");
@@ -902,31 +934,16 @@ fn psk_exports_serve_qemu_and_libnbd_and_refuse_wrong_keys_and_plain_clients() {
     assert!(url.starts_with("nbds://127.0.0.1:"), "{url}");
     let addr = served.addr();
     let port = addr.rsplit(':').next().unwrap().to_string();
-    let psk_object =
-        |folder: &Path| format!("tls-creds-psk,id=tls0,endpoint=client,dir={}", s(folder));
     let opts = nbd_tls_opts(&port, "pattern.qcow2");
+    let good = psk_client(&creds, None);
 
     // qemu: info and compare through tls-creds-psk (identity "qemu", qemu's default).
-    let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
-        "info",
-        "--output=json",
-        "--object",
-        &psk_object(&creds),
-        "--image-opts",
-        &opts,
-    ]))
-    .unwrap();
+    let info = qemu_img_tls_ok(&["info", "--output=json"], &good, &[&opts]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     let size = std::fs::metadata(&raw).unwrap().len();
     assert_eq!(info["virtual-size"].as_u64(), Some(size), "{info}");
     let raw_opts = format!("driver=raw,file.driver=file,file.filename={}", s(&raw));
-    qemu_img(&[
-        "compare",
-        "--object",
-        &psk_object(&creds),
-        "--image-opts",
-        &raw_opts,
-        &opts,
-    ]);
+    qemu_img_tls_ok(&["compare"], &good, &[&raw_opts, &opts]);
 
     let psk_url = |user: &str, file: &Path| {
         format!(
@@ -957,13 +974,7 @@ fn psk_exports_serve_qemu_and_libnbd_and_refuse_wrong_keys_and_plain_clients() {
     );
 
     // A wrong key, an unknown identity, no TLS at all: each refused.
-    let wrong = run(Command::new(require("qemu-img")).args([
-        "info",
-        "--object",
-        &psk_object(&wrong_creds),
-        "--image-opts",
-        &opts,
-    ]));
+    let wrong = qemu_img_tls(&["info"], &psk_client(&wrong_creds, None), &[&opts]);
     assert!(!wrong.status.success());
     let stderr = String::from_utf8_lossy(&wrong.stderr);
     assert!(stderr.contains("TLS handshake failed"), "{stderr}");
@@ -973,23 +984,9 @@ fn psk_exports_serve_qemu_and_libnbd_and_refuse_wrong_keys_and_plain_clients() {
     let mallory = dir.join("mallory");
     std::fs::create_dir_all(&mallory).unwrap();
     std::fs::write(mallory.join("keys.psk"), format!("mallory:{qemu_key}\n")).unwrap();
-    let unknown = run(Command::new(require("qemu-img")).args([
-        "info",
-        "--object",
-        &format!("{},username=mallory", psk_object(&mallory)),
-        "--image-opts",
-        &opts,
-    ]));
+    let unknown = qemu_img_tls(&["info"], &psk_client(&mallory, Some("mallory")), &[&opts]);
     assert!(!unknown.status.success());
-    let plain = run(Command::new(require("nbdinfo")).arg(format!("nbd://{addr}/pattern.qcow2")));
-    assert!(!plain.status.success());
-    let mut client = connect(&addr);
-    greet(&mut client);
-    send_option(&mut client, OPT_GO, &[0, 0, 0, 0, 0, 0]);
-    let (_, kind, _) = option_reply(&mut client);
-    assert_eq!(kind, (1 << 31) + 5, "NBD_REP_ERR_TLS_REQD");
-    send_option(&mut client, 1, b"pattern.qcow2");
-    assert!(closed_by_server(&mut client));
+    plain_clients_are_refused(&addr);
 
     // The good client was not disturbed, and new ones still connect.
     pipe.read_to_end(&mut copied).unwrap();
@@ -1003,14 +1000,7 @@ fn psk_exports_serve_qemu_and_libnbd_and_refuse_wrong_keys_and_plain_clients() {
         copied == std::fs::read(&raw).unwrap(),
         "nbdcopy's bytes differ"
     );
-    qemu_img(&[
-        "compare",
-        "--object",
-        &psk_object(&creds),
-        "--image-opts",
-        &raw_opts,
-        &opts,
-    ]);
+    qemu_img_tls_ok(&["compare"], &good, &[&raw_opts, &opts]);
 
     // The log names the refused identity and the connection, never a key.
     let log = served.log();
@@ -1041,22 +1031,10 @@ fn psk_users_restrict_the_identities_and_bad_key_files_are_refused_by_line() {
         1,
     );
     let port = served.addr().rsplit(':').next().unwrap().to_string();
-    let object = |user: &str| {
-        format!(
-            "tls-creds-psk,id=tls0,endpoint=client,dir={},username={user}",
-            s(&creds)
-        )
-    };
     let opts = nbd_tls_opts(&port, "pattern.qcow2");
-    qemu_img(&["info", "--object", &object("alice"), "--image-opts", &opts]);
+    qemu_img_tls_ok(&["info"], &psk_client(&creds, Some("alice")), &[&opts]);
     // qemu's key is right, but the server was told to accept alice only.
-    let refused = run(Command::new(require("qemu-img")).args([
-        "info",
-        "--object",
-        &object("qemu"),
-        "--image-opts",
-        &opts,
-    ]));
+    let refused = qemu_img_tls(&["info"], &psk_client(&creds, Some("qemu")), &[&opts]);
     assert!(!refused.status.success());
     assert!(
         served.log().contains("unknown PSK identity \"qemu\""),
