@@ -27,6 +27,7 @@
 #                                   VMNEST_BIN another vmnest binary than a fresh release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib/serve.sh
 work=bench/work
 mkdir -p "$work/out"
 cases=${EXPORT_CASES:-nbd fuse}
@@ -65,9 +66,7 @@ trap 'exit 1' INT TERM HUP PIPE
 "$vmnest" serve --export-name linux --listen 127.0.0.1:0 "$src" >"$work/vmnest-serve.out" 2>"$work/vmnest-serve.err" &
 vpid=$!
 pids+=("$vpid")
-for _ in $(seq 50); do grep -q '^serving' "$work/vmnest-serve.out" && break; sleep 0.1; done
-vurl=$(awk '/^serving/ {print $2; exit}' "$work/vmnest-serve.out")
-[ -n "$vurl" ] || { cat "$work/vmnest-serve.err" >&2; exit 1; }
+vurl=$(serving_url "$work/vmnest-serve.out" "$work/vmnest-serve.err")
 
 # vmnest serve of the same disk imported into a store (imported once, kept).
 store=$work/export-store
@@ -78,12 +77,10 @@ fi
 "$vmnest" --store "$store" serve --export-name linux --listen 127.0.0.1:0 store:linux >"$work/vmnest-serve-store.out" 2>"$work/vmnest-serve-store.err" &
 spid=$!
 pids+=("$spid")
-for _ in $(seq 50); do grep -q '^serving' "$work/vmnest-serve-store.out" && break; sleep 0.1; done
-surl=$(awk '/^serving/ {print $2; exit}' "$work/vmnest-serve-store.out")
-[ -n "$surl" ] || { cat "$work/vmnest-serve-store.err" >&2; exit 1; }
+surl=$(serving_url "$work/vmnest-serve-store.out" "$work/vmnest-serve-store.err")
 
 # qemu-nbd read-only, several connections allowed (so nbdcopy can use multi-conn).
-qport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+qport=$(free_port)
 qemu-nbd -r -f qcow2 -t -e 16 -x linux -b 127.0.0.1 -p "$qport" "$src" 2>"$work/qemu-nbd.err" &
 qpid=$!
 pids+=("$qpid")

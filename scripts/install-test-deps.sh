@@ -2,12 +2,13 @@
 # Installs what vmnest's tests need on a Debian machine: the peers used as oracles
 # (qemu-img, libyal's readers, libnbd's nbdinfo/nbdcopy/nbdsh/nbdfuse), fusermount3 for `vmnest mount`,
 # sfdisk and e2fsprogs (mkfs.ext4, debugfs) to build and check partitioned disks, bzip2 for the
-# sample images, and moto's S3 server (PyPI, in a venv under $VMNEST_MOTO_DIR, default
+# sample images, pkg-config and libssl-dev to build at all (serve --tls-psk links the system's
+# OpenSSL), and moto's S3 server (PyPI, in a venv under $VMNEST_MOTO_DIR, default
 # /opt/vmnest-moto) for the remote tests. Idempotent; needs root (or sudo).
 set -euo pipefail
 
 packages=(qemu-utils libvmdk-utils libvhdi-utils libqcow-utils bzip2 libnbd-bin python3-libnbd openssl python3-venv
-  fuse3 fdisk e2fsprogs mount)
+  fuse3 fdisk e2fsprogs mount pkg-config libssl-dev)
 need=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")

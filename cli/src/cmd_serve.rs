@@ -1,7 +1,7 @@
 //! `vmnest serve`: export images over NBD, like `qemu-nbd`, several at once by name.
 //!
 //! Loopback only unless `--allow-remote` (an export is the whole disk); TLS required with
-//! `--tls-cert`/`--tls-key`; read-only unless `--rw`. Stops on SIGINT or SIGTERM. A stored
+//! `--tls-cert`/`--tls-key` or with `--tls-psk` (pre-shared keys); read-only unless `--rw`. Stops on SIGINT or SIGTERM. A stored
 //! snapshot served `--rw` is written copy-on-write into a volume (cmd_volume.rs).
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use dedup_store::store::disk::StoredDisk;
-use fuse_mount::nbd::{Export, Server, ServerOptions, Tls};
+use fuse_mount::nbd::{Export, PskKeys, Server, ServerOptions, Tls};
 use image_format::BlockDevice;
 
 use crate::cmd_volume::open_volume_export;
@@ -78,6 +78,14 @@ pub struct Args {
     /// The PEM private key of --tls-cert.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Require TLS with a pre-shared key instead of a certificate: FILE holds `identity:hexkey`
+    /// lines (qemu's `keys.psk`, made by `psktool`; keys of 16 bytes or more). Clients such as
+    /// qemu (`tls-creds-psk`, identity `qemu` by default) and libnbd (`tls-psk-file=`) connect.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["tls_cert", "tls_key"])]
+    tls_psk: Option<PathBuf>,
+    /// With --tls-psk, accept only this identity of the file (repeatable; default: any).
+    #[arg(long, value_name = "NAME", requires = "tls_psk")]
+    tls_psk_user: Vec<String>,
     /// Format of the sources (probed when absent).
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
@@ -150,9 +158,15 @@ pub fn run(args: Args) -> Result<u8> {
             _ => exports.push(open_export(spec, name, &args)?),
         }
     }
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => {
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_psk) {
+        (Some(cert), Some(key), _) => {
             Some(Tls::from_pem_files(cert, key).context("--tls-cert/--tls-key")?)
+        }
+        (_, _, Some(file)) => {
+            let keys = PskKeys::from_file(file)
+                .and_then(|keys| keys.restrict(&args.tls_psk_user))
+                .context("--tls-psk")?;
+            Some(Tls::from_psk(keys).context("--tls-psk")?)
         }
         _ => None,
     };
@@ -204,7 +218,7 @@ fn listen_addr(text: &str, allow_remote: bool) -> Result<SocketAddr> {
     if !addr.ip().is_loopback() && !allow_remote {
         bail!(
             "--listen {text}: {} is not a loopback address; pass --allow-remote to serve other \
-             hosts (and --tls-cert/--tls-key to encrypt)",
+             hosts (and --tls-cert/--tls-key or --tls-psk to encrypt)",
             addr.ip()
         );
     }

@@ -855,18 +855,239 @@ fn tls_exports_serve_clients_that_upgrade_and_refuse_the_others() {
     );
     assert_eq!(hash_file(&out2), hash_file(&raw));
 
-    // Without TLS: refused (ERR_TLS_REQD), and no data leaks.
-    let plain = format!("nbd://127.0.0.1:{port}/pattern.qcow2");
-    let refused = run(Command::new(require("nbdinfo")).arg(&plain));
+    plain_clients_are_refused(&served.addr());
+}
+
+/// Without TLS, a client of a TLS server at `addr` is refused (ERR_TLS_REQD) and sees no data:
+/// nbdinfo fails, GO gets the error, and EXPORT_NAME (which cannot be refused politely) ends
+/// the connection.
+fn plain_clients_are_refused(addr: &str) {
+    let refused = run(Command::new(require("nbdinfo")).arg(format!("nbd://{addr}/pattern.qcow2")));
     assert!(!refused.status.success());
-    let mut client = connect(&served.addr());
+    let mut client = connect(addr);
     greet(&mut client);
     send_option(&mut client, OPT_GO, &[0, 0, 0, 0, 0, 0]);
     let (_, kind, _) = option_reply(&mut client);
     assert_eq!(kind, (1 << 31) + 5, "NBD_REP_ERR_TLS_REQD");
-    // EXPORT_NAME cannot be refused politely: the connection ends.
     send_option(&mut client, 1, b"pattern.qcow2");
     assert!(closed_by_server(&mut client));
+}
+
+/// A key file in qemu's `keys.psk` format in a folder of its own (what `tls-creds-psk,dir=`
+/// names): identities `qemu` and `alice`, keys made from `seed`. Returns the folder, the file,
+/// and the hex of qemu's key.
+fn psk_creds(dir: &Path, name: &str, seed: u8) -> (PathBuf, PathBuf, String) {
+    let folder = dir.join(name);
+    std::fs::create_dir_all(&folder).unwrap();
+    let hex = |salt: u8| -> String {
+        (0..32u8)
+            .map(|i| format!("{:02x}", i.wrapping_mul(37) ^ seed ^ salt))
+            .collect()
+    };
+    let qemu_key = hex(0);
+    let file = folder.join("keys.psk");
+    std::fs::write(&file, format!("qemu:{qemu_key}\nalice:{}\n", hex(0x5a))).unwrap();
+    (folder, file, qemu_key)
+}
+
+/// qemu-img's image options for export `export` at 127.0.0.1:`port` over TLS object `tls0`.
+fn nbd_tls_opts(port: &str, export: &str) -> String {
+    format!("driver=nbd,host=127.0.0.1,port={port},export={export},tls-creds=tls0")
+}
+
+/// qemu's PSK client credentials `tls0` from `folder`/keys.psk, as `user` (qemu's default: `qemu`).
+fn psk_client(folder: &Path, user: Option<&str>) -> String {
+    let mut object = format!("tls-creds-psk,id=tls0,endpoint=client,dir={}", s(folder));
+    if let Some(user) = user {
+        object.push_str(&format!(",username={user}"));
+    }
+    object
+}
+
+/// `qemu-img ARGS --object OBJECT --image-opts IMAGES...`, whatever its exit status.
+fn qemu_img_tls(args: &[&str], object: &str, images: &[&str]) -> std::process::Output {
+    run(Command::new(require("qemu-img"))
+        .args(args)
+        .args(["--object", object, "--image-opts"])
+        .args(images))
+}
+
+/// [`qemu_img_tls`], asserting success; returns stdout.
+fn qemu_img_tls_ok(args: &[&str], object: &str, images: &[&str]) -> String {
+    let out = qemu_img_tls(args, object, images);
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?} {images:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn psk_exports_serve_qemu_and_libnbd_and_refuse_wrong_keys_and_plain_clients() {
+    let dir = scratch("nbd-psk");
+    let (raw, qcow2, _) = pattern_images(&dir);
+    let (creds, keys, qemu_key) = psk_creds(&dir, "creds", 0);
+    let (wrong_creds, wrong_keys, _) = psk_creds(&dir, "wrong", 0x80);
+    let served = Served::start(&dir, &["--tls-psk", s(&keys), s(&qcow2)], 1);
+    let url = &served.urls[0];
+    assert!(url.starts_with("nbds://127.0.0.1:"), "{url}");
+    let addr = served.addr();
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let opts = nbd_tls_opts(&port, "pattern.qcow2");
+    let good = psk_client(&creds, None);
+
+    // qemu: info and compare through tls-creds-psk (identity "qemu", qemu's default).
+    let info = qemu_img_tls_ok(&["info", "--output=json"], &good, &[&opts]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let size = std::fs::metadata(&raw).unwrap().len();
+    assert_eq!(info["virtual-size"].as_u64(), Some(size), "{info}");
+    let raw_opts = format!("driver=raw,file.driver=file,file.filename={}", s(&raw));
+    qemu_img_tls_ok(&["compare"], &good, &[&raw_opts, &opts]);
+    // qemu held to TLS 1.2 by its GnuTLS priority (as older clients are) connects too; TLS 1.1
+    // is refused, which shows the priority is obeyed.
+    let held_to = |version: &str| {
+        format!("{good},priority=NORMAL:-VERS-TLS-ALL:+VERS-TLS{version}:+ECDHE-PSK:+PSK")
+    };
+    qemu_img_tls_ok(&["compare"], &held_to("1.2"), &[&raw_opts, &opts]);
+    let old = qemu_img_tls(&["info"], &held_to("1.1"), &[&opts]);
+    assert!(!old.status.success());
+
+    let psk_url = |user: &str, file: &Path| {
+        format!(
+            "nbds://{user}@{addr}/pattern.qcow2?tls-psk-file={}",
+            s(file)
+        )
+    };
+    // libnbd: the identity is the URI's user name. nbdcopy copies into a pipe that is not read
+    // until the bad clients below are done, so its connection stays open (and blocked) meanwhile.
+    let info = run_ok(Command::new(require("nbdinfo")).arg(psk_url("qemu", &keys)));
+    assert!(info.contains("with TLS"), "{info}");
+    let mut copying = Command::new(require("nbdcopy"))
+        .arg(psk_url("alice", &keys))
+        .arg("-")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut copied = Vec::new();
+    let mut pipe = copying.stdout.take().unwrap();
+    let mut first = vec![0u8; 4096];
+    pipe.read_exact(&mut first).unwrap();
+    copied.extend_from_slice(&first);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        copying.try_wait().unwrap().is_none(),
+        "nbdcopy did not wait for the pipe"
+    );
+
+    // A wrong key, an unknown identity, no TLS at all: each refused.
+    let wrong = qemu_img_tls(&["info"], &psk_client(&wrong_creds, None), &[&opts]);
+    assert!(!wrong.status.success());
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(stderr.contains("TLS handshake failed"), "{stderr}");
+    let wrong = run(Command::new(require("nbdinfo")).arg(psk_url("qemu", &wrong_keys)));
+    assert!(!wrong.status.success());
+    // (libnbd does not send an identity missing from its own file: qemu does.)
+    let mallory = dir.join("mallory");
+    std::fs::create_dir_all(&mallory).unwrap();
+    std::fs::write(mallory.join("keys.psk"), format!("mallory:{qemu_key}\n")).unwrap();
+    let unknown = qemu_img_tls(&["info"], &psk_client(&mallory, Some("mallory")), &[&opts]);
+    assert!(!unknown.status.success());
+    plain_clients_are_refused(&addr);
+
+    // The good client was not disturbed, and new ones still connect.
+    pipe.read_to_end(&mut copied).unwrap();
+    let done = copying.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(
+        copied == std::fs::read(&raw).unwrap(),
+        "nbdcopy's bytes differ"
+    );
+    qemu_img_tls_ok(&["compare"], &good, &[&raw_opts, &opts]);
+
+    // The log names the refused identity and the connection, never a key.
+    let log = served.log();
+    assert!(
+        log.lines().any(|l| l.starts_with("vmnest nbd: connection ")
+            && l.contains("unknown PSK identity \"mallory\"")),
+        "{log}"
+    );
+    assert!(
+        log.contains("PSK identity \"qemu\": the client's key differs"),
+        "{log}"
+    );
+    assert!(log.contains("unsupported protocol"), "{log}");
+    let wrong_key = std::fs::read_to_string(&wrong_keys).unwrap();
+    for key in wrong_key.lines().chain([qemu_key.as_str()]) {
+        let hex = key.rsplit(':').next().unwrap();
+        assert!(!log.contains(&hex[..16]), "{log}");
+    }
+}
+
+#[test]
+fn psk_users_restrict_the_identities_and_bad_key_files_are_refused_by_line() {
+    let dir = scratch("nbd-psk-user");
+    let (_, qcow2, _) = pattern_images(&dir);
+    let (creds, keys, _) = psk_creds(&dir, "creds", 7);
+    let served = Served::start(
+        &dir,
+        &["--tls-psk", s(&keys), "--tls-psk-user", "alice", s(&qcow2)],
+        1,
+    );
+    let port = served.addr().rsplit(':').next().unwrap().to_string();
+    let opts = nbd_tls_opts(&port, "pattern.qcow2");
+    qemu_img_tls_ok(&["info"], &psk_client(&creds, Some("alice")), &[&opts]);
+    // qemu's key is right, but the server was told to accept alice only.
+    let refused = qemu_img_tls(&["info"], &psk_client(&creds, Some("qemu")), &[&opts]);
+    assert!(!refused.status.success());
+    assert!(
+        served.log().contains("unknown PSK identity \"qemu\""),
+        "{}",
+        served.log()
+    );
+    drop(served);
+
+    let serve = |args: &[&str]| {
+        let out = run(vmnest()
+            .arg("serve")
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .arg(&qcow2));
+        assert!(!out.status.success(), "serve {args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = serve(&["--tls-psk", s(&keys), "--tls-psk-user", "carol"]);
+    assert!(e.contains("no key for identity \"carol\""), "{e}");
+    let (cert, key, _) = make_pki(&dir);
+    let e = serve(&[
+        "--tls-psk",
+        s(&keys),
+        "--tls-cert",
+        s(&cert),
+        "--tls-key",
+        s(&key),
+    ]);
+    assert!(e.contains("cannot be used with"), "{e}");
+    let e = serve(&["--tls-psk-user", "alice"]);
+    assert!(e.contains("--tls-psk"), "{e}");
+    let bad = dir.join("bad.psk");
+    let secret = "0123456789abcdef0123456789abcdeX";
+    std::fs::write(
+        &bad,
+        format!("qemu:{}\r\nalice:{secret}\r\n", "ab".repeat(16)),
+    )
+    .unwrap();
+    let e = serve(&["--tls-psk", s(&bad)]);
+    assert!(
+        e.contains(&format!("{}: line 2: the key is not hexadecimal", s(&bad))),
+        "{e}"
+    );
+    assert!(!e.contains("0123456789") && !e.contains("alice"), "{e}");
 }
 
 #[test]

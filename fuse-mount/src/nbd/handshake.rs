@@ -81,6 +81,10 @@ pub enum HandshakeError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Protocol(String),
+    /// The TLS handshake after `STARTTLS` failed (a wrong key, an unknown identity, a client
+    /// that does not trust the certificate).
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Sends the greeting and reads the client's flags; unknown flags end the connection.

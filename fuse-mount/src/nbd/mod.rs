@@ -5,7 +5,8 @@
 //! * [`handshake`]: fixed newstyle option haggling.
 //! * [`server`]: listeners, connections, and the transmission phase (concurrency and limits are
 //!   documented there).
-//! * [`tls`]: `NBD_OPT_STARTTLS` with rustls (certificates).
+//! * [`tls`]: `NBD_OPT_STARTTLS` with rustls (certificates) or OpenSSL (pre-shared keys).
+//! * [`psk`]: the pre-shared key file (qemu's `keys.psk` format).
 //! * [`pool`]: reusable reply and payload buffers.
 //!
 //! ```no_run
@@ -21,8 +22,10 @@
 pub mod handshake;
 pub mod pool;
 pub mod proto;
+pub mod psk;
 pub mod server;
 pub mod tls;
 
+pub use psk::{KeyFileError, PskKeys};
 pub use server::{Connection, Export, Exports, Log, Server, ServerError, ServerOptions};
-pub use tls::{Tls, TlsError};
+pub use tls::{Tls, TlsError, TlsStream};

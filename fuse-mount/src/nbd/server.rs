@@ -52,7 +52,7 @@ use super::proto::{
     self, CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
     Command, Request, errno,
 };
-use super::tls::Tls;
+use super::tls::{Tls, TlsStream};
 
 /// Most requests of one connection being served at once.
 pub const MAX_INFLIGHT_REQUESTS: u32 = 64;
@@ -470,7 +470,7 @@ impl Connection for tokio::net::UnixStream {
     }
 }
 
-impl<S: Connection> Connection for tokio_rustls::server::TlsStream<S> {
+impl<S: Connection> Connection for TlsStream<S> {
     type Read = tokio::io::ReadHalf<Self>;
     type Write = tokio::io::WriteHalf<Self>;
     fn split(self) -> (Self::Read, Self::Write) {
@@ -481,7 +481,7 @@ impl<S: Connection> Connection for tokio_rustls::server::TlsStream<S> {
 /// How the handshake of one connection ended.
 enum Handshake<S: Connection> {
     Plain(S, Negotiated),
-    Tls(Box<tokio_rustls::server::TlsStream<S>>, Negotiated),
+    Tls(Box<TlsStream<S>>, Negotiated),
     Closed,
 }
 
@@ -505,7 +505,10 @@ async fn handshake<S: Connection>(
                     "STARTTLS acknowledged without TLS".into(),
                 ));
             };
-            let mut stream = tls.acceptor().accept(stream).await?;
+            let mut stream = tls
+                .accept(stream)
+                .await
+                .map_err(handshake::HandshakeError::Tls)?;
             match handshake::haggle(&mut stream, &shared.exports, flags, TlsMode::Active).await? {
                 Outcome::Transmission(n) => Ok(Handshake::Tls(Box::new(stream), n)),
                 Outcome::Closed | Outcome::StartTls => Ok(Handshake::Closed),
