@@ -35,7 +35,8 @@ use tokio_rustls::rustls::{
 
 use super::psk::{KeyFileError, PskKeys};
 
-/// TLS 1.2 suites offered with PSK: forward-secret key exchange and AEAD ciphers only.
+/// TLS 1.2 suites offered with PSK: forward-secret (ECDHE) key exchange only; ChaCha20-Poly1305
+/// first, then AES-CBC with SHA-2 MACs (OpenSSL has no ECDHE-PSK suite with AES-GCM).
 const PSK_TLS12_CIPHERS: &str =
     "ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES256-CBC-SHA384:ECDHE-PSK-AES128-CBC-SHA256";
 /// The longest part of a refused identity that a log line shows.
