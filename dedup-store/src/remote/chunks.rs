@@ -192,8 +192,8 @@ impl Inner {
         let bytes = disk.get(&pack, n, FRAME_HEADER_LEN + u64::from(f.stored_len))?;
         let object = format!("frame cache copy of {}", self.object(&pack));
         let (h, stored) = bytes.split_at(FRAME_HEADER_LEN as usize);
-        let plain =
-            check_frame_header(&object, n, f, h).and_then(|()| decode_frame(&object, n, f, stored));
+        let plain = check_frame_header(&object, n, f, h)
+            .and_then(|()| decode_frame(&object, n, f, stored, None));
         match plain {
             Ok(p) => {
                 self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
@@ -284,7 +284,7 @@ impl Inner {
                 ));
             };
             check_frame_header(&object, n, f, h)?;
-            let plain = Arc::new(decode_frame(&object, n, f, stored)?);
+            let plain = Arc::new(decode_frame(&object, n, f, stored, None)?);
             self.cache.insert((pack, n), plain.clone());
             if let Some(d) = &self.disk {
                 d.put(&pack, n, &bytes[at..stop]);

@@ -51,6 +51,12 @@ impl ChunkStore for Layered<'_> {
     fn put(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
         self.local.put(id, data)
     }
+    fn put_meta(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+        self.local.put_meta(id, data)
+    }
+    fn id_hasher(&self) -> crate::crypt::IdHasher {
+        self.local.id_hasher()
+    }
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
         if self.local.contains(id)? {
             self.local.get(id)

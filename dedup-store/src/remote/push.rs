@@ -261,13 +261,13 @@ pub fn push(
             let data = reader.read_at(&id, loc, Some(chunks.cache()))?;
             let w = match writer.as_mut() {
                 Some(w) => w,
-                None => writer.insert(PackWriter::with_settings(
-                    &staging,
-                    chunks.frame_target(),
-                    chunks.level(),
-                )?),
+                None => writer.insert(chunks.new_writer(&staging)?),
             };
-            w.add(id, &data)?;
+            if reader.is_meta(loc) {
+                w.add_meta(id, &data)?;
+            } else {
+                w.add(id, &data)?;
+            }
             let last = i + 1 == n;
             if (w.is_full() || last)
                 && let Some(w) = writer.take()

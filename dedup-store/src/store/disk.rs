@@ -55,6 +55,12 @@ impl ChunkStore for DiskChunks {
     fn flush(&self) -> crate::Result<()> {
         self.inner().flush()
     }
+    fn id_hasher(&self) -> crate::crypt::IdHasher {
+        self.inner().id_hasher()
+    }
+    fn put_meta(&self, id: ChunkId, data: &[u8]) -> crate::Result<bool> {
+        self.inner().put_meta(id, data)
+    }
 }
 
 /// A disk member of a stored snapshot, readable.

@@ -613,7 +613,7 @@ impl Volume {
                     if is_zero_chunk(data) {
                         None
                     } else {
-                        let id = ChunkId::of(data);
+                        let id = chunks.id_hasher().id(data);
                         chunks.put(id, data)?;
                         Some(id)
                     }
