@@ -36,7 +36,11 @@ pub fn store_dir() -> PathBuf {
 pub fn open_store(access: Access) -> Result<Arc<Store>> {
     let dir = store_dir();
     let mut waited = false;
-    let store = Store::open_with(&dir, access, &mut || {
+    let mut key = crate::keys::given_key()?;
+    if key.is_none() && Store::is_encrypted(&dir) {
+        key = crate::keys::key_or_prompt(&format!("store {}", dir.display()), false)?;
+    }
+    let store = Store::open_keyed(&dir, access, key.as_ref(), &mut || {
         waited = true;
         match access {
             Access::Exclusive => eprintln!(

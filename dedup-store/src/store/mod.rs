@@ -352,6 +352,15 @@ impl Store {
         })
     }
 
+    /// Whether `root` holds an encrypted store (its config has an `encryption` section); false
+    /// when there is no store or its config does not parse (opening then says why).
+    pub fn is_encrypted(root: &Path) -> bool {
+        read_capped(&root.join("config"), MAX_CONFIG_LEN, "store config")
+            .ok()
+            .and_then(|b| serde_json::from_slice::<StoreConfig>(&b).ok())
+            .is_some_and(|c| c.encryption.is_some())
+    }
+
     fn remove_stale_temps(dir: &Path) {
         if let Ok(rd) = std::fs::read_dir(dir) {
             for ent in rd.flatten() {
