@@ -41,6 +41,10 @@ pub struct InitArgs {
     /// under a passphrase (--passphrase-file, $VMNEST_PASSPHRASE, else asked twice).
     #[arg(long)]
     encrypt: bool,
+    /// With --encrypt: share the key of the encrypted remote at this URL (s3://bucket/prefix
+    /// or a directory) instead of making one; the passphrase or key file must unlock it.
+    #[arg(long, value_name = "URL", requires = "encrypt")]
+    from_remote: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -226,14 +230,31 @@ pub fn run_init(args: InitArgs) -> Result<u8> {
     };
     let mut encrypted = String::new();
     if args.encrypt {
-        let key = crate::keys::key_or_prompt(&format!("the new store {}", dir.display()), true)?
-            .context("--encrypt needs a key: --key-file FILE, --passphrase-file FILE, VMNEST_KEY_FILE or VMNEST_PASSPHRASE (or a terminal to ask on)")?;
+        let shared = match &args.from_remote {
+            Some(url) => {
+                let remote = dedup_store::remote::Remote::open_url(
+                    "from-remote",
+                    url,
+                    std::env::temp_dir().join(format!("vmnest-init-{}", std::process::id())),
+                )?;
+                let section = remote.encryption()?.with_context(|| {
+                    format!("remote {url} is not encrypted (it has no keys object)")
+                })?;
+                Some(section)
+            }
+            None => None,
+        };
+        let key = crate::keys::key_or_prompt(
+            &format!("the new store {}", dir.display()),
+            shared.is_none(),
+        )?
+        .context("--encrypt needs a key: --key-file FILE, --passphrase-file FILE, VMNEST_KEY_FILE or VMNEST_PASSPHRASE (or a terminal to ask on)")?;
         let store = Store::create_encrypted(
             &dir,
             config,
             &key,
             dedup_store::crypt::Argon2Costs::from_env(),
-            None,
+            shared.as_ref(),
         )?;
         if let Some(k) = store.keys() {
             encrypted = format!(", encrypted, key fingerprint {}", k.fingerprint());

@@ -129,10 +129,33 @@ pub fn parse_remote_source(text: &str) -> Option<(&str, &str, Option<&str>)> {
     })
 }
 
+/// Gives an encrypted remote its keys (from the key options, the environment or a prompt),
+/// before anything is read from it; a plain remote needs nothing.
+pub fn unlock_remote(remote: &Remote) -> Result<()> {
+    let Some(section) = remote
+        .encryption()
+        .with_context(|| format!("remote {}", remote.name()))?
+    else {
+        return Ok(());
+    };
+    let key = crate::keys::key_or_prompt(&format!("remote {}", remote.name()), false)?
+        .with_context(|| {
+            format!(
+                "remote {} is encrypted: give its key with --key-file or --passphrase-file \
+                 (or VMNEST_KEY_FILE / VMNEST_PASSPHRASE)",
+                remote.name()
+            )
+        })?;
+    let keys = dedup_store::crypt::Keys::unlock(Path::new(remote.url()), &section, &key)?;
+    remote.set_keys(Some(Arc::new(keys)));
+    Ok(())
+}
+
 /// Finds `spec` on remote `name`: the snapshot and a reader of the remote's chunks.
 pub fn resolve_remote(name: &str, spec: &str) -> Result<(Resolved, Arc<RemoteChunks>)> {
     let remote =
         Arc::new(Remote::open(&store_dir(), name).with_context(|| format!("remote {name}"))?);
+    unlock_remote(&remote)?;
     remote.refresh_index()?;
     let (snap_name, id, _) = remote.resolve(spec)?;
     let (_, manifest) = remote
@@ -162,6 +185,7 @@ pub fn open_lazy(
 ) -> Result<(Vec<Arc<StoredDisk>>, Arc<RemoteChunks>)> {
     let remote =
         Arc::new(Remote::open(&store_dir(), name).with_context(|| format!("remote {name}"))?);
+    unlock_remote(&remote)?;
     remote.refresh_index()?;
     let options = RemoteReadOptions {
         memory_cache: LAZY_MEMORY_CACHE,

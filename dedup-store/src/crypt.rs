@@ -16,7 +16,7 @@
 //! |---|---|
 //! | id key | chunk ids are `BLAKE3-keyed(id key, plaintext)` ([`IdHasher::Keyed`]) |
 //! | frame key | XChaCha20-Poly1305 key of sealed pack frames ([`Keys::seal_frame`]) |
-//! | manifest key | reserved for sealing manifest fields (not used yet) |
+//! | manifest key | keyed BLAKE3 MAC of manifests; a key derived from it seals their `origin` and `labels` |
 //!
 //! The key fingerprint published in the config (and to remotes) is a derived value of the id
 //! key under its own context: it identifies the key without revealing it.
@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
+use crate::store::Manifest;
 
 /// Bytes of a key.
 pub const KEY_LEN: usize = 32;
@@ -67,7 +68,9 @@ const CONTEXT_ID: &str = "vmnest 2026-11 chunk id key";
 const CONTEXT_FRAME: &str = "vmnest 2026-11 pack frame key";
 const CONTEXT_MANIFEST: &str = "vmnest 2026-11 manifest key";
 const CONTEXT_FINGERPRINT: &str = "vmnest 2026-11 key fingerprint";
+const CONTEXT_MANIFEST_SEAL: &str = "vmnest 2026-11 manifest sealing key";
 const FRAME_LABEL: &[u8] = b"vmnest sealed frame v1";
+const MANIFEST_LABEL: &[u8] = b"vmnest sealed manifest fields v1";
 const WRAP_LABEL: &[u8] = b"vmnest wrapped master key v1";
 
 /// How chunk ids are computed: plain BLAKE3, or BLAKE3 keyed with an encrypted store's id key.
@@ -195,6 +198,7 @@ impl Argon2Costs {
 pub struct Keys {
     id: [u8; KEY_LEN],
     frame: XChaCha20Poly1305,
+    manifest_seal: XChaCha20Poly1305,
     manifest: [u8; KEY_LEN],
     fingerprint: String,
 }
@@ -237,6 +241,9 @@ impl Keys {
         Keys {
             id,
             frame: XChaCha20Poly1305::new(&frame.into()),
+            manifest_seal: XChaCha20Poly1305::new(
+                &blake3::derive_key(CONTEXT_MANIFEST_SEAL, &manifest).into(),
+            ),
             manifest,
             fingerprint,
         }
@@ -315,6 +322,78 @@ impl Keys {
                     ),
                 )
             })
+    }
+
+    /// Seals a manifest for an encrypted store: `origin` and `labels` (paths, messages) move
+    /// into `sealed`; name, parent, time and members stay plain (a remote checks completeness
+    /// from them); `mac` authenticates the rest.
+    pub fn seal_manifest(&self, m: &mut Manifest) -> Result<()> {
+        let fields = SealedFields {
+            origin: std::mem::take(&mut m.origin),
+            labels: std::mem::take(&mut m.labels),
+        };
+        let json =
+            serde_json::to_vec(&fields).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let nonce: [u8; NONCE_LEN] = random_bytes()?;
+        let sealed = self
+            .manifest_seal
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &json,
+                    aad: MANIFEST_LABEL,
+                },
+            )
+            .map_err(|_| Error::InvalidArgument("sealing a manifest failed".into()))?;
+        let mut blob = nonce.to_vec();
+        blob.extend_from_slice(&sealed);
+        m.sealed = Some(to_hex(&blob));
+        m.mac = None;
+        m.mac = Some(
+            blake3::keyed_hash(&self.manifest, &m.encode())
+                .to_hex()
+                .to_string(),
+        );
+        Ok(())
+    }
+
+    /// Checks a manifest's MAC and opens its sealed fields (the reverse of
+    /// [`Keys::seal_manifest`]); `object` names it in errors.
+    pub fn open_manifest(&self, object: &str, m: &mut Manifest) -> Result<()> {
+        let bad = |why: &str| Error::corrupt(object, 0, format!("manifest {why}"));
+        let Some(mac) = m.mac.take() else {
+            return Err(bad("has no MAC, but the store is encrypted"));
+        };
+        let want = blake3::keyed_hash(&self.manifest, &m.encode());
+        let got = from_hex(&mac)
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .map(blake3::Hash::from_bytes);
+        if got != Some(want) {
+            return Err(bad("fails its MAC (tampered with, or another key's)"));
+        }
+        let Some(sealed) = m.sealed.take() else {
+            return Err(bad("has no sealed fields"));
+        };
+        let blob = from_hex(&sealed).ok_or_else(|| bad("sealed fields are not hex"))?;
+        if blob.len() < SEAL_OVERHEAD {
+            return Err(bad("sealed fields are cut short"));
+        }
+        let (nonce, ct) = blob.split_at(NONCE_LEN);
+        let json = self
+            .manifest_seal
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: MANIFEST_LABEL,
+                },
+            )
+            .map_err(|_| bad("sealed fields fail authentication"))?;
+        let fields: SealedFields =
+            serde_json::from_slice(&json).map_err(|e| bad(&format!("sealed fields: {e}")))?;
+        m.origin = fields.origin;
+        m.labels = fields.labels;
+        m.validate().map_err(|why| bad(&why))
     }
 
     /// Creates a new master key kept as `source` says: a key file that does not exist yet is
@@ -445,6 +524,14 @@ impl Keys {
         }
         Ok(keys)
     }
+}
+
+/// The fields of a manifest that an encrypted store seals.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SealedFields {
+    origin: String,
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 fn frame_aad(plain_len: u32, flags: u32) -> Vec<u8> {

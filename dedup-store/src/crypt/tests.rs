@@ -176,3 +176,50 @@ fn an_encryption_section_with_huge_costs_or_bad_fields_is_refused() {
     cipher.cipher = "rot13".into();
     assert!(Keys::unlock(dir, &cipher, &passphrase("p")).is_err());
 }
+
+fn manifest() -> Manifest {
+    let mut m = crate::store::Store::new_manifest("import /home/alice/secret.qcow2".into(), vec![]);
+    m.name = "vm".into();
+    m.labels.insert("note".into(), "payroll server".into());
+    m
+}
+
+#[test]
+fn a_sealed_manifest_hides_origin_and_labels_and_opens_back() {
+    let keys = Keys::from_master(&[3; 32]);
+    let plain = manifest();
+    let mut m = plain.clone();
+    keys.seal_manifest(&mut m).unwrap();
+    let bytes = m.encode();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        !text.contains("secret.qcow2") && !text.contains("payroll"),
+        "{text}"
+    );
+    let mut back = Manifest::decode("m", &bytes).unwrap();
+    assert_eq!(back.name, "vm");
+    keys.open_manifest("m", &mut back).unwrap();
+    assert_eq!(back, plain);
+}
+
+#[test]
+fn a_tampered_or_unsealed_manifest_is_refused_by_a_keyed_reader() {
+    let keys = Keys::from_master(&[3; 32]);
+    let mut m = manifest();
+    keys.seal_manifest(&mut m).unwrap();
+    let mut renamed = m.clone();
+    renamed.name = "other".into();
+    let err = keys
+        .open_manifest("snapshots/ab", &mut renamed)
+        .unwrap_err();
+    assert!(err.to_string().contains("snapshots/ab"), "{err}");
+    assert!(err.to_string().contains("MAC"), "{err}");
+    let mut plain = manifest();
+    assert!(keys.open_manifest("m", &mut plain).is_err());
+    let mut other = m.clone();
+    assert!(
+        Keys::from_master(&[4; 32])
+            .open_manifest("m", &mut other)
+            .is_err()
+    );
+}

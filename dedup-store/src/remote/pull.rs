@@ -79,6 +79,8 @@ pub fn pull(store: &Store, remote: &Arc<Remote>, spec: &str) -> Result<PullRepor
         .traffic()
         .bytes_down
         .load(std::sync::atomic::Ordering::Relaxed);
+    remote.check_keys(store.root(), store.config().encryption.as_ref())?;
+    remote.set_keys(store.keys().cloned());
     remote.refresh_index()?;
     let (name, id, is_head) = remote.resolve(spec)?;
     let mut report = PullReport {

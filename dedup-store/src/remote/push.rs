@@ -164,6 +164,14 @@ pub fn push(
         remote.traffic().retries.load(Ordering::Relaxed),
     );
     let mut report = PushReport::default();
+    // Keys first: refuse a remote of another key (or a plain one holding objects) before
+    // anything is sent, and publish this store's encryption section before any object.
+    let section = store.config().encryption.as_ref();
+    remote.check_keys(store.root(), section)?;
+    if let Some(section) = section {
+        remote.publish_keys(section)?;
+    }
+    remote.set_keys(store.keys().cloned());
     remote.refresh_index()?;
     index_orphans(remote)?;
     let on_remote = remote.snapshots()?;

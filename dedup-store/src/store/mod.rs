@@ -419,7 +419,17 @@ impl Store {
                 "manifest does not match its name",
             ));
         }
-        Manifest::decode(&object, &bytes)
+        let m = Manifest::decode(&object, &bytes)?;
+        self.unseal(&object, m)
+    }
+
+    /// A manifest as read from the store, with its sealed fields opened and its MAC checked
+    /// in an encrypted store; as it is in a plain one.
+    pub fn unseal(&self, object: &str, mut m: Manifest) -> Result<Manifest> {
+        if let Some(k) = &self.keys {
+            k.open_manifest(object, &mut m)?;
+        }
+        Ok(m)
     }
 
     /// The bytes of manifest `id`, checked against its name (push sends them unchanged).
@@ -445,7 +455,14 @@ impl Store {
     pub fn write_manifest(&self, m: &Manifest) -> Result<SnapshotId> {
         m.validate()
             .map_err(|reason| Error::InvalidArgument(format!("manifest: {reason}")))?;
-        let bytes = m.encode();
+        let bytes = match &self.keys {
+            Some(k) => {
+                let mut sealed = m.clone();
+                k.seal_manifest(&mut sealed)?;
+                sealed.encode()
+            }
+            None => m.encode(),
+        };
         let id = SnapshotId::of(&bytes);
         let path = self.manifest_path(&id);
         if !path.exists() {
@@ -465,7 +482,7 @@ impl Store {
                 "manifest does not match its name",
             ));
         }
-        let m = Manifest::decode(&object, bytes)?;
+        let m = self.unseal(&object, Manifest::decode(&object, bytes)?)?;
         let path = self.manifest_path(id);
         if !path.exists() {
             write_atomic(&self.root.join("snapshots"), &path, bytes)?;
@@ -596,6 +613,8 @@ impl Store {
             origin,
             labels: BTreeMap::new(),
             members,
+            sealed: None,
+            mac: None,
         }
     }
 
