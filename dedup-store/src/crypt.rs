@@ -267,22 +267,7 @@ impl Keys {
     /// Seals a frame's compressed bytes: `nonce || ciphertext || tag`, with the frame's
     /// plaintext length and flags (including the sealed flag) as associated data.
     pub fn seal_frame(&self, plain_len: u32, flags: u32, data: &[u8]) -> Result<Vec<u8>> {
-        let nonce: [u8; NONCE_LEN] = random_bytes()?;
-        let aad = frame_aad(plain_len, flags);
-        let sealed = self
-            .frame
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: data,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| Error::InvalidArgument("sealing a frame failed".into()))?;
-        let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&sealed);
-        Ok(out)
+        seal(&self.frame, &frame_aad(plain_len, flags), data)
     }
 
     /// Opens sealed frame bytes; `object`, `frame` and `at` name it in the error when the tag
@@ -303,17 +288,7 @@ impl Keys {
                 format!("sealed frame {frame} is shorter than a nonce and a tag"),
             ));
         }
-        let (nonce, sealed) = stored.split_at(NONCE_LEN);
-        let aad = frame_aad(plain_len, flags);
-        self.frame
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: sealed,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| {
+        open(&self.frame, &frame_aad(plain_len, flags), stored).ok_or_else(|| {
                 Error::corrupt(
                     object,
                     at,
@@ -334,19 +309,7 @@ impl Keys {
         };
         let json =
             serde_json::to_vec(&fields).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let nonce: [u8; NONCE_LEN] = random_bytes()?;
-        let sealed = self
-            .manifest_seal
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &json,
-                    aad: MANIFEST_LABEL,
-                },
-            )
-            .map_err(|_| Error::InvalidArgument("sealing a manifest failed".into()))?;
-        let mut blob = nonce.to_vec();
-        blob.extend_from_slice(&sealed);
+        let blob = seal(&self.manifest_seal, MANIFEST_LABEL, &json)?;
         m.sealed = Some(to_hex(&blob));
         m.mac = None;
         m.mac = Some(
@@ -378,17 +341,8 @@ impl Keys {
         if blob.len() < SEAL_OVERHEAD {
             return Err(bad("sealed fields are cut short"));
         }
-        let (nonce, ct) = blob.split_at(NONCE_LEN);
-        let json = self
-            .manifest_seal
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: ct,
-                    aad: MANIFEST_LABEL,
-                },
-            )
-            .map_err(|_| bad("sealed fields fail authentication"))?;
+        let json = open(&self.manifest_seal, MANIFEST_LABEL, &blob)
+            .ok_or_else(|| bad("sealed fields fail authentication"))?;
         let fields: SealedFields =
             serde_json::from_slice(&json).map_err(|e| bad(&format!("sealed fields: {e}")))?;
         m.origin = fields.origin;
@@ -428,19 +382,8 @@ impl Keys {
                 let salt: [u8; 16] = random_bytes()?;
                 let lanes = 1;
                 let kek = derive_kek(pass, &salt, costs.memory_kib, costs.iterations, lanes)?;
-                let nonce: [u8; NONCE_LEN] = random_bytes()?;
-                let wrapped = XChaCha20Poly1305::new(&kek.into())
-                    .encrypt(
-                        XNonce::from_slice(&nonce),
-                        Payload {
-                            msg: &master,
-                            aad: WRAP_LABEL,
-                        },
-                    )
-                    .map_err(|_| Error::InvalidArgument("wrapping the key failed".into()))?;
+                let blob = seal(&XChaCha20Poly1305::new(&kek.into()), WRAP_LABEL, &master)?;
                 let keys = Keys::from_master(&master);
-                let mut blob = nonce.to_vec();
-                blob.extend_from_slice(&wrapped);
                 Ok((
                     EncryptionConfig {
                         cipher: CIPHER.into(),
@@ -499,16 +442,8 @@ impl Keys {
                 }
                 let kek = derive_kek(pass, &salt, *memory_kib, *iterations, *lanes)
                     .map_err(|e| bad(&e.to_string()))?;
-                let (nonce, wrapped) = blob.split_at(NONCE_LEN);
-                let master = XChaCha20Poly1305::new(&kek.into())
-                    .decrypt(
-                        XNonce::from_slice(nonce),
-                        Payload {
-                            msg: wrapped,
-                            aad: WRAP_LABEL,
-                        },
-                    )
-                    .map_err(|_| wrong())?;
+                let master = open(&XChaCha20Poly1305::new(&kek.into()), WRAP_LABEL, &blob)
+                    .ok_or_else(wrong)?;
                 master.try_into().map_err(|_| wrong())?
             }
             (Kdf::Argon2id { .. }, KeySource::KeyFile(_)) => {
@@ -532,6 +467,30 @@ impl Keys {
 struct SealedFields {
     origin: String,
     labels: std::collections::BTreeMap<String, String>,
+}
+
+/// `nonce || ciphertext || tag` of `msg` under `cipher`, with a fresh random nonce.
+fn seal(cipher: &XChaCha20Poly1305, aad: &[u8], msg: &[u8]) -> Result<Vec<u8>> {
+    let nonce: [u8; NONCE_LEN] = random_bytes()?;
+    let sealed = cipher
+        .encrypt(XNonce::from_slice(&nonce), Payload { msg, aad })
+        .map_err(|_| Error::InvalidArgument("sealing failed".into()))?;
+    let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&sealed);
+    Ok(out)
+}
+
+/// The plaintext of `nonce || ciphertext || tag`, or None when it does not authenticate (or is
+/// shorter than a nonce and a tag).
+fn open(cipher: &XChaCha20Poly1305, aad: &[u8], blob: &[u8]) -> Option<Vec<u8>> {
+    if blob.len() < SEAL_OVERHEAD {
+        return None;
+    }
+    let (nonce, msg) = blob.split_at(NONCE_LEN);
+    cipher
+        .decrypt(XNonce::from_slice(nonce), Payload { msg, aad })
+        .ok()
 }
 
 fn frame_aad(plain_len: u32, flags: u32) -> Vec<u8> {

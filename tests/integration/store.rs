@@ -26,6 +26,21 @@ pub(crate) fn st(store: &Path) -> Command {
 
 /// `dir/store`: created encrypted (`init --encrypt`) when `encrypted`, else left for the
 /// first import to create.
+/// Two tests running `$body(encrypted)`: on a plain store and on an encrypted one.
+macro_rules! plain_and_encrypted {
+    ($plain:ident, $encrypted:ident, $body:ident) => {
+        #[test]
+        fn $plain() {
+            $body(false);
+        }
+
+        #[test]
+        fn $encrypted() {
+            $body(true);
+        }
+    };
+}
+
 fn new_store(dir: &Path, encrypted: bool) -> PathBuf {
     let store = dir.join("store");
     if encrypted {
@@ -75,15 +90,11 @@ fn the_same_disk_from_raw_qcow2_and_vmdk_is_the_same_chunks() {
     assert_eq!(root("gold"), root("from-vmdk"));
 }
 
-#[test]
-fn exports_to_every_format_compare_identical_and_check_clean() {
-    exports_to_every_format_compare_identical_and_check_clean_in(false);
-}
-
-#[test]
-fn exports_to_every_format_compare_identical_and_check_clean_encrypted() {
-    exports_to_every_format_compare_identical_and_check_clean_in(true);
-}
+plain_and_encrypted!(
+    exports_to_every_format_compare_identical_and_check_clean,
+    exports_to_every_format_compare_identical_and_check_clean_encrypted,
+    exports_to_every_format_compare_identical_and_check_clean_in
+);
 
 fn exports_to_every_format_compare_identical_and_check_clean_in(encrypted: bool) {
     let dir = scratch(&format!("store-export-{encrypted}"));
@@ -117,15 +128,11 @@ fn exports_to_every_format_compare_identical_and_check_clean_in(encrypted: bool)
     assert!(map.contains("\"data\":true"), "{map}");
 }
 
-#[test]
-fn a_new_version_stores_only_its_changes_and_diff_finds_them() {
-    a_new_version_stores_only_its_changes_and_diff_finds_them_in(false);
-}
-
-#[test]
-fn a_new_version_stores_only_its_changes_and_diff_finds_them_encrypted() {
-    a_new_version_stores_only_its_changes_and_diff_finds_them_in(true);
-}
+plain_and_encrypted!(
+    a_new_version_stores_only_its_changes_and_diff_finds_them,
+    a_new_version_stores_only_its_changes_and_diff_finds_them_encrypted,
+    a_new_version_stores_only_its_changes_and_diff_finds_them_in
+);
 
 fn a_new_version_stores_only_its_changes_and_diff_finds_them_in(encrypted: bool) {
     let dir = scratch(&format!("store-versions-{encrypted}"));
@@ -235,15 +242,11 @@ fn fifty_clones_add_no_chunk_and_a_terabyte_clone_is_as_cheap() {
     assert_eq!(web["unique_bytes"], 0, "{web}");
 }
 
-#[test]
-fn rm_then_gc_frees_space_and_keeps_every_named_snapshot() {
-    rm_then_gc_frees_space_and_keeps_every_named_snapshot_in(false);
-}
-
-#[test]
-fn rm_then_gc_frees_space_and_keeps_every_named_snapshot_encrypted() {
-    rm_then_gc_frees_space_and_keeps_every_named_snapshot_in(true);
-}
+plain_and_encrypted!(
+    rm_then_gc_frees_space_and_keeps_every_named_snapshot,
+    rm_then_gc_frees_space_and_keeps_every_named_snapshot_encrypted,
+    rm_then_gc_frees_space_and_keeps_every_named_snapshot_in
+);
 
 fn rm_then_gc_frees_space_and_keeps_every_named_snapshot_in(encrypted: bool) {
     let dir = scratch(&format!("store-gc-{encrypted}"));
@@ -361,15 +364,11 @@ fn a_vm_bundle_keeps_config_disks_and_memory_and_gives_the_stream_back() {
     run_ok(st(&store).arg("verify"));
 }
 
-#[test]
-fn a_flipped_byte_is_caught_on_read_and_by_verify() {
-    a_flipped_byte_is_caught_on_read_and_by_verify_in(false);
-}
-
-#[test]
-fn a_flipped_byte_is_caught_on_read_and_by_verify_encrypted() {
-    a_flipped_byte_is_caught_on_read_and_by_verify_in(true);
-}
+plain_and_encrypted!(
+    a_flipped_byte_is_caught_on_read_and_by_verify,
+    a_flipped_byte_is_caught_on_read_and_by_verify_encrypted,
+    a_flipped_byte_is_caught_on_read_and_by_verify_in
+);
 
 fn a_flipped_byte_is_caught_on_read_and_by_verify_in(encrypted: bool) {
     let dir = scratch(&format!("store-flip-{encrypted}"));

@@ -333,6 +333,13 @@ impl EncodedFrame {
     }
 }
 
+/// Chunks gathered for a pack writer's next frame.
+#[derive(Debug, Default)]
+struct Pending {
+    plain: Vec<u8>,
+    chunks: Vec<(ChunkId, u32, u32)>,
+}
+
 /// Writes one pack under a temporary name; [`PackWriter::finish`] makes it durable and names it.
 #[derive(Debug)]
 pub struct PackWriter {
@@ -341,16 +348,14 @@ pub struct PackWriter {
     file: File,
     hasher: blake3::Hasher,
     pos: u64,
-    frame_buf: Vec<u8>,
-    frame_entries: Vec<(ChunkId, u32, u32)>,
+    data: Pending,
     entries: Vec<PackEntry>,
     frames: Vec<FrameInfo>,
     frame_target: usize,
     level: i32,
     /// An encrypted store's keys: data frames are sealed, map nodes go to metadata frames.
     keys: Option<std::sync::Arc<Keys>>,
-    meta_buf: Vec<u8>,
-    meta_entries: Vec<(ChunkId, u32, u32)>,
+    meta: Pending,
 }
 
 impl PackWriter {
@@ -375,15 +380,13 @@ impl PackWriter {
             file,
             hasher: blake3::Hasher::new(),
             pos: 0,
-            frame_buf: Vec::new(),
-            frame_entries: Vec::new(),
+            data: Pending::default(),
             entries: Vec::new(),
             frames: Vec::new(),
             frame_target: frame_target.clamp(1, MAX_FRAME_LEN as usize),
             level,
             keys: None,
-            meta_buf: Vec::new(),
-            meta_entries: Vec::new(),
+            meta: Pending::default(),
         };
         let mut header = [0u8; HEADER_LEN as usize];
         header[..8].copy_from_slice(&pack_magic());
@@ -407,8 +410,18 @@ impl PackWriter {
         Ok(())
     }
 
-    /// Adds a chunk (the caller deduplicates; `id` must be BLAKE3 of `data`).
+    /// Adds a chunk (the caller deduplicates; `id` must be the store's id of `data`).
     pub fn add(&mut self, id: ChunkId, data: &[u8]) -> Result<()> {
+        self.add_to(false, id, data)
+    }
+
+    /// Adds a metadata chunk (a map node). In a plain pack this is [`PackWriter::add`]; in a
+    /// sealed one it goes to a metadata frame, compressed but not sealed.
+    pub fn add_meta(&mut self, id: ChunkId, data: &[u8]) -> Result<()> {
+        self.add_to(self.keys.is_some(), id, data)
+    }
+
+    fn add_to(&mut self, meta: bool, id: ChunkId, data: &[u8]) -> Result<()> {
         if data.len() > MAX_CHUNK_LEN {
             return Err(Error::InvalidArgument(format!(
                 "chunk {id} of {} bytes is larger than {MAX_CHUNK_LEN}",
@@ -418,62 +431,31 @@ impl PackWriter {
         if self.len() as u64 >= MAX_PACK_CHUNKS {
             return Err(Error::InvalidArgument("pack holds its most chunks".into()));
         }
-        if !self.frame_buf.is_empty() && self.frame_buf.len() + data.len() > self.frame_target {
-            self.seal_frame()?;
+        let held = self.pending(meta).plain.len();
+        if held > 0 && held + data.len() > self.frame_target {
+            self.write_pending(meta)?;
         }
-        let offset = self.frame_buf.len() as u32;
-        self.frame_buf.extend_from_slice(data);
-        self.frame_entries.push((id, offset, data.len() as u32));
+        let p = if meta { &mut self.meta } else { &mut self.data };
+        let offset = p.plain.len() as u32;
+        p.plain.extend_from_slice(data);
+        p.chunks.push((id, offset, data.len() as u32));
         Ok(())
     }
 
-    /// Adds a metadata chunk (a map node). In a plain pack this is [`PackWriter::add`]; in a
-    /// sealed one it goes to a metadata frame, compressed but not sealed.
-    pub fn add_meta(&mut self, id: ChunkId, data: &[u8]) -> Result<()> {
-        if self.keys.is_none() {
-            return self.add(id, data);
-        }
-        if data.len() > MAX_CHUNK_LEN || self.len() as u64 >= MAX_PACK_CHUNKS {
-            return Err(Error::InvalidArgument(format!(
-                "map node {id} of {} bytes does not fit the pack",
-                data.len()
-            )));
-        }
-        if !self.meta_buf.is_empty() && self.meta_buf.len() + data.len() > self.frame_target {
-            self.write_meta_frame()?;
-        }
-        let offset = self.meta_buf.len() as u32;
-        self.meta_buf.extend_from_slice(data);
-        self.meta_entries.push((id, offset, data.len() as u32));
-        Ok(())
-    }
-
-    fn write_meta_frame(&mut self) -> Result<()> {
-        if self.meta_buf.is_empty() {
-            return Ok(());
-        }
-        let plain = std::mem::take(&mut self.meta_buf);
-        let chunks = std::mem::take(&mut self.meta_entries);
-        let mut frame =
-            EncodedFrame::encode(&plain, chunks, self.level, None).map_err(|e| Error::Io {
-                path: self.tmp.clone(),
-                op: "zstd compress",
-                source: e,
-            })?;
-        frame.flags |= FLAG_META;
-        self.write_encoded(&frame)
+    fn pending(&self, meta: bool) -> &Pending {
+        if meta { &self.meta } else { &self.data }
     }
 
     /// Whether the pack reached [`PACK_TARGET`] (or its chunk or frame cap) and should be finished.
     pub fn is_full(&self) -> bool {
-        self.pos + self.frame_buf.len() as u64 + self.meta_buf.len() as u64 >= PACK_TARGET
+        self.pos + self.data.plain.len() as u64 + self.meta.plain.len() as u64 >= PACK_TARGET
             || self.len() + 1 >= MAX_PACK_CHUNKS as usize
             || self.frames.len() + 3 >= MAX_PACK_FRAMES as usize
     }
 
     /// Number of chunks added.
     pub fn len(&self) -> usize {
-        self.entries.len() + self.frame_entries.len() + self.meta_entries.len()
+        self.entries.len() + self.data.chunks.len() + self.meta.chunks.len()
     }
 
     /// True when no chunk was added.
@@ -481,21 +463,23 @@ impl PackWriter {
         self.len() == 0
     }
 
-    fn seal_frame(&mut self) -> Result<()> {
-        if self.frame_buf.is_empty() {
+    /// Writes the gathered data chunks (sealed with the keys, if any) or metadata chunks (a
+    /// metadata frame, not sealed) as one frame.
+    fn write_pending(&mut self, meta: bool) -> Result<()> {
+        let p = std::mem::take(if meta { &mut self.meta } else { &mut self.data });
+        if p.plain.is_empty() {
             return Ok(());
         }
-        let plain = std::mem::take(&mut self.frame_buf);
-        let chunks = std::mem::take(&mut self.frame_entries);
-        let keys = self.keys.clone();
-        let frame =
-            EncodedFrame::encode(&plain, chunks, self.level, keys.as_deref()).map_err(|e| {
-                Error::Io {
-                    path: self.tmp.clone(),
-                    op: "zstd compress",
-                    source: e,
-                }
+        let keys = if meta { None } else { self.keys.clone() };
+        let mut frame = EncodedFrame::encode(&p.plain, p.chunks, self.level, keys.as_deref())
+            .map_err(|e| Error::Io {
+                path: self.tmp.clone(),
+                op: "zstd compress",
+                source: e,
             })?;
+        if meta {
+            frame.flags |= FLAG_META;
+        }
         self.write_encoded(&frame)
     }
 
@@ -531,15 +515,15 @@ impl PackWriter {
         if count >= MAX_PACK_CHUNKS || self.frames.len() + 2 >= MAX_PACK_FRAMES as usize {
             return Err(Error::InvalidArgument("pack holds its most chunks".into()));
         }
-        self.seal_frame()?;
+        self.write_pending(false)?;
         self.write_encoded(frame)
     }
 
     /// Writes the last frame, the index and the trailer, fsyncs, renames the pack to its name
     /// and fsyncs the directory.
     pub fn finish(mut self) -> Result<FinishedPack> {
-        self.seal_frame()?;
-        self.write_meta_frame()?;
+        self.write_pending(false)?;
+        self.write_pending(true)?;
         let mut entries = std::mem::take(&mut self.entries);
         entries.sort_by_key(|e| e.id);
         entries.dedup_by_key(|e| e.id);

@@ -382,7 +382,7 @@ fn a_store_dropped_without_flush_claims_nothing_unflushed_and_cleans_temp_packs(
         // Then the process dies: its files close (releasing the temp pack's lock), nothing else.
         let mut open = s.open.lock().unwrap();
         let mut w = open.writer.take().unwrap();
-        w.seal_frame().unwrap();
+        w.write_pending(false).unwrap();
         drop(w);
         std::mem::forget(open);
         std::mem::forget(s);

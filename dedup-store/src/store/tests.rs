@@ -13,6 +13,21 @@ use crate::chunker::cdc::xorshift_bytes;
 use crate::crypt::{Argon2Costs, KeySource};
 use crate::{ChunkId, ChunkStore};
 
+/// Two tests running `$body(encrypted)`: on a plain store and on an encrypted one.
+macro_rules! plain_and_encrypted {
+    ($plain:ident, $encrypted:ident, $body:ident) => {
+        #[test]
+        fn $plain() {
+            $body(false);
+        }
+
+        #[test]
+        fn $encrypted() {
+            $body(true);
+        }
+    };
+}
+
 /// A passphrase-protected store's key, with argon2 costs low enough for tests.
 pub(crate) fn test_key() -> KeySource {
     KeySource::Passphrase(b"correct horse battery staple".to_vec())
@@ -100,15 +115,11 @@ fn pack_bytes(root: &Path) -> u64 {
         .sum()
 }
 
-#[test]
-fn import_read_back_versions_and_lineage() {
-    import_read_back_versions_and_lineage_in(false);
-}
-
-#[test]
-fn import_read_back_versions_and_lineage_encrypted() {
-    import_read_back_versions_and_lineage_in(true);
-}
+plain_and_encrypted!(
+    import_read_back_versions_and_lineage,
+    import_read_back_versions_and_lineage_encrypted,
+    import_read_back_versions_and_lineage_in
+);
 
 fn import_read_back_versions_and_lineage_in(encrypted: bool) {
     let dir = tmp(&format!("versions-{encrypted}"));
@@ -164,15 +175,11 @@ fn stored_disk_reads_any_range_and_reports_extents() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn clones_cost_nothing_and_gc_keeps_what_names_reach() {
-    clones_cost_nothing_and_gc_keeps_what_names_reach_in(false);
-}
-
-#[test]
-fn clones_cost_nothing_and_gc_keeps_what_names_reach_encrypted() {
-    clones_cost_nothing_and_gc_keeps_what_names_reach_in(true);
-}
+plain_and_encrypted!(
+    clones_cost_nothing_and_gc_keeps_what_names_reach,
+    clones_cost_nothing_and_gc_keeps_what_names_reach_encrypted,
+    clones_cost_nothing_and_gc_keeps_what_names_reach_in
+);
 
 fn clones_cost_nothing_and_gc_keeps_what_names_reach_in(encrypted: bool) {
     let dir = tmp(&format!("gc-{encrypted}"));
@@ -211,15 +218,11 @@ fn clones_cost_nothing_and_gc_keeps_what_names_reach_in(encrypted: bool) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot() {
-    a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot_in(false);
-}
-
-#[test]
-fn a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot_encrypted() {
-    a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot_in(true);
-}
+plain_and_encrypted!(
+    a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot,
+    a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot_encrypted,
+    a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot_in
+);
 
 fn a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot_in(encrypted: bool) {
     let dir = tmp(&format!("flip-{encrypted}"));
@@ -397,22 +400,6 @@ fn a_write_failing_at_any_point_then_a_power_cut_loses_nothing_committed() {
     }
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn an_encrypted_store_holds_no_plaintext_and_needs_its_key() {
     let dir = tmp("enc-plaintext");
@@ -428,7 +415,12 @@ fn an_encrypted_store_holds_no_plaintext_and_needs_its_key() {
     drop(store);
     let needle = &pattern[1000..1064];
     let random = &data[(1 << 20) + 5000..(1 << 20) + 5064];
-    for f in files_under(&dir) {
+    let stored = ["packs", "index", "snapshots"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(dir.join(d)).unwrap().flatten())
+        .map(|e| e.path())
+        .chain([dir.join("config")]);
+    for f in stored {
         let bytes = std::fs::read(&f).unwrap();
         assert!(!bytes.windows(64).any(|w| w == needle), "{}", f.display());
         assert!(!bytes.windows(64).any(|w| w == random), "{}", f.display());
