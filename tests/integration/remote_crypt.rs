@@ -284,8 +284,14 @@ fn a_store_of_another_key_is_refused_before_any_transfer() {
     }
     run_ok(st(&a, &moto, Some("key a")).args(["push", "r"]));
     let before = moto.keys("vmnest-crypt-keys", "v/");
+    // b's passphrase from a file this time (its first line).
+    let pass_file = dir.join("b.pass");
+    std::fs::write(&pass_file, "key b\nnot part of it\n").unwrap();
     for cmd in [&["push", "r"][..], &["pull", "r", "vm"][..]] {
-        let out = run(st(&b, &moto, Some("key b")).args(cmd));
+        let out = run(st(&b, &moto, None)
+            .arg("--passphrase-file")
+            .arg(&pass_file)
+            .args(cmd));
         assert!(!out.status.success(), "{cmd:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("another key"), "{cmd:?}: {err}");
