@@ -37,6 +37,14 @@ pub struct InitArgs {
     /// Plaintext size of a pack frame, the unit a read decompresses (4K..16M).
     #[arg(long, default_value = "1M")]
     frame_size: String,
+    /// Encrypt the store: a random master key, kept in the key file (--key-file) or wrapped
+    /// under a passphrase (--passphrase-file, $VMNEST_PASSPHRASE, else asked twice).
+    #[arg(long)]
+    encrypt: bool,
+    /// With --encrypt: share the key of the encrypted remote at this URL (s3://bucket/prefix
+    /// or a directory) instead of making one; the passphrase or key file must unlock it.
+    #[arg(long, value_name = "URL", requires = "encrypt")]
+    from_remote: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -214,17 +222,48 @@ pub fn run_init(args: InitArgs) -> Result<u8> {
         "compression level {}: 1 to 22",
         args.compression_level
     );
-    Store::create(
-        &dir,
-        StoreConfig {
-            chunk_size,
-            compression_level: args.compression_level,
-            frame_size,
-            ..Default::default()
-        },
-    )?;
+    let config = StoreConfig {
+        chunk_size,
+        compression_level: args.compression_level,
+        frame_size,
+        ..Default::default()
+    };
+    let mut encrypted = String::new();
+    if args.encrypt {
+        let shared = match &args.from_remote {
+            Some(url) => {
+                let remote = dedup_store::remote::Remote::open_url(
+                    "from-remote",
+                    url,
+                    std::env::temp_dir().join(format!("vmnest-init-{}", std::process::id())),
+                )?;
+                let section = remote.encryption()?.with_context(|| {
+                    format!("remote {url} is not encrypted (it has no keys object)")
+                })?;
+                Some(section)
+            }
+            None => None,
+        };
+        let key = crate::keys::key_or_prompt(
+            &format!("the new store {}", dir.display()),
+            shared.is_none(),
+        )?
+        .context("--encrypt needs a key: --key-file FILE, --passphrase-file FILE, VMNEST_KEY_FILE or VMNEST_PASSPHRASE (or a terminal to ask on)")?;
+        let store = Store::create_encrypted(
+            &dir,
+            config,
+            &key,
+            dedup_store::crypt::Argon2Costs::from_env(),
+            shared.as_ref(),
+        )?;
+        if let Some(k) = store.keys() {
+            encrypted = format!(", encrypted, key fingerprint {}", k.fingerprint());
+        }
+    } else {
+        Store::create(&dir, config)?;
+    }
     println!(
-        "created a store at {} ({} chunks)",
+        "created a store at {} ({} chunks{encrypted})",
         dir.display(),
         human_size(chunk_size.into())
     );

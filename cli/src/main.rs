@@ -12,6 +12,7 @@ mod cmd_serve;
 mod cmd_store;
 mod cmd_volume;
 mod common;
+mod keys;
 mod presets;
 mod store_args;
 
@@ -27,6 +28,8 @@ struct Cli {
     /// ~/.local/share/vmnest/store).
     #[arg(long, global = true, value_name = "DIR")]
     store: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    keys: keys::KeyArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     store_args::set_store_dir(cli.store);
+    keys::set_key_args(cli.keys);
     let (result, error_code) = match cli.command {
         Command::Info(args) => (cmd_info::run(args), 1),
         Command::Check(args) => (cmd_check::run(args), 1),

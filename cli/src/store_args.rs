@@ -36,7 +36,11 @@ pub fn store_dir() -> PathBuf {
 pub fn open_store(access: Access) -> Result<Arc<Store>> {
     let dir = store_dir();
     let mut waited = false;
-    let store = Store::open_with(&dir, access, &mut || {
+    let mut key = crate::keys::given_key()?;
+    if key.is_none() && Store::is_encrypted(&dir) {
+        key = crate::keys::key_or_prompt(&format!("store {}", dir.display()), false)?;
+    }
+    let store = Store::open_keyed(&dir, access, key.as_ref(), &mut || {
         waited = true;
         match access {
             Access::Exclusive => eprintln!(
@@ -125,10 +129,33 @@ pub fn parse_remote_source(text: &str) -> Option<(&str, &str, Option<&str>)> {
     })
 }
 
+/// Gives an encrypted remote its keys (from the key options, the environment or a prompt),
+/// before anything is read from it; a plain remote needs nothing.
+pub fn unlock_remote(remote: &Remote) -> Result<()> {
+    let Some(section) = remote
+        .encryption()
+        .with_context(|| format!("remote {}", remote.name()))?
+    else {
+        return Ok(());
+    };
+    let key = crate::keys::key_or_prompt(&format!("remote {}", remote.name()), false)?
+        .with_context(|| {
+            format!(
+                "remote {} is encrypted: give its key with --key-file or --passphrase-file \
+                 (or VMNEST_KEY_FILE / VMNEST_PASSPHRASE)",
+                remote.name()
+            )
+        })?;
+    let keys = dedup_store::crypt::Keys::unlock(Path::new(remote.url()), &section, &key)?;
+    remote.set_keys(Some(Arc::new(keys)));
+    Ok(())
+}
+
 /// Finds `spec` on remote `name`: the snapshot and a reader of the remote's chunks.
 pub fn resolve_remote(name: &str, spec: &str) -> Result<(Resolved, Arc<RemoteChunks>)> {
     let remote =
         Arc::new(Remote::open(&store_dir(), name).with_context(|| format!("remote {name}"))?);
+    unlock_remote(&remote)?;
     remote.refresh_index()?;
     let (snap_name, id, _) = remote.resolve(spec)?;
     let (_, manifest) = remote
@@ -158,6 +185,7 @@ pub fn open_lazy(
 ) -> Result<(Vec<Arc<StoredDisk>>, Arc<RemoteChunks>)> {
     let remote =
         Arc::new(Remote::open(&store_dir(), name).with_context(|| format!("remote {name}"))?);
+    unlock_remote(&remote)?;
     remote.refresh_index()?;
     let options = RemoteReadOptions {
         memory_cache: LAZY_MEMORY_CACHE,

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::RwLock;
 
+use crate::crypt::IdHasher;
 use crate::error::{Error, Result};
 
 /// The id of a chunk: BLAKE3-256 of its plaintext (keyed for encrypted stores).
@@ -77,6 +78,18 @@ pub trait ChunkStore: Send + Sync {
     fn contains(&self, id: &ChunkId) -> Result<bool>;
     /// Makes every chunk put so far durable.
     fn flush(&self) -> Result<()>;
+    /// How this store computes chunk ids: plain BLAKE3, or keyed in an encrypted store. Every
+    /// writer computes ids through this, never with [`ChunkId::of`] directly.
+    fn id_hasher(&self) -> IdHasher {
+        IdHasher::Plain
+    }
+    /// Stores a metadata chunk (an image map node): in an encrypted store it goes to a frame
+    /// that is not sealed, so a remote can be walked for completeness without keys. Map nodes
+    /// hold only (keyed) chunk ids and presence, never content.
+    fn put_meta(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+        self.put(id, data)
+    }
+
     /// Copies bytes `from..from + dst.len()` of chunk `id`, which must be `len` bytes long, into
     /// `dst`: a read of part of a chunk without a copy of the whole (the pack store copies
     /// straight out of its cached frame).
@@ -132,6 +145,12 @@ impl<T: ChunkStore + ?Sized> ChunkStore for &T {
     fn read_into(&self, id: &ChunkId, len: usize, from: usize, dst: &mut [u8]) -> Result<()> {
         (**self).read_into(id, len, from, dst)
     }
+    fn id_hasher(&self) -> IdHasher {
+        (**self).id_hasher()
+    }
+    fn put_meta(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+        (**self).put_meta(id, data)
+    }
 }
 
 /// A shared store is a store (long-lived readers such as a stored disk own one).
@@ -150,6 +169,12 @@ impl<T: ChunkStore + ?Sized> ChunkStore for std::sync::Arc<T> {
     }
     fn read_into(&self, id: &ChunkId, len: usize, from: usize, dst: &mut [u8]) -> Result<()> {
         (**self).read_into(id, len, from, dst)
+    }
+    fn id_hasher(&self) -> IdHasher {
+        (**self).id_hasher()
+    }
+    fn put_meta(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+        (**self).put_meta(id, data)
     }
 }
 

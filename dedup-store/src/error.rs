@@ -35,6 +35,9 @@ pub enum Error {
     /// `object` is the remote's label and the key; never a credential.
     #[error("remote {object}: {reason}")]
     Remote { object: String, reason: String },
+    /// The passphrase or key file given does not unlock an encrypted store (the store named).
+    #[error("wrong passphrase or key file for store {0}")]
+    WrongKey(String),
 }
 
 impl Error {
@@ -97,6 +100,10 @@ impl From<Error> for image_format::Error {
                 structure: "store",
                 offset: 0,
                 reason: format!("chunk {id} is not in the store"),
+            },
+            Error::WrongKey(store) => image_format::Error::InvalidArgument {
+                path: store.into(),
+                reason: "wrong passphrase or key file".into(),
             },
             Error::InvalidArgument(reason) => image_format::Error::InvalidArgument {
                 path: Default::default(),

@@ -5,6 +5,7 @@
 //! | module | what it is |
 //! |---|---|
 //! | [`chunk`] | chunk ids (BLAKE3-256 of the plaintext) and the [`chunk::ChunkStore`] trait |
+//! | [`crypt`] | encrypted stores: keys, the config's `encryption` section, sealed frames |
 //! | [`chunker`] | fixed, page and content-defined chunking, QEMU migration streams |
 //! | [`map`] | image maps: Merkle trees of chunk ids over a guest address space, copy-on-write, diffable |
 //! | [`pack`], [`index`] | immutable pack files of zstd frames, the chunk index, [`pack::PackStore`] |
@@ -16,6 +17,7 @@
 
 pub mod chunk;
 pub mod chunker;
+pub mod crypt;
 pub mod error;
 mod fault;
 pub mod index;

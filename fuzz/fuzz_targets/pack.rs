@@ -5,11 +5,15 @@
 //! chunks, written by the real writer, then mutated at a few positions from the input, with the
 //! index and trailer checksums repaired, so the parsers behind the checksums are reached.
 //! Mode bit 0 set: the rest is fed as a pack verbatim.
+//! Mode bit 2 set: the pack is an encrypted store's (sealed data frames, every third chunk in a
+//! metadata frame), parsed with its keys, with another key and without keys: a mutation must
+//! be an error (checksum, authentication, id), never a panic.
 
 #![no_main]
 
 use dedup_store::ChunkId;
-use dedup_store::pack::{PackWriter, parse_pack_bytes};
+use dedup_store::crypt::Keys;
+use dedup_store::pack::{PackWriter, parse_pack_bytes, parse_pack_bytes_keyed};
 use libfuzzer_sys::fuzz_target;
 
 fn scratch() -> std::path::PathBuf {
@@ -37,19 +41,31 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
+    let keys = std::sync::Arc::new(Keys::from_master(&[0x42; 32]));
+    let other = Keys::from_master(&[0x43; 32]);
+    let sealed = mode & 4 != 0;
     if mode & 1 == 1 {
         let _ = parse_pack_bytes(rest);
+        let _ = parse_pack_bytes_keyed(rest, Some(&keys));
         return;
     }
     // Chunks: the first 3/4 of the input split in pieces of up to 64 bytes; the rest mutates.
     let split = rest.len() * 3 / 4;
     let (body, muts) = rest.split_at(split);
     let dir = scratch();
-    let Ok(mut w) = PackWriter::with_frame_target(&dir, 96) else {
+    let Ok(w) = PackWriter::with_frame_target(&dir, 96) else {
         return;
     };
-    for piece in body.chunks(40) {
-        let _ = w.add(ChunkId::of(piece), piece);
+    let mut w = w.sealed_with(sealed.then(|| keys.clone()));
+    let hasher = keys.hasher();
+    for (i, piece) in body.chunks(40).enumerate() {
+        if !sealed {
+            let _ = w.add(ChunkId::of(piece), piece);
+        } else if i % 3 == 2 {
+            let _ = w.add_meta(hasher.id(piece), piece);
+        } else {
+            let _ = w.add(hasher.id(piece), piece);
+        }
     }
     let Ok(done) = w.finish() else { return };
     let Ok(mut bytes) = std::fs::read(&done.path) else {
@@ -66,4 +82,12 @@ fuzz_target!(|data: &[u8]| {
         repair(&mut bytes);
     }
     let _ = parse_pack_bytes(&bytes);
+    if sealed {
+        let intact = muts.chunks(3).all(|m| m.len() < 3 || m[2] == 0);
+        let n = parse_pack_bytes_keyed(&bytes, Some(&keys));
+        if intact && !body.is_empty() {
+            assert!(n.is_ok(), "an intact sealed pack parses with its keys");
+        }
+        let _ = parse_pack_bytes_keyed(&bytes, Some(&other));
+    }
 });

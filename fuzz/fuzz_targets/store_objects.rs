@@ -1,10 +1,14 @@
 //! Store objects other than packs and map nodes: snapshot manifests, recipe parts and a remote's
 //! pack index objects, as read back from a store directory or a remote (untrusted bytes), and
 //! the memory-stream cutters
-//! (ELF program headers, QEMU migration streams) over untrusted memory files.
+//! (ELF program headers, QEMU migration streams) over untrusted memory files; and an encrypted
+//! store's objects: manifests with sealed fields and a MAC (opened with a fixed key: garbage
+//! and wrong tags are errors), and `encryption` config sections (unlocked when their argon2
+//! costs are small enough for a fuzzer).
 #![no_main]
 
 use dedup_store::MemoryChunkStore;
+use dedup_store::crypt::{EncryptionConfig, Kdf, KeySource, Keys};
 use dedup_store::store::Manifest;
 use dedup_store::store::stream::{decode_part, encode_part, export_stream, import_stream};
 use libfuzzer_sys::fuzz_target;
@@ -16,6 +20,35 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(again, m);
         for member in &m.members {
             let _ = member.map_root();
+        }
+        // As an encrypted store reads it: a MAC and sealed fields that do not open are errors;
+        // one sealed here opens back to what was sealed.
+        let keys = Keys::from_master(&[0x42; 32]);
+        let mut keyed = m.clone();
+        let _ = keys.open_manifest("fuzz", &mut keyed);
+        let mut plain = m.clone();
+        plain.sealed = None;
+        plain.mac = None;
+        let mut sealed = plain.clone();
+        if keys.seal_manifest(&mut sealed).is_ok() {
+            let mut back = Manifest::decode("fuzz", &sealed.encode()).expect("sealed parses");
+            keys.open_manifest("fuzz", &mut back).expect("sealed opens");
+            assert_eq!(back, plain);
+        }
+    }
+    if let Ok(section) = serde_json::from_slice::<EncryptionConfig>(data) {
+        let cheap = match &section.kdf {
+            Kdf::Argon2id { memory_kib, iterations, lanes, .. } => {
+                *memory_kib <= 256 && *iterations <= 2 && *lanes <= 2
+            }
+            Kdf::KeyFile => false,
+        };
+        if cheap {
+            let _ = Keys::unlock(
+                std::path::Path::new("fuzz"),
+                &section,
+                &KeySource::Passphrase(b"fuzz".to_vec()),
+            );
         }
     }
     if let Ok((entries, frames, len)) = dedup_store::remote::parse_index_object("fuzz", data) {

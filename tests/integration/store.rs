@@ -10,10 +10,44 @@ use vmnest_tests::{
     scratch, vmnest, write_pattern_raw,
 };
 
-fn st(store: &Path) -> Command {
+/// Passphrase of the encrypted stores of these tests (plain stores ignore it).
+pub(crate) const PASSPHRASE: &str = "store-test passphrase";
+
+/// `vmnest --store STORE`, with a passphrase and low argon2 costs in its environment.
+pub(crate) fn st(store: &Path) -> Command {
     let mut c = vmnest();
     c.arg("--store").arg(store);
+    c.env("VMNEST_PASSPHRASE", PASSPHRASE)
+        .env("VMNEST_ARGON2_MEMORY_KIB", "64")
+        .env("VMNEST_ARGON2_ITERATIONS", "1")
+        .env_remove("VMNEST_KEY_FILE");
     c
+}
+
+/// `dir/store`: created encrypted (`init --encrypt`) when `encrypted`, else left for the
+/// first import to create.
+/// Two tests running `$body(encrypted)`: on a plain store and on an encrypted one.
+macro_rules! plain_and_encrypted {
+    ($plain:ident, $encrypted:ident, $body:ident) => {
+        #[test]
+        fn $plain() {
+            $body(false);
+        }
+
+        #[test]
+        fn $encrypted() {
+            $body(true);
+        }
+    };
+}
+
+fn new_store(dir: &Path, encrypted: bool) -> PathBuf {
+    let store = dir.join("store");
+    if encrypted {
+        let out = run_ok(st(&store).args(["init", "--encrypt"]));
+        assert!(out.contains("encrypted"), "{out}");
+    }
+    store
 }
 
 fn json(cmd: &mut Command) -> serde_json::Value {
@@ -56,10 +90,15 @@ fn the_same_disk_from_raw_qcow2_and_vmdk_is_the_same_chunks() {
     assert_eq!(root("gold"), root("from-vmdk"));
 }
 
-#[test]
-fn exports_to_every_format_compare_identical_and_check_clean() {
-    let dir = scratch("store-export");
-    let store = dir.join("store");
+plain_and_encrypted!(
+    exports_to_every_format_compare_identical_and_check_clean,
+    exports_to_every_format_compare_identical_and_check_clean_encrypted,
+    exports_to_every_format_compare_identical_and_check_clean_in
+);
+
+fn exports_to_every_format_compare_identical_and_check_clean_in(encrypted: bool) {
+    let dir = scratch(&format!("store-export-{encrypted}"));
+    let store = new_store(&dir, encrypted);
     let raw = gold(&dir);
     run_ok(st(&store).arg("import").arg(&raw).arg("gold"));
     for fmt in ["raw", "qcow2", "vmdk", "vpc", "vhdx"] {
@@ -89,10 +128,15 @@ fn exports_to_every_format_compare_identical_and_check_clean() {
     assert!(map.contains("\"data\":true"), "{map}");
 }
 
-#[test]
-fn a_new_version_stores_only_its_changes_and_diff_finds_them() {
-    let dir = scratch("store-versions");
-    let store = dir.join("store");
+plain_and_encrypted!(
+    a_new_version_stores_only_its_changes_and_diff_finds_them,
+    a_new_version_stores_only_its_changes_and_diff_finds_them_encrypted,
+    a_new_version_stores_only_its_changes_and_diff_finds_them_in
+);
+
+fn a_new_version_stores_only_its_changes_and_diff_finds_them_in(encrypted: bool) {
+    let dir = scratch(&format!("store-versions-{encrypted}"));
+    let store = new_store(&dir, encrypted);
     let raw = gold(&dir);
     run_ok(st(&store).arg("import").arg(&raw).arg("vm"));
     poke(&raw, 5 << 20, 100, 99);
@@ -198,10 +242,15 @@ fn fifty_clones_add_no_chunk_and_a_terabyte_clone_is_as_cheap() {
     assert_eq!(web["unique_bytes"], 0, "{web}");
 }
 
-#[test]
-fn rm_then_gc_frees_space_and_keeps_every_named_snapshot() {
-    let dir = scratch("store-gc");
-    let store = dir.join("store");
+plain_and_encrypted!(
+    rm_then_gc_frees_space_and_keeps_every_named_snapshot,
+    rm_then_gc_frees_space_and_keeps_every_named_snapshot_encrypted,
+    rm_then_gc_frees_space_and_keeps_every_named_snapshot_in
+);
+
+fn rm_then_gc_frees_space_and_keeps_every_named_snapshot_in(encrypted: bool) {
+    let dir = scratch(&format!("store-gc-{encrypted}"));
+    let store = new_store(&dir, encrypted);
     let raw = gold(&dir);
     run_ok(st(&store).arg("import").arg(&raw).arg("gold"));
     run_ok(st(&store).args(["clone", "gold", "keep"]));
@@ -315,10 +364,15 @@ fn a_vm_bundle_keeps_config_disks_and_memory_and_gives_the_stream_back() {
     run_ok(st(&store).arg("verify"));
 }
 
-#[test]
-fn a_flipped_byte_is_caught_on_read_and_by_verify() {
-    let dir = scratch("store-flip");
-    let store = dir.join("store");
+plain_and_encrypted!(
+    a_flipped_byte_is_caught_on_read_and_by_verify,
+    a_flipped_byte_is_caught_on_read_and_by_verify_encrypted,
+    a_flipped_byte_is_caught_on_read_and_by_verify_in
+);
+
+fn a_flipped_byte_is_caught_on_read_and_by_verify_in(encrypted: bool) {
+    let dir = scratch(&format!("store-flip-{encrypted}"));
+    let store = new_store(&dir, encrypted);
     let raw = gold(&dir);
     run_ok(st(&store).arg("import").arg(&raw).arg("vm"));
     let pack = std::fs::read_dir(store.join("packs"))

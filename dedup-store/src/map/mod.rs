@@ -211,8 +211,8 @@ pub(crate) fn put_node<S: ChunkStore + ?Sized>(
         return Ok(None);
     }
     let bytes = encode_node(level, entries);
-    let id = ChunkId::of(&bytes);
-    store.put(id, &bytes)?;
+    let id = store.id_hasher().id(&bytes);
+    store.put_meta(id, &bytes)?;
     Ok(Some(id))
 }
 

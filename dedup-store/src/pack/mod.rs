@@ -15,9 +15,13 @@
 //! frames   for each frame, back to back from offset 16:
 //!          16 B   0  plain_len  u32   plaintext bytes of the frame (1..=MAX_FRAME_LEN)
 //!                 4  stored_len u32   bytes that follow (<= plain_len)
-//!                 8  flags      u32   bit 0: zstd-compressed (else raw); other bits 0
+//!                 8  flags      u32   bit 0: zstd-compressed (else raw)
+//!                                     bit 1: sealed (encrypted store; see crate::crypt)
+//!                                     bit 2: metadata (map nodes) of an encrypted store,
+//!                                            deliberately not sealed; other bits 0
 //!                12  crc32c     u32   CRC-32C of the stored bytes
-//!          stored_len B   the zstd frame, or the raw plaintext
+//!          stored_len B   the zstd frame, or the raw plaintext; when sealed,
+//!                         nonce (24) || XChaCha20-Poly1305 of those bytes || tag (16)
 //! index    at index_offset (= end of the last frame):
 //!          n_chunks entries of 48 B, sorted by chunk id, strictly increasing:
 //!                 0  id     [32]  chunk id (BLAKE3 of the chunk plaintext)
@@ -44,6 +48,10 @@
 //!                60  trailer_crc  u32  CRC-32C of trailer bytes 0..60
 //! ```
 //!
+//! A sealed frame's `stored_len` is at most `plain_len + 40` (nonce and tag). An encrypted
+//! store reads only sealed and metadata frames; a plain store refuses sealed frames (both
+//! errors name the pack and the frame).
+//!
 //! Frames are contiguous: frame 0 starts at 16, each next one where the previous ends, and
 //! the last one ends at `index_offset`; `index_offset + index_len + 64` is the file length.
 //! Every entry's `offset + len` lies inside its frame's plaintext.
@@ -68,6 +76,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use crate::chunk::ChunkId;
+use crate::crypt::{IdHasher, Keys, SEAL_OVERHEAD};
 use crate::error::{Error, Result};
 
 /// Target plaintext bytes of a frame: chunks are grouped until the next would pass it.
@@ -99,6 +108,12 @@ pub const TRAILER_LEN: u64 = 64;
 pub const VERSION: u32 = 1;
 /// Frame flag: the stored bytes are one zstd frame.
 pub const FLAG_ZSTD: u32 = 1;
+/// Frame flag: the stored bytes are sealed with the store's frame key ([`crate::crypt`]).
+pub const FLAG_SEALED: u32 = 2;
+/// Frame flag: an encrypted store's metadata frame (map nodes), not sealed on purpose.
+pub const FLAG_META: u32 = 4;
+/// Every frame flag.
+const FLAGS_KNOWN: u32 = FLAG_ZSTD | FLAG_SEALED | FLAG_META;
 
 /// The first 8 bytes of BLAKE3 of `label`: the magics of the store's formats.
 pub fn label_magic(label: &str) -> [u8; 8] {
@@ -278,11 +293,13 @@ pub struct EncodedFrame {
 
 impl EncodedFrame {
     /// Compresses `plain`, the concatenation of `chunks` (id, offset, length; at most
-    /// [`MAX_FRAME_LEN`] bytes in all).
+    /// [`MAX_FRAME_LEN`] bytes in all), then seals it when `keys` are given (an encrypted
+    /// store's data frame).
     pub fn encode(
         plain: &[u8],
         chunks: Vec<(ChunkId, u32, u32)>,
         level: i32,
+        keys: Option<&Keys>,
     ) -> std::io::Result<EncodedFrame> {
         if plain.len() > MAX_FRAME_LEN as usize {
             return Err(std::io::Error::other(format!(
@@ -296,6 +313,16 @@ impl EncodedFrame {
         } else {
             (plain.to_vec(), 0)
         };
+        let (stored, flags) = match keys {
+            Some(k) => {
+                let flags = flags | FLAG_SEALED;
+                let sealed = k
+                    .seal_frame(plain.len() as u32, flags, &stored)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                (sealed, flags)
+            }
+            None => (stored, flags),
+        };
         Ok(EncodedFrame {
             plain_len: plain.len() as u32,
             crc: crc32c::crc32c(&stored),
@@ -306,6 +333,13 @@ impl EncodedFrame {
     }
 }
 
+/// Chunks gathered for a pack writer's next frame.
+#[derive(Debug, Default)]
+struct Pending {
+    plain: Vec<u8>,
+    chunks: Vec<(ChunkId, u32, u32)>,
+}
+
 /// Writes one pack under a temporary name; [`PackWriter::finish`] makes it durable and names it.
 #[derive(Debug)]
 pub struct PackWriter {
@@ -314,12 +348,14 @@ pub struct PackWriter {
     file: File,
     hasher: blake3::Hasher,
     pos: u64,
-    frame_buf: Vec<u8>,
-    frame_entries: Vec<(ChunkId, u32, u32)>,
+    data: Pending,
     entries: Vec<PackEntry>,
     frames: Vec<FrameInfo>,
     frame_target: usize,
     level: i32,
+    /// An encrypted store's keys: data frames are sealed, map nodes go to metadata frames.
+    keys: Option<std::sync::Arc<Keys>>,
+    meta: Pending,
 }
 
 impl PackWriter {
@@ -344,18 +380,25 @@ impl PackWriter {
             file,
             hasher: blake3::Hasher::new(),
             pos: 0,
-            frame_buf: Vec::new(),
-            frame_entries: Vec::new(),
+            data: Pending::default(),
             entries: Vec::new(),
             frames: Vec::new(),
             frame_target: frame_target.clamp(1, MAX_FRAME_LEN as usize),
             level,
+            keys: None,
+            meta: Pending::default(),
         };
         let mut header = [0u8; HEADER_LEN as usize];
         header[..8].copy_from_slice(&pack_magic());
         header[8..12].copy_from_slice(&VERSION.to_le_bytes());
         w.write(&header)?;
         Ok(w)
+    }
+
+    /// Seals data frames with `keys` (an encrypted store) from now on.
+    pub fn sealed_with(mut self, keys: Option<std::sync::Arc<Keys>>) -> PackWriter {
+        self.keys = keys;
+        self
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
@@ -367,36 +410,52 @@ impl PackWriter {
         Ok(())
     }
 
-    /// Adds a chunk (the caller deduplicates; `id` must be BLAKE3 of `data`).
+    /// Adds a chunk (the caller deduplicates; `id` must be the store's id of `data`).
     pub fn add(&mut self, id: ChunkId, data: &[u8]) -> Result<()> {
+        self.add_to(false, id, data)
+    }
+
+    /// Adds a metadata chunk (a map node). In a plain pack this is [`PackWriter::add`]; in a
+    /// sealed one it goes to a metadata frame, compressed but not sealed.
+    pub fn add_meta(&mut self, id: ChunkId, data: &[u8]) -> Result<()> {
+        self.add_to(self.keys.is_some(), id, data)
+    }
+
+    fn add_to(&mut self, meta: bool, id: ChunkId, data: &[u8]) -> Result<()> {
         if data.len() > MAX_CHUNK_LEN {
             return Err(Error::InvalidArgument(format!(
                 "chunk {id} of {} bytes is larger than {MAX_CHUNK_LEN}",
                 data.len()
             )));
         }
-        if self.entries.len() as u64 + self.frame_entries.len() as u64 >= MAX_PACK_CHUNKS {
+        if self.len() as u64 >= MAX_PACK_CHUNKS {
             return Err(Error::InvalidArgument("pack holds its most chunks".into()));
         }
-        if !self.frame_buf.is_empty() && self.frame_buf.len() + data.len() > self.frame_target {
-            self.seal_frame()?;
+        let held = self.pending(meta).plain.len();
+        if held > 0 && held + data.len() > self.frame_target {
+            self.write_pending(meta)?;
         }
-        let offset = self.frame_buf.len() as u32;
-        self.frame_buf.extend_from_slice(data);
-        self.frame_entries.push((id, offset, data.len() as u32));
+        let p = if meta { &mut self.meta } else { &mut self.data };
+        let offset = p.plain.len() as u32;
+        p.plain.extend_from_slice(data);
+        p.chunks.push((id, offset, data.len() as u32));
         Ok(())
+    }
+
+    fn pending(&self, meta: bool) -> &Pending {
+        if meta { &self.meta } else { &self.data }
     }
 
     /// Whether the pack reached [`PACK_TARGET`] (or its chunk or frame cap) and should be finished.
     pub fn is_full(&self) -> bool {
-        self.pos + self.frame_buf.len() as u64 >= PACK_TARGET
-            || self.entries.len() + self.frame_entries.len() + 1 >= MAX_PACK_CHUNKS as usize
-            || self.frames.len() + 2 >= MAX_PACK_FRAMES as usize
+        self.pos + self.data.plain.len() as u64 + self.meta.plain.len() as u64 >= PACK_TARGET
+            || self.len() + 1 >= MAX_PACK_CHUNKS as usize
+            || self.frames.len() + 3 >= MAX_PACK_FRAMES as usize
     }
 
     /// Number of chunks added.
     pub fn len(&self) -> usize {
-        self.entries.len() + self.frame_entries.len()
+        self.entries.len() + self.data.chunks.len() + self.meta.chunks.len()
     }
 
     /// True when no chunk was added.
@@ -404,17 +463,23 @@ impl PackWriter {
         self.len() == 0
     }
 
-    fn seal_frame(&mut self) -> Result<()> {
-        if self.frame_buf.is_empty() {
+    /// Writes the gathered data chunks (sealed with the keys, if any) or metadata chunks (a
+    /// metadata frame, not sealed) as one frame.
+    fn write_pending(&mut self, meta: bool) -> Result<()> {
+        let p = std::mem::take(if meta { &mut self.meta } else { &mut self.data });
+        if p.plain.is_empty() {
             return Ok(());
         }
-        let plain = std::mem::take(&mut self.frame_buf);
-        let chunks = std::mem::take(&mut self.frame_entries);
-        let frame = EncodedFrame::encode(&plain, chunks, self.level).map_err(|e| Error::Io {
-            path: self.tmp.clone(),
-            op: "zstd compress",
-            source: e,
-        })?;
+        let keys = if meta { None } else { self.keys.clone() };
+        let mut frame = EncodedFrame::encode(&p.plain, p.chunks, self.level, keys.as_deref())
+            .map_err(|e| Error::Io {
+                path: self.tmp.clone(),
+                op: "zstd compress",
+                source: e,
+            })?;
+        if meta {
+            frame.flags |= FLAG_META;
+        }
         self.write_encoded(&frame)
     }
 
@@ -450,14 +515,15 @@ impl PackWriter {
         if count >= MAX_PACK_CHUNKS || self.frames.len() + 2 >= MAX_PACK_FRAMES as usize {
             return Err(Error::InvalidArgument("pack holds its most chunks".into()));
         }
-        self.seal_frame()?;
+        self.write_pending(false)?;
         self.write_encoded(frame)
     }
 
     /// Writes the last frame, the index and the trailer, fsyncs, renames the pack to its name
     /// and fsyncs the directory.
     pub fn finish(mut self) -> Result<FinishedPack> {
-        self.seal_frame()?;
+        self.write_pending(false)?;
+        self.write_pending(true)?;
         let mut entries = std::mem::take(&mut self.entries);
         entries.sort_by_key(|e| e.id);
         entries.dedup_by_key(|e| e.id);
@@ -638,14 +704,23 @@ pub fn parse_index(
                 format!("frame {i} at {:#x}, expected {expect:#x}", f.offset),
             ));
         }
-        if f.plain_len == 0 || f.plain_len > MAX_FRAME_LEN || f.stored_len > f.plain_len {
+        let overhead = if f.flags & FLAG_SEALED != 0 {
+            SEAL_OVERHEAD as u64
+        } else {
+            0
+        };
+        let max_stored = f.plain_len as u64 + overhead;
+        if f.plain_len == 0 || f.plain_len > MAX_FRAME_LEN || f.stored_len as u64 > max_stored {
             return Err(Error::corrupt(
                 object,
                 off,
                 format!("frame {i} has bad lengths"),
             ));
         }
-        if f.flags & !FLAG_ZSTD != 0 || (f.flags == 0 && f.stored_len != f.plain_len) {
+        if f.flags & !FLAGS_KNOWN != 0
+            || f.flags & (FLAG_SEALED | FLAG_META) == FLAG_SEALED | FLAG_META
+            || (f.flags & FLAG_ZSTD == 0 && f.stored_len as u64 != max_stored)
+        {
             return Err(Error::corrupt(
                 object,
                 off,
@@ -726,8 +801,16 @@ pub fn check_frame_header(object: &str, frame: u32, want: &FrameInfo, bytes: &[u
     Ok(())
 }
 
-/// Decodes a frame's stored bytes (checksum, then decompression to exactly `plain_len`).
-pub fn decode_frame(object: &str, frame: u32, info: &FrameInfo, stored: &[u8]) -> Result<Vec<u8>> {
+/// Decodes a frame's stored bytes: checksum, then (a sealed frame, with `keys`) authenticated
+/// decryption, then decompression to exactly `plain_len`. With `keys` (an encrypted store),
+/// a frame neither sealed nor metadata is refused; without, a sealed frame is.
+pub fn decode_frame(
+    object: &str,
+    frame: u32,
+    info: &FrameInfo,
+    stored: &[u8],
+    keys: Option<&Keys>,
+) -> Result<Vec<u8>> {
     let at = info.offset + FRAME_HEADER_LEN;
     if stored.len() != info.stored_len as usize {
         return Err(Error::corrupt(
@@ -743,11 +826,46 @@ pub fn decode_frame(object: &str, frame: u32, info: &FrameInfo, stored: &[u8]) -
             format!("frame {frame} checksum mismatch"),
         ));
     }
+    let opened;
+    let body = match (info.flags & FLAG_SEALED != 0, keys) {
+        (true, None) => {
+            return Err(Error::corrupt(
+                object,
+                at,
+                format!(
+                    "frame {frame} is sealed (written by an encrypted store), and no key was given"
+                ),
+            ));
+        }
+        (true, Some(k)) => {
+            opened = k.open_frame(object, frame, at, info.plain_len, info.flags, stored)?;
+            &opened[..]
+        }
+        (false, Some(_)) if info.flags & FLAG_META == 0 => {
+            return Err(Error::corrupt(
+                object,
+                at,
+                format!("frame {frame} is not sealed, but the store is encrypted"),
+            ));
+        }
+        (false, _) => stored,
+    };
     if info.flags & FLAG_ZSTD == 0 {
-        return Ok(stored.to_vec());
+        if body.len() != info.plain_len as usize {
+            return Err(Error::corrupt(
+                object,
+                at,
+                format!(
+                    "frame {frame} holds {} bytes, not {}",
+                    body.len(),
+                    info.plain_len
+                ),
+            ));
+        }
+        return Ok(body.to_vec());
     }
     let cap = info.plain_len.min(MAX_FRAME_LEN) as usize;
-    let plain = zstd::bulk::decompress(stored, cap).map_err(|e| {
+    let plain = zstd::bulk::decompress(body, cap).map_err(|e| {
         Error::corrupt(
             object,
             at,
@@ -951,11 +1069,22 @@ pub struct PackReader {
     entries: Vec<PackEntry>,
     frames: Vec<FrameInfo>,
     frames_decoded: AtomicU64,
+    keys: Option<std::sync::Arc<Keys>>,
+    hasher: IdHasher,
 }
 
 impl PackReader {
     /// Opens the pack `id` at `path`, reading and checking its trailer and index.
     pub fn open(id: PackId, path: &Path) -> Result<PackReader> {
+        Self::open_keyed(id, path, None)
+    }
+
+    /// Opens the pack `id` of an encrypted store (`keys`) or a plain one (`None`).
+    pub fn open_keyed(
+        id: PackId,
+        path: &Path,
+        keys: Option<std::sync::Arc<Keys>>,
+    ) -> Result<PackReader> {
         let name = format!("pack {}", id.to_hex());
         let file = File::open(path).map_err(io_err(path, "open pack"))?;
         let len = file.metadata().map_err(io_err(path, "stat pack"))?.len();
@@ -984,6 +1113,8 @@ impl PackReader {
             entries,
             frames,
             frames_decoded: AtomicU64::new(0),
+            hasher: keys.as_ref().map_or(IdHasher::Plain, |k| k.hasher()),
+            keys,
         })
     }
 
@@ -1017,6 +1148,13 @@ impl PackReader {
         self.frames_decoded.load(Ordering::Relaxed)
     }
 
+    /// Whether the chunk at `loc` is in a metadata frame (an encrypted store's map node).
+    pub fn is_meta(&self, loc: ChunkLoc) -> bool {
+        self.frames
+            .get(loc.frame as usize)
+            .is_some_and(|f| f.flags & FLAG_META != 0)
+    }
+
     /// Where `id` is in this pack.
     pub fn locate(&self, id: &ChunkId) -> Option<ChunkLoc> {
         self.entries
@@ -1043,7 +1181,13 @@ impl PackReader {
             .read_exact_at(&mut buf, info.offset)
             .map_err(io_err(&self.path, "read pack frame"))?;
         check_frame_header(&self.name, frame, info, &buf[..16])?;
-        let plain = std::sync::Arc::new(decode_frame(&self.name, frame, info, &buf[16..])?);
+        let plain = std::sync::Arc::new(decode_frame(
+            &self.name,
+            frame,
+            info,
+            &buf[16..],
+            self.keys.as_deref(),
+        )?);
         self.frames_decoded.fetch_add(1, Ordering::Relaxed);
         Ok(plain)
     }
@@ -1086,7 +1230,7 @@ impl PackReader {
         if cache.is_some_and(|c| c.is_checked(key, &plain, chunk)) {
             return Ok(f(data));
         }
-        if ChunkId::of(data) != *id {
+        if self.hasher.id(data) != *id {
             let at = self.frames.get(loc.frame as usize).map_or(0, |f| f.offset);
             return Err(Error::corrupt(
                 &self.name,
@@ -1135,6 +1279,12 @@ fn name_chunk(e: Error, id: &ChunkId) -> Error {
 /// Parses a whole pack held in memory (the fuzz entry point): trailer, index, every frame and
 /// every chunk. Returns the number of chunks that read back intact.
 pub fn parse_pack_bytes(bytes: &[u8]) -> Result<usize> {
+    parse_pack_bytes_keyed(bytes, None)
+}
+
+/// [`parse_pack_bytes`] for a pack of an encrypted store (`keys`) or a plain one.
+pub fn parse_pack_bytes_keyed(bytes: &[u8], keys: Option<&Keys>) -> Result<usize> {
+    let hasher = keys.map_or(IdHasher::Plain, |k| k.hasher());
     let name = "pack <memory>";
     let len = bytes.len() as u64;
     if len < HEADER_LEN + TRAILER_LEN {
@@ -1155,12 +1305,13 @@ pub fn parse_pack_bytes(bytes: &[u8]) -> Result<usize> {
                 e.loc.frame,
                 &f,
                 &bytes[h + 16..h + 16 + f.stored_len as usize],
+                keys,
             )?;
             v.insert(plain);
         }
         let plain = &decoded[&e.loc.frame];
         let s = e.loc.offset as usize;
-        if ChunkId::of(&plain[s..s + e.loc.len as usize]) == e.id {
+        if hasher.id(&plain[s..s + e.loc.len as usize]) == e.id {
             ok += 1;
         }
         if decoded.len() > 4 {

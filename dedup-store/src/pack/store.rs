@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::{EncodedFrame, FrameCache, PackId, PackReader, PackWriter};
 use crate::chunk::{ChunkId, ChunkStore};
+use crate::crypt::{IdHasher, Keys};
 use crate::error::{Error, Result};
 use crate::index::ChunkIndex;
 
@@ -66,6 +67,8 @@ pub struct PackStore {
     report: OpenReport,
     frame_target: usize,
     level: i32,
+    /// An encrypted store's keys: frames sealed, chunk ids keyed.
+    keys: Option<Arc<Keys>>,
 }
 
 fn poisoned() -> Error {
@@ -86,6 +89,17 @@ impl PackStore {
     /// Like [`PackStore::open`] with frames of `frame_target` plaintext bytes compressed at zstd
     /// `level` (a store's config sets both).
     pub fn open_with_settings(root: &Path, frame_target: usize, level: i32) -> Result<PackStore> {
+        Self::open_keyed(root, frame_target, level, None)
+    }
+
+    /// Like [`PackStore::open_with_settings`] for an encrypted store (`keys`): data frames are
+    /// sealed, map nodes go to metadata frames, chunk ids are keyed.
+    pub fn open_keyed(
+        root: &Path,
+        frame_target: usize,
+        level: i32,
+        keys: Option<Arc<Keys>>,
+    ) -> Result<PackStore> {
         let packs_dir = root.join("packs");
         let index_dir = root.join("index");
         std::fs::create_dir_all(&packs_dir).map_err(|source| Error::Io {
@@ -117,7 +131,7 @@ impl PackStore {
             let Some(id) = name.strip_suffix(".pack").and_then(PackId::from_hex) else {
                 continue;
             };
-            match PackReader::open(id, &path) {
+            match PackReader::open_keyed(id, &path, keys.clone()) {
                 Ok(r) => {
                     readers.insert(id, Arc::new(r));
                 }
@@ -161,7 +175,9 @@ impl PackStore {
             .copied()
             .collect();
         for id in &unlisted {
-            if let Ok(r) = PackReader::open(*id, &packs_dir.join(id.file_name())) {
+            if let Ok(r) =
+                PackReader::open_keyed(*id, &packs_dir.join(id.file_name()), keys.clone())
+            {
                 readers.insert(*id, Arc::new(r));
             }
         }
@@ -194,7 +210,21 @@ impl PackStore {
             report,
             frame_target,
             level,
+            keys,
         })
+    }
+
+    /// The keys of an encrypted store.
+    pub fn keys(&self) -> Option<&Arc<Keys>> {
+        self.keys.as_ref()
+    }
+
+    /// A new pack writer in `dir` with this store's frame size, level and keys.
+    pub fn new_writer(&self, dir: &Path) -> Result<PackWriter> {
+        Ok(
+            PackWriter::with_settings(dir, self.frame_target, self.level)?
+                .sealed_with(self.keys.clone()),
+        )
     }
 
     /// Plaintext bytes of a frame.
@@ -253,7 +283,7 @@ impl PackStore {
             }
         }
         for (id, path) in fresh {
-            let Ok(reader) = PackReader::open(id, &path) else {
+            let Ok(reader) = PackReader::open_keyed(id, &path, self.keys.clone()) else {
                 continue;
             };
             let reader = Arc::new(reader);
@@ -269,12 +299,12 @@ impl PackStore {
         Ok(())
     }
 
-    /// Writes `chunks` into new packs, stored even when the store holds them elsewhere (gc moves
+    /// Writes `chunks` (id, bytes, whether a map node) into new packs, stored even when the store holds them elsewhere (gc moves
     /// live chunks out of packs it is about to delete), durable and indexed when this returns.
     /// Returns the number of packs written.
     pub fn write_packs(
         &self,
-        chunks: impl IntoIterator<Item = Result<(ChunkId, Vec<u8>)>>,
+        chunks: impl IntoIterator<Item = Result<(ChunkId, Vec<u8>, bool)>>,
     ) -> Result<usize> {
         let mut open = self.open.lock().map_err(|_| poisoned())?;
         self.finish_open(&mut open, true)?;
@@ -286,16 +316,16 @@ impl PackStore {
             Ok(())
         };
         for item in chunks {
-            let (id, data) = item?;
+            let (id, data, meta) = item?;
             if writer.is_none() {
-                writer = Some(PackWriter::with_settings(
-                    &self.packs_dir,
-                    self.frame_target,
-                    self.level,
-                )?);
+                writer = Some(self.new_writer(&self.packs_dir)?);
             }
             if let Some(w) = writer.as_mut() {
-                w.add(id, &data)?;
+                if meta {
+                    w.add_meta(id, &data)?;
+                } else {
+                    w.add(id, &data)?;
+                }
             }
             if writer.as_ref().is_some_and(PackWriter::is_full)
                 && let Some(w) = writer.take()
@@ -363,11 +393,7 @@ impl PackStore {
             self.finish_open(&mut open, false)?;
         }
         if open.writer.is_none() {
-            open.writer = Some(PackWriter::with_settings(
-                &self.packs_dir,
-                self.frame_target,
-                self.level,
-            )?);
+            open.writer = Some(self.new_writer(&self.packs_dir)?);
         }
         if let Some(w) = open.writer.as_mut() {
             w.add_encoded(frame)?;
@@ -422,7 +448,11 @@ impl PackStore {
     /// index file is written by the next `persist_delta`).
     fn adopt(&self, w: PackWriter) -> Result<()> {
         let done = w.finish()?;
-        let reader = Arc::new(PackReader::open(done.id, &done.path)?);
+        let reader = Arc::new(PackReader::open_keyed(
+            done.id,
+            &done.path,
+            self.keys.clone(),
+        )?);
         self.readers
             .write()
             .map_err(|_| poisoned())?
@@ -458,8 +488,8 @@ impl PackStore {
     }
 }
 
-impl ChunkStore for PackStore {
-    fn put(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+impl PackStore {
+    fn put_kind(&self, id: ChunkId, data: &[u8], meta: bool) -> Result<bool> {
         if self.durable(&id)?.is_some() {
             return Ok(false);
         }
@@ -472,14 +502,14 @@ impl ChunkStore for PackStore {
             return Ok(false);
         }
         if open.writer.is_none() {
-            open.writer = Some(PackWriter::with_settings(
-                &self.packs_dir,
-                self.frame_target,
-                self.level,
-            )?);
+            open.writer = Some(self.new_writer(&self.packs_dir)?);
         }
         if let Some(w) = open.writer.as_mut() {
-            w.add(id, data)?;
+            if meta {
+                w.add_meta(id, data)?;
+            } else {
+                w.add(id, data)?;
+            }
         }
         open.pending.insert(id, data.to_vec());
         if open.writer.as_ref().is_some_and(|w| w.is_full()) {
@@ -487,6 +517,20 @@ impl ChunkStore for PackStore {
             self.finish_open(&mut open, false)?;
         }
         Ok(true)
+    }
+}
+
+impl ChunkStore for PackStore {
+    fn put(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+        self.put_kind(id, data, false)
+    }
+
+    fn put_meta(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+        self.put_kind(id, data, true)
+    }
+
+    fn id_hasher(&self) -> IdHasher {
+        self.keys.as_ref().map_or(IdHasher::Plain, |k| k.hasher())
     }
 
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {

@@ -1,5 +1,6 @@
 use super::*;
 use crate::chunk::ChunkStore;
+use crate::crypt::Keys;
 
 pub(crate) fn scratch(name: &str) -> PathBuf {
     let dir = image_format::scratch::path("pack", name);
@@ -375,7 +376,7 @@ fn a_store_dropped_without_flush_claims_nothing_unflushed_and_cleans_temp_packs(
         // Then the process dies: its files close (releasing the temp pack's lock), nothing else.
         let mut open = s.open.lock().unwrap();
         let mut w = open.writer.take().unwrap();
-        w.seal_frame().unwrap();
+        w.write_pending(false).unwrap();
         drop(w);
         std::mem::forget(open);
         std::mem::forget(s);
@@ -556,4 +557,146 @@ fn concurrent_puts_and_gets_agree() {
     s.flush().unwrap();
     let total: usize = s.packs().iter().map(|p| p.entries().len()).sum();
     assert_eq!(total, 150, "each chunk stored once");
+}
+
+fn test_keys() -> std::sync::Arc<Keys> {
+    std::sync::Arc::new(Keys::from_master(&[5; 32]))
+}
+
+/// A sealed pack: `data` chunks in sealed frames, `meta` chunks in a metadata frame.
+fn write_sealed_pack(
+    dir: &Path,
+    keys: &std::sync::Arc<Keys>,
+    data: &[Vec<u8>],
+    meta: &[Vec<u8>],
+) -> FinishedPack {
+    let h = keys.hasher();
+    let mut w = PackWriter::with_frame_target(dir, 64 << 10)
+        .unwrap()
+        .sealed_with(Some(keys.clone()));
+    for c in data {
+        w.add(h.id(c), c).unwrap();
+    }
+    for c in meta {
+        w.add_meta(h.id(c), c).unwrap();
+    }
+    w.finish().unwrap()
+}
+
+#[test]
+fn a_sealed_pack_reads_back_with_its_key_and_holds_no_plaintext() {
+    let dir = scratch("sealed");
+    let keys = test_keys();
+    let data = vec![
+        chunk(1, 30_000, true),
+        chunk(2, 30_000, false),
+        chunk(3, 50_000, true),
+    ];
+    let meta = vec![b"a map node: ids only".repeat(10)];
+    let p = write_sealed_pack(&dir, &keys, &data, &meta);
+    let bytes = std::fs::read(&p.path).unwrap();
+    assert!(!bytes.windows(20).any(|w| w == &data[0][100..120]));
+    assert!(!bytes.windows(20).any(|w| w == &data[1][100..120]));
+    let r = PackReader::open_keyed(p.id, &p.path, Some(keys.clone())).unwrap();
+    let h = keys.hasher();
+    for c in data.iter().chain(&meta) {
+        assert_eq!(&r.get(&h.id(c), None).unwrap().unwrap(), c);
+    }
+    let flags: Vec<u32> = r.frames().iter().map(|f| f.flags).collect();
+    assert!(
+        flags.iter().filter(|f| *f & FLAG_SEALED != 0).count() >= 2,
+        "{flags:?}"
+    );
+    assert_eq!(
+        flags.iter().filter(|f| *f & FLAG_META != 0).count(),
+        1,
+        "{flags:?}"
+    );
+    assert!(r.is_meta(r.locate(&h.id(&meta[0])).unwrap()));
+    assert!(!r.is_meta(r.locate(&h.id(&data[0])).unwrap()));
+    assert_eq!(parse_pack_bytes_keyed(&bytes, Some(&keys)).unwrap(), 4);
+    r.verify().unwrap();
+}
+
+#[test]
+fn a_plain_reader_refuses_sealed_frames_but_reads_metadata_frames() {
+    let dir = scratch("sealed-plain");
+    let keys = test_keys();
+    let data = vec![chunk(1, 1000, true)];
+    let meta = vec![b"node".repeat(50)];
+    let p = write_sealed_pack(&dir, &keys, &data, &meta);
+    let h = keys.hasher();
+    let r = PackReader::open(p.id, &p.path).unwrap();
+    let err = r.get(&h.id(&data[0]), None).unwrap_err().to_string();
+    assert!(err.contains(&format!("pack {}", p.id)), "{err}");
+    assert!(err.contains("frame 0 is sealed"), "{err}");
+    // Without the key the node's bytes are readable, its keyed id is not checkable.
+    let loc = r.locate(&h.id(&meta[0])).unwrap();
+    assert_eq!(&*r.frame(loc.frame, None).unwrap(), &meta[0]);
+}
+
+#[test]
+fn an_encrypted_reader_refuses_a_plain_data_frame() {
+    let dir = scratch("plain-in-sealed");
+    let c = chunk(1, 1000, true);
+    let keys = test_keys();
+    let mut w = PackWriter::with_frame_target(&dir, 64 << 10).unwrap();
+    w.add(keys.hasher().id(&c), &c).unwrap();
+    let p = w.finish().unwrap();
+    let r = PackReader::open_keyed(p.id, &p.path, Some(keys.clone())).unwrap();
+    let err = r.get(&keys.hasher().id(&c), None).unwrap_err().to_string();
+    assert!(err.contains("frame 0 is not sealed"), "{err}");
+}
+
+#[test]
+fn a_sealed_frame_flipped_under_a_fixed_checksum_fails_authentication() {
+    let dir = scratch("sealed-flip");
+    let keys = test_keys();
+    let data = vec![chunk(1, 4000, false)];
+    let p = write_sealed_pack(&dir, &keys, &data, &[]);
+    let bytes = std::fs::read(&p.path).unwrap();
+    let r0 = PackReader::open_keyed(p.id, &p.path, Some(keys.clone())).unwrap();
+    let f = r0.frames()[0];
+    let body = (f.offset + FRAME_HEADER_LEN) as usize;
+    // nonce, ciphertext, tag
+    for at in [body, body + 30, body + f.stored_len as usize - 1] {
+        let mut bad = bytes.clone();
+        bad[at] ^= 1;
+        let crc = crc32c::crc32c(&bad[body..body + f.stored_len as usize]);
+        // Keep the checksums right so that only the AEAD can notice.
+        bad[f.offset as usize + 12..f.offset as usize + 16].copy_from_slice(&crc.to_le_bytes());
+        let n_chunks = r0.entries().len();
+        let t = parse_trailer("t", &bytes[bytes.len() - 64..], bytes.len() as u64).unwrap();
+        let ftab = t.index_offset as usize + n_chunks * 48;
+        bad[ftab + 20..ftab + 24].copy_from_slice(&crc.to_le_bytes());
+        let icrc =
+            crc32c::crc32c(&bad[t.index_offset as usize..(t.index_offset + t.index_len) as usize]);
+        let tl = bad.len() - 64;
+        bad[tl + 40..tl + 44].copy_from_slice(&icrc.to_le_bytes());
+        let tcrc = crc32c::crc32c(&bad[tl..tl + 60]);
+        bad[tl + 60..tl + 64].copy_from_slice(&tcrc.to_le_bytes());
+        let path = dir.join(format!("bad-{at}"));
+        std::fs::write(&path, &bad).unwrap();
+        let r = PackReader::open_keyed(p.id, &path, Some(keys.clone())).unwrap();
+        let err = r
+            .get(&keys.hasher().id(&data[0]), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("frame 0 fails authentication"), "{at}: {err}");
+        assert!(err.contains(&format!("pack {}", p.id)), "{err}");
+    }
+}
+
+#[test]
+fn a_sealed_frame_in_the_table_must_fit_its_lengths() {
+    let dir = scratch("sealed-lengths");
+    let keys = test_keys();
+    let p = write_sealed_pack(&dir, &keys, &[chunk(1, 4000, false)], &[]);
+    let r = PackReader::open_keyed(p.id, &p.path, Some(keys)).unwrap();
+    let f = r.frames()[0];
+    assert_eq!(f.flags, FLAG_SEALED);
+    assert_eq!(
+        f.stored_len,
+        f.plain_len + crate::crypt::SEAL_OVERHEAD as u32
+    );
 }

@@ -192,8 +192,8 @@ impl Inner {
         let bytes = disk.get(&pack, n, FRAME_HEADER_LEN + u64::from(f.stored_len))?;
         let object = format!("frame cache copy of {}", self.object(&pack));
         let (h, stored) = bytes.split_at(FRAME_HEADER_LEN as usize);
-        let plain =
-            check_frame_header(&object, n, f, h).and_then(|()| decode_frame(&object, n, f, stored));
+        let plain = check_frame_header(&object, n, f, h)
+            .and_then(|()| decode_frame(&object, n, f, stored, self.remote.keys().as_deref()));
         match plain {
             Ok(p) => {
                 self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
@@ -284,7 +284,8 @@ impl Inner {
                 ));
             };
             check_frame_header(&object, n, f, h)?;
-            let plain = Arc::new(decode_frame(&object, n, f, stored)?);
+            let keys = self.remote.keys();
+            let plain = Arc::new(decode_frame(&object, n, f, stored, keys.as_deref())?);
             self.cache.insert((pack, n), plain.clone());
             if let Some(d) = &self.disk {
                 d.put(&pack, n, &bytes[at..stop]);
@@ -439,7 +440,7 @@ impl ChunkStore for RemoteChunks {
                 format!("chunk {id} runs past frame {}", loc.frame),
             ));
         };
-        if ChunkId::of(data) != *id {
+        if !inner.remote.ids_unchecked() && self.id_hasher().id(data) != *id {
             let at = info.frames.get(loc.frame as usize).map_or(0, |f| f.offset);
             return Err(Error::corrupt(
                 object,
@@ -452,6 +453,13 @@ impl ChunkStore for RemoteChunks {
 
     fn contains(&self, id: &ChunkId) -> Result<bool> {
         Ok(self.inner.remote.has_chunk(id))
+    }
+
+    fn id_hasher(&self) -> crate::crypt::IdHasher {
+        self.inner
+            .remote
+            .keys()
+            .map_or(crate::crypt::IdHasher::Plain, |k| k.hasher())
     }
 
     fn flush(&self) -> Result<()> {

@@ -9,7 +9,16 @@
 //! snapshots/<hex>      a manifest, byte for byte (its name is its BLAKE3); written last, with
 //!                      If-None-Match: * (the commit point of a push)
 //! refs/<name>          "<snapshot hex>\n", written after the manifest
+//! keys                 an encrypted store's `encryption` section (wrapped key, salt, costs,
+//!                      fingerprint; never a key), written first by a push, If-None-Match: *
 //! ```
+//!
+//! An encrypted store pushes its objects as they are (frames sealed, map nodes in unsealed
+//! metadata frames, manifests with sealed fields): the remote never sees plaintext. Push, pull,
+//! restore and `serve --from` compare key fingerprints before any transfer
+//! ([`Remote::check_keys`]); reading sealed frames needs the keys ([`Remote::set_keys`]).
+//! `verify --remote` works without them: it walks map nodes (not sealed) without checking their
+//! keyed ids, and checks recipe parts for presence only.
 //!
 //! Invariant, kept by [`push`] and checked by [`verify_remote`]: a manifest exists on the remote
 //! only once every chunk and map node it refers to is in a pack whose index object exists.
@@ -37,6 +46,7 @@ pub use pull::{PullProgress, PullReport, pull, pull_with};
 pub use push::{PushOptions, PushReport, push};
 pub use verify::{RemoteVerifyReport, verify_remote};
 
+use crate::crypt::{EncryptionConfig, Keys};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -298,6 +308,11 @@ pub struct Remote {
     index: RwLock<RemoteIndex>,
     limit: Option<Arc<RateLimit>>,
     traffic: Traffic,
+    /// The keys of an encrypted remote, once unlocked (frames opened, ids checked keyed).
+    keys: RwLock<Option<Arc<Keys>>>,
+    /// Read chunks without checking their ids (an encrypted remote read without its key, by
+    /// `verify --remote`: only map nodes, which are not sealed, can be read so).
+    unchecked_ids: std::sync::atomic::AtomicBool,
     /// A directory remote's root: objects are written by [`write_dir_object`] (fsynced), reads
     /// and listings go through `os`.
     dir: Option<PathBuf>,
@@ -335,6 +350,9 @@ fn write_dir_object(root: &Path, rel: &str, bytes: &[u8], create_only: bool) -> 
         write_atomic(dir, &path, bytes).map(|()| true)
     }
 }
+
+/// Largest `keys` object accepted.
+const MAX_KEYS_LEN: u64 = 64 << 10;
 
 fn timeout_from_env() -> Duration {
     std::env::var("VMNEST_REMOTE_TIMEOUT")
@@ -423,7 +441,109 @@ impl Remote {
             limit: None,
             traffic: Traffic::default(),
             dir: dir_root,
+            keys: RwLock::new(None),
+            unchecked_ids: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Reads this remote with `keys` (an encrypted remote): sealed frames are opened, chunk ids
+    /// checked keyed.
+    pub fn set_keys(&self, keys: Option<Arc<Keys>>) {
+        if let Ok(mut g) = self.keys.write() {
+            *g = keys;
+        }
+    }
+
+    /// The keys set by [`Remote::set_keys`].
+    pub fn keys(&self) -> Option<Arc<Keys>> {
+        self.keys.read().ok().and_then(|g| g.clone())
+    }
+
+    /// Reads chunks without checking their ids (`verify --remote` of an encrypted remote
+    /// without its key).
+    pub fn set_unchecked_ids(&self, on: bool) {
+        self.unchecked_ids.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn ids_unchecked(&self) -> bool {
+        self.unchecked_ids.load(Ordering::Relaxed)
+    }
+
+    /// The remote's `keys` object (an encrypted store's encryption section), if it has one.
+    pub fn encryption(&self) -> Result<Option<EncryptionConfig>> {
+        let Some(bytes) = self.block_on(self.get_small("keys", MAX_KEYS_LEN))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            Error::corrupt(
+                format!("{}/keys", self.url.trim_end_matches('/')),
+                0,
+                e.to_string(),
+            )
+        })
+    }
+
+    /// Checks, before any transfer, that a store whose encryption section is `local` (None: a
+    /// plain store) and this remote use the same key: a plain store and an encrypted remote, an
+    /// encrypted store and a remote of another key, or an encrypted store and a remote that
+    /// holds a plain store's objects are refused with an error naming both. Returns the
+    /// remote's section.
+    pub fn check_keys(
+        &self,
+        store: &Path,
+        local: Option<&EncryptionConfig>,
+    ) -> Result<Option<EncryptionConfig>> {
+        let remote = self.encryption()?;
+        let err = |why: String| Error::InvalidArgument(format!("remote {}: {why}", self.name));
+        match (local, &remote) {
+            (None, None) => {}
+            (None, Some(r)) => {
+                return Err(err(format!(
+                    "it is encrypted (key fingerprint {}) and store {} is not; \
+                     `vmnest init --encrypt --from-remote {}` makes a store that shares its key",
+                    r.fingerprint,
+                    store.display(),
+                    self.name
+                )));
+            }
+            (Some(l), Some(r)) if l.fingerprint != r.fingerprint => {
+                return Err(err(format!(
+                    "it is encrypted with another key (fingerprint {}) than store {} ({})",
+                    r.fingerprint,
+                    store.display(),
+                    l.fingerprint
+                )));
+            }
+            (Some(_), Some(_)) => {}
+            (Some(_), None) => {
+                let used = !self.block_on(self.list("snapshots"))?.is_empty()
+                    || !self.block_on(self.list("packs"))?.is_empty();
+                if used {
+                    return Err(err(format!(
+                        "it holds a plain store's objects and store {} is encrypted",
+                        store.display()
+                    )));
+                }
+            }
+        }
+        Ok(remote)
+    }
+
+    /// Writes `section` as the remote's `keys` object unless it has one (If-None-Match: *);
+    /// one that appeared meanwhile must have the same fingerprint.
+    pub fn publish_keys(&self, section: &EncryptionConfig) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(section)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        if !self.block_on(self.put_new("keys", Bytes::from(bytes)))? {
+            let there = self.encryption()?;
+            if there.as_ref().map(|t| &t.fingerprint) != Some(&section.fingerprint) {
+                return Err(Error::InvalidArgument(format!(
+                    "remote {}: another key was published there meanwhile",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Limits uploads to `rate` bytes a second.
@@ -727,7 +847,10 @@ impl Remote {
                 "manifest does not match its name",
             ));
         }
-        let m = Manifest::decode(&object, &b)?;
+        let mut m = Manifest::decode(&object, &b)?;
+        if let Some(k) = self.keys() {
+            k.open_manifest(&object, &mut m)?;
+        }
         Ok(Some((b, m)))
     }
 

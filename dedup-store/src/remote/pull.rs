@@ -51,6 +51,12 @@ impl ChunkStore for Layered<'_> {
     fn put(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
         self.local.put(id, data)
     }
+    fn put_meta(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+        self.local.put_meta(id, data)
+    }
+    fn id_hasher(&self) -> crate::crypt::IdHasher {
+        self.local.id_hasher()
+    }
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
         if self.local.contains(id)? {
             self.local.get(id)
@@ -87,6 +93,8 @@ pub fn pull_with(
         .traffic()
         .bytes_down
         .load(std::sync::atomic::Ordering::Relaxed);
+    remote.check_keys(store.root(), store.config().encryption.as_ref())?;
+    remote.set_keys(store.keys().cloned());
     remote.refresh_index()?;
     let (name, id, is_head) = remote.resolve(spec)?;
     let mut report = PullReport {

@@ -164,6 +164,14 @@ pub fn push(
         remote.traffic().retries.load(Ordering::Relaxed),
     );
     let mut report = PushReport::default();
+    // Keys first: refuse a remote of another key (or a plain one holding objects) before
+    // anything is sent, and publish this store's encryption section before any object.
+    let section = store.config().encryption.as_ref();
+    remote.check_keys(store.root(), section)?;
+    if let Some(section) = section {
+        remote.publish_keys(section)?;
+    }
+    remote.set_keys(store.keys().cloned());
     remote.refresh_index()?;
     index_orphans(remote)?;
     let on_remote = remote.snapshots()?;
@@ -261,13 +269,13 @@ pub fn push(
             let data = reader.read_at(&id, loc, Some(chunks.cache()))?;
             let w = match writer.as_mut() {
                 Some(w) => w,
-                None => writer.insert(PackWriter::with_settings(
-                    &staging,
-                    chunks.frame_target(),
-                    chunks.level(),
-                )?),
+                None => writer.insert(chunks.new_writer(&staging)?),
             };
-            w.add(id, &data)?;
+            if reader.is_meta(loc) {
+                w.add_meta(id, &data)?;
+            } else {
+                w.add(id, &data)?;
+            }
             let last = i + 1 == n;
             if (w.is_full() || last)
                 && let Some(w) = writer.take()

@@ -64,6 +64,12 @@ impl ChunkStore for DiskChunks {
     ) -> crate::Result<()> {
         self.inner().read_into(id, len, from, dst)
     }
+    fn id_hasher(&self) -> crate::crypt::IdHasher {
+        self.inner().id_hasher()
+    }
+    fn put_meta(&self, id: ChunkId, data: &[u8]) -> crate::Result<bool> {
+        self.inner().put_meta(id, data)
+    }
 }
 
 /// A disk member of a stored snapshot, readable.

@@ -191,9 +191,11 @@ pub fn gc(store: &Store, options: GcOptions) -> Result<GcReport> {
     }
     // Copy what must survive first (durable and indexed), then delete.
     let moved = move_out.iter().flat_map(|(pack, entries)| {
-        entries
-            .iter()
-            .map(move |e| pack.read_at(&e.id, e.loc, None).map(|data| (e.id, data)))
+        entries.iter().map(move |e| {
+            let meta = pack.is_meta(e.loc);
+            pack.read_at(&e.id, e.loc, None)
+                .map(|data| (e.id, data, meta))
+        })
     });
     report.packs_written = chunks.write_packs(moved)?;
     chunks.delete_packs(&delete)?;

@@ -90,7 +90,8 @@ impl DiskImporter {
         if entries.is_empty() {
             return Ok(());
         }
-        let frame = EncodedFrame::encode(plain, std::mem::take(entries), self.chunks.level())
+        let keys = self.chunks.keys().map(|k| k.as_ref());
+        let frame = EncodedFrame::encode(plain, std::mem::take(entries), self.chunks.level(), keys)
             .map_err(|source| crate::Error::Io {
                 path: self.chunks.root().to_path_buf(),
                 op: "zstd compress",
@@ -113,6 +114,7 @@ impl DiskImporter {
         let mut entries = Vec::new();
         let mut batch = HashSet::new();
         let stats = &self.handle.stats;
+        let hasher = self.chunks.id_hasher();
         for (i, chunk) in data.chunks(cs).enumerate() {
             let start = off + (i * cs) as u64;
             // The last chunk of a disk is as long as what is left of it.
@@ -122,7 +124,7 @@ impl DiskImporter {
                 units.push(Unit::default());
                 continue;
             }
-            let id = ChunkId::of(chunk);
+            let id = hasher.id(chunk);
             stats.chunks.fetch_add(1, Ordering::Relaxed);
             if !batch.contains(&id) && !self.chunks.contains(&id)? {
                 batch.insert(id);

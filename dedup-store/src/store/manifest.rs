@@ -189,6 +189,14 @@ pub struct Manifest {
     pub labels: BTreeMap<String, String>,
     /// Members, in order (`disk0` first for a disk).
     pub members: Vec<Member>,
+    /// In an encrypted store: `origin` and `labels`, sealed (hex; see
+    /// [`crate::crypt::Keys::seal_manifest`]); the two plain fields are then empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<String>,
+    /// In an encrypted store: keyed BLAKE3 (the manifest key) of the manifest's bytes without
+    /// this field, hex, so a keyed reader detects tampering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 impl Manifest {
@@ -260,6 +268,12 @@ impl Manifest {
                 "{} labels (at most {MAX_LABELS})",
                 self.labels.len()
             ));
+        }
+        if self.sealed.is_some() && (!self.origin.is_empty() || !self.labels.is_empty()) {
+            return Err("a manifest with sealed fields has plain origin or labels".into());
+        }
+        if self.mac.as_ref().is_some_and(|m| m.len() != 64) {
+            return Err("manifest mac is not 64 hex digits".into());
         }
         if self.origin.len() > MAX_TEXT
             || self
@@ -355,6 +369,8 @@ mod tests {
                     root: Some(ChunkId::of(b"x")),
                 },
             }],
+            sealed: None,
+            mac: None,
         }
     }
 

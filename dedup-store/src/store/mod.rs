@@ -45,6 +45,7 @@ use serde::{Deserialize, Serialize};
 
 pub use manifest::{Layout, Manifest, Member, MemberKind, SnapshotId, check_name};
 
+use crate::crypt::{Argon2Costs, EncryptionConfig, KeySource, Keys};
 use crate::error::{Error, Result};
 use crate::pack::{OpenReport, PackStore, create_locked_temp, io_err, sync_dir, temp_path};
 
@@ -86,6 +87,9 @@ pub struct StoreConfig {
     /// Plaintext bytes of a pack frame (what a read decompresses).
     #[serde(default = "default_frame_size")]
     pub frame_size: u32,
+    /// Present in an encrypted store: how its key is kept (never the key). See [`crate::crypt`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionConfig>,
 }
 
 fn default_level() -> i32 {
@@ -104,6 +108,7 @@ impl Default for StoreConfig {
             chunk_size: DEFAULT_CHUNK_SIZE,
             compression_level: DEFAULT_COMPRESSION_LEVEL,
             frame_size: DEFAULT_FRAME_SIZE,
+            encryption: None,
         }
     }
 }
@@ -134,6 +139,7 @@ pub struct Store {
     root: PathBuf,
     chunks: Arc<PackStore>,
     config: StoreConfig,
+    keys: Option<Arc<Keys>>,
     _lock: File,
 }
 
@@ -244,19 +250,59 @@ impl Store {
 
     /// Like [`Store::open`]; `on_wait` is called once before blocking on another process.
     pub fn open_with(root: &Path, access: Access, on_wait: &mut dyn FnMut()) -> Result<Store> {
-        Self::open_full(root, access, None, on_wait)
+        Self::open_full(root, access, None, None, on_wait)
+    }
+
+    /// Like [`Store::open_with`], with the key of an encrypted store (ignored by a plain one).
+    /// An encrypted store opened without a key is an error naming it.
+    pub fn open_keyed(
+        root: &Path,
+        access: Access,
+        key: Option<&KeySource>,
+        on_wait: &mut dyn FnMut(),
+    ) -> Result<Store> {
+        Self::open_full(root, access, None, key, on_wait)
     }
 
     /// Creates the store at `root` with `config` when it does not exist, then opens it for
     /// writing.
     pub fn create(root: &Path, config: StoreConfig) -> Result<Store> {
-        Self::open_full(root, Access::Write, Some(config), &mut || {})
+        Self::open_full(root, Access::Write, Some(config), None, &mut || {})
+    }
+
+    /// Creates an encrypted store at `root` (which must not hold one): a new master key kept
+    /// as `key` says (see [`Keys::create`]), or, with `shared` (the encryption section of a
+    /// remote or another store), that store's key, which `key` must unlock. The config is
+    /// written atomically (temporary file, fsync, rename, directory fsync).
+    pub fn create_encrypted(
+        root: &Path,
+        mut config: StoreConfig,
+        key: &KeySource,
+        costs: Argon2Costs,
+        shared: Option<&EncryptionConfig>,
+    ) -> Result<Store> {
+        if root.join("config").exists() {
+            return Err(Error::InvalidArgument(format!(
+                "a store exists at {} already",
+                root.display()
+            )));
+        }
+        let section = match shared {
+            Some(section) => {
+                Keys::unlock(root, section, key)?;
+                section.clone()
+            }
+            None => Keys::create(key, costs)?.0,
+        };
+        config.encryption = Some(section);
+        Self::open_full(root, Access::Write, Some(config), Some(key), &mut || {})
     }
 
     fn open_full(
         root: &Path,
         access: Access,
         config: Option<StoreConfig>,
+        key: Option<&KeySource>,
         on_wait: &mut dyn FnMut(),
     ) -> Result<Store> {
         let config_path = root.join("config");
@@ -304,10 +350,22 @@ impl Store {
                 "compression level must be 1..=22 and frame size 4 KiB..16 MiB",
             ));
         }
-        let chunks = Arc::new(PackStore::open_with_settings(
+        let keys = match (&config.encryption, key) {
+            (None, _) => None,
+            (Some(section), Some(key)) => Some(Arc::new(Keys::unlock(root, section, key)?)),
+            (Some(_), None) => {
+                return Err(Error::InvalidArgument(format!(
+                    "store {} is encrypted: give its key with --key-file or --passphrase-file \
+                     (or VMNEST_KEY_FILE / VMNEST_PASSPHRASE)",
+                    root.display()
+                )));
+            }
+        };
+        let chunks = Arc::new(PackStore::open_keyed(
             root,
             config.frame_size as usize,
             config.compression_level,
+            keys.clone(),
         )?);
         for dir in ["snapshots", "refs"] {
             Self::remove_stale_temps(&root.join(dir));
@@ -316,8 +374,18 @@ impl Store {
             root: root.to_path_buf(),
             chunks,
             config,
+            keys,
             _lock: lock,
         })
+    }
+
+    /// Whether `root` holds an encrypted store (its config has an `encryption` section); false
+    /// when there is no store or its config does not parse (opening then says why).
+    pub fn is_encrypted(root: &Path) -> bool {
+        read_capped(&root.join("config"), MAX_CONFIG_LEN, "store config")
+            .ok()
+            .and_then(|b| serde_json::from_slice::<StoreConfig>(&b).ok())
+            .is_some_and(|c| c.encryption.is_some())
     }
 
     fn remove_stale_temps(dir: &Path) {
@@ -343,6 +411,11 @@ impl Store {
     /// The settings.
     pub fn config(&self) -> &StoreConfig {
         &self.config
+    }
+
+    /// The keys of an encrypted store (None for a plain one).
+    pub fn keys(&self) -> Option<&Arc<Keys>> {
+        self.keys.as_ref()
     }
 
     /// What opening the chunk store found and repaired.
@@ -373,7 +446,17 @@ impl Store {
                 "manifest does not match its name",
             ));
         }
-        Manifest::decode(&object, &bytes)
+        let m = Manifest::decode(&object, &bytes)?;
+        self.unseal(&object, m)
+    }
+
+    /// A manifest as read from the store, with its sealed fields opened and its MAC checked
+    /// in an encrypted store; as it is in a plain one.
+    pub fn unseal(&self, object: &str, mut m: Manifest) -> Result<Manifest> {
+        if let Some(k) = &self.keys {
+            k.open_manifest(object, &mut m)?;
+        }
+        Ok(m)
     }
 
     /// The bytes of manifest `id`, checked against its name (push sends them unchanged).
@@ -399,7 +482,14 @@ impl Store {
     pub fn write_manifest(&self, m: &Manifest) -> Result<SnapshotId> {
         m.validate()
             .map_err(|reason| Error::InvalidArgument(format!("manifest: {reason}")))?;
-        let bytes = m.encode();
+        let bytes = match &self.keys {
+            Some(k) => {
+                let mut sealed = m.clone();
+                k.seal_manifest(&mut sealed)?;
+                sealed.encode()
+            }
+            None => m.encode(),
+        };
         let id = SnapshotId::of(&bytes);
         let path = self.manifest_path(&id);
         if !path.exists() {
@@ -419,7 +509,7 @@ impl Store {
                 "manifest does not match its name",
             ));
         }
-        let m = Manifest::decode(&object, bytes)?;
+        let m = self.unseal(&object, Manifest::decode(&object, bytes)?)?;
         let path = self.manifest_path(id);
         if !path.exists() {
             write_atomic(&self.root.join("snapshots"), &path, bytes)?;
@@ -550,6 +640,8 @@ impl Store {
             origin,
             labels: BTreeMap::new(),
             members,
+            sealed: None,
+            mac: None,
         }
     }
 

@@ -212,7 +212,9 @@ impl<'a, S: ChunkStore + ?Sized> RecipeWriter<'a, S> {
             ));
         }
         let bytes = encode_part(&self.entries);
-        let id = ChunkId::of(&bytes);
+        // Parts hold inline bytes (record headers): in an encrypted store they are sealed like
+        // data (`put`, not `put_meta`), so a keyless verify checks recipe roots for presence.
+        let id = self.store.id_hasher().id(&bytes);
         self.store.put(id, &bytes)?;
         self.parts.push(id);
         self.entries.clear();
@@ -232,7 +234,7 @@ impl<'a, S: ChunkStore + ?Sized> RecipeWriter<'a, S> {
         if is_zero_chunk(data) {
             return self.push(Entry::Zero(data.len() as u32));
         }
-        let id = ChunkId::of(data);
+        let id = self.store.id_hasher().id(data);
         self.store.put(id, data)?;
         self.push(Entry::Chunk(id, data.len() as u32))
     }

@@ -10,6 +10,43 @@ use super::import::DiskImporter;
 use super::verify::verify;
 use super::*;
 use crate::chunker::cdc::xorshift_bytes;
+use crate::crypt::{Argon2Costs, KeySource};
+use crate::{ChunkId, ChunkStore};
+
+/// Two tests running `$body(encrypted)`: on a plain store and on an encrypted one.
+macro_rules! plain_and_encrypted {
+    ($plain:ident, $encrypted:ident, $body:ident) => {
+        #[test]
+        fn $plain() {
+            $body(false);
+        }
+
+        #[test]
+        fn $encrypted() {
+            $body(true);
+        }
+    };
+}
+
+/// A passphrase-protected store's key, with argon2 costs low enough for tests.
+pub(crate) fn test_key() -> KeySource {
+    KeySource::Passphrase(b"correct horse battery staple".to_vec())
+}
+
+pub(crate) const TEST_COSTS: Argon2Costs = Argon2Costs {
+    memory_kib: 64,
+    iterations: 1,
+};
+
+/// Opens (creating when missing) the store at `dir`: plain, or encrypted with [`test_key`].
+pub(crate) fn open_store(dir: &Path, access: Access, encrypted: bool) -> Store {
+    if encrypted && !dir.join("config").exists() {
+        return Store::create_encrypted(dir, StoreConfig::default(), &test_key(), TEST_COSTS, None)
+            .unwrap();
+    }
+    let key = encrypted.then(test_key);
+    Store::open_keyed(dir, access, key.as_ref(), &mut || {}).unwrap()
+}
 
 pub(crate) fn tmp(name: &str) -> PathBuf {
     image_format::scratch::path("store", name)
@@ -76,10 +113,15 @@ fn pack_bytes(root: &Path) -> u64 {
         .sum()
 }
 
-#[test]
-fn import_read_back_versions_and_lineage() {
-    let dir = tmp("versions");
-    let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
+plain_and_encrypted!(
+    import_read_back_versions_and_lineage,
+    import_read_back_versions_and_lineage_encrypted,
+    import_read_back_versions_and_lineage_in
+);
+
+fn import_read_back_versions_and_lineage_in(encrypted: bool) {
+    let dir = tmp(&format!("versions-{encrypted}"));
+    let store = Arc::new(open_store(&dir, Access::Write, encrypted));
     let v1 = disk_image(1);
     let a = commit_disk(&store, "gold", &v1);
     assert_eq!(read_all(&store, "gold"), v1);
@@ -131,10 +173,15 @@ fn stored_disk_reads_any_range_and_reports_extents() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn clones_cost_nothing_and_gc_keeps_what_names_reach() {
-    let dir = tmp("gc");
-    let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
+plain_and_encrypted!(
+    clones_cost_nothing_and_gc_keeps_what_names_reach,
+    clones_cost_nothing_and_gc_keeps_what_names_reach_encrypted,
+    clones_cost_nothing_and_gc_keeps_what_names_reach_in
+);
+
+fn clones_cost_nothing_and_gc_keeps_what_names_reach_in(encrypted: bool) {
+    let dir = tmp(&format!("gc-{encrypted}"));
+    let store = Arc::new(open_store(&dir, Access::Write, encrypted));
     let gold = disk_image(3);
     commit_disk(&store, "gold", &gold);
     let before = pack_bytes(&dir);
@@ -152,7 +199,7 @@ fn clones_cost_nothing_and_gc_keeps_what_names_reach() {
     commit_disk(&store, "web-0", &web);
     commit_disk(&store, "junk", &disk_image(99));
     drop(store);
-    let store = Arc::new(Store::open(&dir, Access::Exclusive).unwrap());
+    let store = Arc::new(open_store(&dir, Access::Exclusive, encrypted));
     store.remove_ref("junk").unwrap();
     let r = gc(&store, GcOptions::default()).unwrap();
     assert_eq!(r.removed_snapshots, 1);
@@ -164,15 +211,20 @@ fn clones_cost_nothing_and_gc_keeps_what_names_reach() {
     assert_eq!(read_all(&store, "web-0@~1"), gold);
     drop(store);
     // Reopened: everything still reads.
-    let store = Arc::new(Store::open(&dir, Access::Read).unwrap());
+    let store = Arc::new(open_store(&dir, Access::Read, encrypted));
     assert_eq!(read_all(&store, "gold"), gold);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot() {
-    let dir = tmp("flip");
-    let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
+plain_and_encrypted!(
+    a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot,
+    a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot_encrypted,
+    a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot_in
+);
+
+fn a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot_in(encrypted: bool) {
+    let dir = tmp(&format!("flip-{encrypted}"));
+    let store = Arc::new(open_store(&dir, Access::Write, encrypted));
     let data = disk_image(4);
     commit_disk(&store, "vm", &data);
     drop(store);
@@ -185,7 +237,7 @@ fn a_flipped_byte_is_an_error_naming_the_chunk_and_verify_names_the_snapshot() {
     let mut bytes = std::fs::read(&pack).unwrap();
     bytes[100] ^= 0x40;
     std::fs::write(&pack, &bytes).unwrap();
-    let store = Arc::new(Store::open(&dir, Access::Read).unwrap());
+    let store = Arc::new(open_store(&dir, Access::Read, encrypted));
     let snap = store.resolve("vm").unwrap();
     let disk = StoredDisk::open(&store, &snap, None).unwrap();
     let mut buf = vec![0u8; data.len()];
@@ -343,5 +395,112 @@ fn a_write_failing_at_any_point_then_a_power_cut_loses_nothing_committed() {
         }
         n += 1;
         assert!(n < 10_000);
+    }
+}
+
+#[test]
+fn an_encrypted_store_holds_no_plaintext_and_needs_its_key() {
+    let dir = tmp("enc-plaintext");
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + i / 13) as u8).collect();
+    let mut data = Vec::new();
+    for _ in 0..256 {
+        data.extend_from_slice(&pattern);
+    }
+    data.extend_from_slice(&xorshift_bytes(5, 1 << 20));
+    let store = Arc::new(open_store(&dir, Access::Write, true));
+    commit_disk(&store, "secret-vm", &data);
+    assert_eq!(read_all(&store, "secret-vm"), data);
+    drop(store);
+    let needle = &pattern[1000..1064];
+    let random = &data[(1 << 20) + 5000..(1 << 20) + 5064];
+    let stored = ["packs", "index", "snapshots"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(dir.join(d)).unwrap().flatten())
+        .map(|e| e.path())
+        .chain([dir.join("config")]);
+    for f in stored {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(!bytes.windows(64).any(|w| w == needle), "{}", f.display());
+        assert!(!bytes.windows(64).any(|w| w == random), "{}", f.display());
+    }
+    // Every frame of every pack is sealed or a map-node frame.
+    let store = open_store(&dir, Access::Read, true);
+    let mut meta = 0;
+    for p in store.chunks().packs() {
+        for f in p.frames() {
+            assert!(f.flags & (crate::pack::FLAG_SEALED | crate::pack::FLAG_META) != 0);
+            meta += usize::from(f.flags & crate::pack::FLAG_META != 0);
+        }
+    }
+    assert!(meta > 0);
+    assert!(verify(&store).unwrap().is_clean());
+    drop(store);
+    let err = Store::open(&dir, Access::Read).unwrap_err().to_string();
+    assert!(err.contains("is encrypted"), "{err}");
+    assert!(err.contains(&dir.display().to_string()), "{err}");
+    let wrong = KeySource::Passphrase(b"not it".to_vec());
+    let err = Store::open_keyed(&dir, Access::Read, Some(&wrong), &mut || {}).unwrap_err();
+    assert!(matches!(err, Error::WrongKey(_)), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_same_data_gets_other_ids_in_an_encrypted_store() {
+    let plain_dir = tmp("ids-plain");
+    let enc_dir = tmp("ids-enc");
+    let data = disk_image(8);
+    let plain = Arc::new(open_store(&plain_dir, Access::Write, false));
+    let enc = Arc::new(open_store(&enc_dir, Access::Write, true));
+    commit_disk(&plain, "d", &data);
+    commit_disk(&enc, "d", &data);
+    let root = |s: &Store| match &s.resolve("d").unwrap().manifest.members[0].layout {
+        Layout::Map { root, .. } => *root,
+        other => panic!("{other:?}"),
+    };
+    assert_ne!(root(&plain), root(&enc));
+    let first = ChunkId::of(&data[..16384]);
+    assert!(plain.chunks().contains(&first).unwrap());
+    assert!(!enc.chunks().contains(&first).unwrap());
+    let _ = std::fs::remove_dir_all(&plain_dir);
+    let _ = std::fs::remove_dir_all(&enc_dir);
+}
+
+#[test]
+fn creating_an_encrypted_store_failing_at_any_point_leaves_none_or_a_whole_one() {
+    let mut n = 1;
+    loop {
+        let dir = tmp(&format!("enc-init-{n}"));
+        crate::fault::plan::arm(Some(n));
+        let result =
+            Store::create_encrypted(&dir, StoreConfig::default(), &test_key(), TEST_COSTS, None);
+        let plan = crate::fault::plan::disarm();
+        for path in &plan.unsynced {
+            if path.exists() {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(0))
+                    .unwrap();
+            }
+        }
+        let ok = result.is_ok();
+        drop(result);
+        if dir.join("config").exists() {
+            // Whatever landed is a whole encrypted store that opens with its key.
+            let store = open_store(&dir, Access::Read, true);
+            assert!(store.keys().is_some(), "op {n}");
+        } else {
+            assert!(!ok, "op {n}: created, yet no config");
+            // The retry succeeds.
+            let store = open_store(&dir, Access::Write, true);
+            assert!(store.keys().is_some());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        if ok {
+            assert!(n > 2, "creating had only {} operations", n - 1);
+            break;
+        }
+        n += 1;
+        assert!(n < 1000);
     }
 }

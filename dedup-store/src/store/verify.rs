@@ -89,6 +89,7 @@ pub fn verify(store: &Store) -> Result<VerifyReport> {
             .damaged_packs
             .push((path.display().to_string(), why.clone()));
     }
+    let hasher = store.chunks().id_hasher();
     let mut good: HashSet<ChunkId> = HashSet::new();
     let mut bad: HashSet<ChunkId> = HashSet::new();
     for pack in store.chunks().packs() {
@@ -103,7 +104,7 @@ pub fn verify(store: &Store) -> Result<VerifyReport> {
                 Some(Ok(plain)) => {
                     let start = e.loc.offset as usize;
                     match plain.get(start..start + e.loc.len as usize) {
-                        Some(data) if ChunkId::of(data) == e.id => None,
+                        Some(data) if hasher.id(data) == e.id => None,
                         Some(_) => Some("its bytes do not hash to its id".to_string()),
                         None => Some("it runs past its frame".to_string()),
                     }

@@ -315,6 +315,19 @@ fn resolved_by_id(store: &Store, id: &SnapshotId, name: &str) -> Result<Resolved
     })
 }
 
+/// Writable volumes of an encrypted store are not built: their write log would hold the
+/// client's writes in plaintext.
+fn refuse_encrypted(store: &Store) -> Result<()> {
+    if store.keys().is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "store {} is encrypted: writable volumes of encrypted stores are not built (their \
+             write log would hold plaintext); export, patch and import instead",
+            store.root().display()
+        )));
+    }
+    Ok(())
+}
+
 impl Volume {
     /// Opens volume `name`, creating it over `spec` (`NAME[@SNAP][/MEMBER]`, as
     /// [`Store::resolve`] takes it; default member: the first disk) when it does not exist.
@@ -322,6 +335,7 @@ impl Volume {
     /// a bare `NAME` (no `@`, no member) equal to the volume's name reuses it whatever its base.
     /// Fails when another process holds the volume.
     pub fn open_or_create(store: Arc<Store>, name: &str, spec: &str) -> Result<Arc<Volume>> {
+        refuse_encrypted(&store)?;
         let dir = volume_dir(&store, name)?;
         let made_dir = !dir.exists();
         if made_dir {
@@ -398,6 +412,7 @@ impl Volume {
 
     /// Opens the existing volume `name`.
     pub fn open(store: Arc<Store>, name: &str) -> Result<Arc<Volume>> {
+        refuse_encrypted(&store)?;
         let dir = volume_dir(&store, name)?;
         if !dir.join("volume").exists() {
             return Err(Error::InvalidArgument(format!("no volume named {name}")));
@@ -613,7 +628,7 @@ impl Volume {
                     if is_zero_chunk(data) {
                         None
                     } else {
-                        let id = ChunkId::of(data);
+                        let id = chunks.id_hasher().id(data);
                         chunks.put(id, data)?;
                         Some(id)
                     }

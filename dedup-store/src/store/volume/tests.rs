@@ -419,3 +419,14 @@ fn a_fault_at_any_operation_of_write_flush_commit_then_a_power_cut_loses_nothing
         assert!(n < 10_000);
     }
 }
+
+#[test]
+fn an_encrypted_store_refuses_writable_volumes() {
+    let dir = crate::store::tests::tmp("vol-encrypted");
+    let store = Arc::new(crate::store::tests::open_store(&dir, Access::Write, true));
+    crate::store::tests::commit_disk(&store, "vm", &[7u8; 65536]);
+    let err = Volume::open_or_create(store.clone(), "vm", "vm").unwrap_err();
+    assert!(err.to_string().contains("is encrypted"), "{err}");
+    assert!(!dir.join("volumes/vm").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

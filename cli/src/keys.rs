@@ -1,0 +1,89 @@
+//! The key of an encrypted store: `--key-file` / `--passphrase-file` (global options), else
+//! `VMNEST_KEY_FILE` / `VMNEST_PASSPHRASE`, else a prompt when there is a terminal.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result, bail};
+use dedup_store::crypt::{KeySource, MAX_SECRET_LEN};
+
+/// The global key options.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct KeyArgs {
+    /// Key file of an encrypted store (hex master key; `init --encrypt` creates it, 0600, when
+    /// missing). Default: $VMNEST_KEY_FILE.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// File holding the passphrase of an encrypted store (its first line). Default:
+    /// $VMNEST_PASSPHRASE, else a prompt on the terminal.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+static KEY_ARGS: OnceLock<KeyArgs> = OnceLock::new();
+
+/// Records the global key options for the whole process.
+pub fn set_key_args(args: KeyArgs) {
+    let _ = KEY_ARGS.set(args);
+}
+
+fn read_passphrase_file(path: &PathBuf) -> Result<Vec<u8>> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("passphrase file {}", path.display()))?;
+    if meta.len() > MAX_SECRET_LEN {
+        bail!(
+            "passphrase file {} is larger than {MAX_SECRET_LEN} bytes",
+            path.display()
+        );
+    }
+    let bytes =
+        std::fs::read(path).with_context(|| format!("passphrase file {}", path.display()))?;
+    let line = bytes.split(|&b| b == b'\n').next().unwrap_or(&[]);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.is_empty() {
+        bail!("passphrase file {} is empty", path.display());
+    }
+    Ok(line.to_vec())
+}
+
+/// The key given without asking: the options first, then the environment.
+pub fn given_key() -> Result<Option<KeySource>> {
+    let args = KEY_ARGS.get().cloned().unwrap_or_default();
+    if let Some(f) = args.key_file {
+        return Ok(Some(KeySource::KeyFile(f)));
+    }
+    if let Some(f) = &args.passphrase_file {
+        return Ok(Some(KeySource::Passphrase(read_passphrase_file(f)?)));
+    }
+    if let Some(f) = std::env::var_os("VMNEST_KEY_FILE").filter(|v| !v.is_empty()) {
+        return Ok(Some(KeySource::KeyFile(f.into())));
+    }
+    if let Some(p) = std::env::var_os("VMNEST_PASSPHRASE").filter(|v| !v.is_empty()) {
+        use std::os::unix::ffi::OsStrExt;
+        return Ok(Some(KeySource::Passphrase(p.as_bytes().to_vec())));
+    }
+    Ok(None)
+}
+
+/// The key given, else a passphrase asked on the terminal (twice when `confirm`), else None.
+pub fn key_or_prompt(what: &str, confirm: bool) -> Result<Option<KeySource>> {
+    if let Some(k) = given_key()? {
+        return Ok(Some(k));
+    }
+    if !std::io::stdin().is_terminal() {
+        return Ok(None);
+    }
+    let pass = rpassword::prompt_password(format!("passphrase for {what}: "))
+        .context("reading the passphrase")?;
+    if pass.is_empty() {
+        bail!("an empty passphrase");
+    }
+    if confirm {
+        let again = rpassword::prompt_password("again: ").context("reading the passphrase")?;
+        if again != pass {
+            bail!("the passphrases differ");
+        }
+    }
+    Ok(Some(KeySource::Passphrase(pass.into_bytes())))
+}
