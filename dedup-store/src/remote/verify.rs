@@ -3,7 +3,7 @@
 //! that every ref names a manifest there. Map nodes are fetched and checked (checksums,
 //! hashes); data chunks are checked for presence, not read.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::chunk::ChunkId;
@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::pack::PackId;
 use crate::remote::chunks::REMOTE_FRAME_CACHE;
 use crate::remote::{Remote, RemoteChunks};
+use crate::store::Member;
 use crate::store::verify::check_member;
 
 /// What `verify --remote` found.
@@ -75,7 +76,7 @@ pub fn verify_remote(remote: &Arc<Remote>) -> Result<RemoteVerifyReport> {
                     Some(_) => {}
                 };
                 for member in &m.members {
-                    check_member(&rc, member, &mut problems, &need)?;
+                    walk_remote_member(&rc, member, &mut HashSet::new(), &mut problems, &need)?;
                 }
             }
             Ok(None) => continue,
@@ -99,4 +100,19 @@ pub fn verify_remote(remote: &Arc<Remote>) -> Result<RemoteVerifyReport> {
         }
     }
     Ok(report)
+}
+
+/// Walks what `member` of a manifest on the remote refers to: map nodes and recipe parts are
+/// fetched through `rc` and checked, subtrees whose id is in `seen` are not entered again, and
+/// `need(id, problems, member name)` is called for every id met. The one walk of remote maps,
+/// shared by `verify --remote` (a fresh `seen` per member) and `gc --remote` (one `seen` for
+/// the whole marking).
+pub(crate) fn walk_remote_member(
+    rc: &RemoteChunks,
+    member: &Member,
+    seen: &mut HashSet<ChunkId>,
+    problems: &mut BTreeSet<String>,
+    need: &dyn Fn(&ChunkId, &mut BTreeSet<String>, &str),
+) -> Result<()> {
+    check_member(rc, member, seen, problems, need)
 }
