@@ -13,6 +13,7 @@ mod qcow2_rw;
 mod qcow2_write;
 mod raw;
 mod remote;
+mod remote_gc;
 mod serve_from;
 mod store;
 mod vhd;

@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::*;
 use crate::chunker::cdc::xorshift_bytes;
 use crate::remote::{PushOptions, add_remote, pull, push, verify_remote};
-use crate::store::tests::{commit_disk, read_all, tmp};
 use crate::store::Store;
+use crate::store::tests::{commit_disk, read_all, tmp};
 
 fn remote_at(store: &Store, dir: &Path) -> Arc<Remote> {
     let _ = add_remote(store.root(), "r", &dir.display().to_string());

@@ -1,0 +1,194 @@
+//! `rm --remote` and `gc --remote` through the CLI against moto: space comes back in two runs,
+//! what the kept names need stays (restored and compared with qemu-img), and a gc running while
+//! a push runs leaves the remote whole.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmnest_tests::s3::Moto;
+use vmnest_tests::{qemu_img, require, run_ok, scratch};
+
+use crate::remote::{fails, images, import_all, json, remote_clean, st, u};
+
+/// Past the one-second slack gc keeps for LastModified times in whole seconds.
+fn past_slack() {
+    std::thread::sleep(Duration::from_millis(1300));
+}
+
+fn gc(store: &Path, endpoint: &str, grace: &str) -> serde_json::Value {
+    let v = json(st(store, Some(endpoint)).args(["gc", "--remote", "r", "--grace", grace]));
+    v["report"].clone()
+}
+
+fn n(v: &serde_json::Value, key: &str) -> usize {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{key} in {v}"))
+        .len()
+}
+
+fn compare(a: &Path, b: &Path) {
+    let out = qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+    ]);
+    assert!(out.contains("identical"), "{out}");
+}
+
+#[test]
+fn gc_after_rm_frees_what_only_the_removed_clones_needed() {
+    require("qemu-img");
+    let dir = scratch("remote-gc-rm");
+    let moto = Moto::start();
+    moto.bucket("vmnest-gc");
+    let ep = moto.endpoint();
+    let imgs = images(&dir, 3);
+    let src = dir.join("src");
+    import_all(&src, &imgs);
+    run_ok(st(&src, Some(&ep)).args(["remote", "add", "r", "s3://vmnest-gc/site"]));
+    run_ok(st(&src, Some(&ep)).args(["push", "r"]));
+    let packs_before = moto.keys("vmnest-gc", "site/packs/").len();
+
+    // Unknown names are refused and nothing goes; then two clones lose their names.
+    fails(st(&src, Some(&ep)).args(["rm", "--remote", "r", "c1", "nope"]));
+    assert_eq!(moto.keys("vmnest-gc", "site/refs/").len(), 4);
+    run_ok(st(&src, Some(&ep)).args(["rm", "--remote", "r", "c1", "c2"]));
+    assert_eq!(moto.keys("vmnest-gc", "site/refs/").len(), 2);
+    past_slack();
+    let objects_before = moto.keys("vmnest-gc", "site/").len();
+
+    // A dry run changes nothing; the first run condemns, the second deletes.
+    let dry = json(st(&src, Some(&ep)).args(["gc", "--remote", "r", "--grace", "0s", "--dry-run"]))
+        ["report"]
+        .clone();
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert_eq!(u(&dry, "packs_condemned"), 2, "{dry}");
+    assert_eq!(moto.keys("vmnest-gc", "site/").len(), objects_before);
+    let first = gc(&src, &ep, "0s");
+    // Each removed clone: its import's pack; its two snapshots (the clone and its new version).
+    assert_eq!(u(&first, "packs_condemned"), 2, "{first}");
+    assert_eq!(n(&first, "manifests_condemned"), 4, "{first}");
+    assert_eq!(u(&first, "packs_deleted"), 0, "{first}");
+    assert_eq!(moto.keys("vmnest-gc", "site/packs/").len(), packs_before);
+    past_slack();
+    let second = gc(&src, &ep, "0s");
+    assert_eq!(u(&second, "packs_deleted"), 2, "{second}");
+    assert_eq!(n(&second, "manifests_deleted"), 4, "{second}");
+    assert!(u(&second, "bytes_freed") > 2 * (3 * (64 << 10)), "{second}");
+    assert_eq!(
+        moto.keys("vmnest-gc", "site/packs/").len(),
+        packs_before - 2
+    );
+    assert!(moto.keys("vmnest-gc", "site/gc/").is_empty());
+    let third = gc(&src, &ep, "0s");
+    assert_eq!(u(&third, "packs_deleted"), 0, "{third}");
+    assert_eq!(u(&third, "packs_condemned"), 0, "{third}");
+    remote_clean(&src, Some(&ep));
+
+    // The kept names come back whole into empty stores; the removed ones are gone.
+    let dst = dir.join("dst");
+    let bare = dir.join("bare");
+    run_ok(st(&dst, Some(&ep)).args(["remote", "add", "r", "s3://vmnest-gc/site"]));
+    run_ok(st(&bare, Some(&ep)).args(["remote", "add", "r", "s3://vmnest-gc/site"]));
+    for (name, raw) in imgs.iter().filter(|(n, _)| n == "gold" || n == "c3") {
+        run_ok(st(&dst, Some(&ep)).args(["pull", "r", name]));
+        let out = dir.join(format!("{name}.pulled.raw"));
+        run_ok(st(&dst, None).arg("export").arg(name).arg(&out));
+        compare(raw, &out);
+        let restored = dir.join(format!("{name}.restored.raw"));
+        run_ok(
+            st(&bare, Some(&ep))
+                .args(["restore", "r", name])
+                .arg(&restored)
+                .args(["-O", "raw"]),
+        );
+        compare(raw, &restored);
+    }
+    fails(st(&dst, Some(&ep)).args(["pull", "r", "c1"]));
+}
+
+#[test]
+fn a_gc_running_while_a_push_runs_leaves_the_remote_whole() {
+    require("qemu-img");
+    let dir = scratch("remote-gc-race");
+    let moto = Moto::start();
+    moto.bucket("vmnest-gcr");
+    let ep = moto.endpoint();
+    let imgs = images(&dir, 3);
+    let src = dir.join("src");
+    import_all(&src, &imgs);
+    run_ok(st(&src, Some(&ep)).args(["remote", "add", "r", "s3://vmnest-gcr/x"]));
+    run_ok(st(&src, Some(&ep)).args(["push", "r", "gold", "c1"]));
+    // Nothing on the remote has a name: gc may condemn and delete it all, while c3 (most of
+    // whose chunks are gold's) is pushed. Pushes commit within 1 s of their last look at the
+    // gc records; the gc's grace is 3 s.
+    run_ok(st(&src, Some(&ep)).args(["rm", "--remote", "r", "gold", "c1"]));
+    past_slack();
+    // gc runs back to back for 12 s; meanwhile c3, then c2, are pushed.
+    let gc_loop = {
+        let (src, ep) = (src.clone(), ep.clone());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let (mut runs, mut deleted) = (0, 0);
+            while started.elapsed() < Duration::from_secs(12) {
+                let out = st(&src, Some(&ep))
+                    .args(["gc", "--remote", "r", "--grace", "3s", "--output", "json"])
+                    .stderr(Stdio::piped())
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "gc: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                deleted += u(&report["report"], "packs_deleted");
+                runs += 1;
+            }
+            (runs, deleted)
+        })
+    };
+    let mut restarts = 0;
+    for (name, delay) in [("c3", 700), ("c2", 2000)] {
+        std::thread::sleep(Duration::from_millis(delay));
+        let mut c: Command = st(&src, Some(&ep));
+        let out = c
+            .env("VMNEST_PUSH_WINDOW", "1")
+            .args(["push", "r", name, "--output", "json"])
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "push {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        restarts += u(&report, "restarts");
+        remote_clean(&src, Some(&ep));
+    }
+    let (gcs, deleted) = gc_loop.join().unwrap();
+    remote_clean(&src, Some(&ep));
+    assert!(gcs >= 3, "{gcs} gc runs");
+    // c1's pack at least was collected while the pushes ran.
+    assert!(deleted >= 1, "no pack deleted in {gcs} runs");
+    eprintln!("{gcs} gc runs deleted {deleted} packs; the pushes started over {restarts} times");
+    let dst = dir.join("dst");
+    run_ok(st(&dst, Some(&ep)).args(["remote", "add", "r", "s3://vmnest-gcr/x"]));
+    for (name, raw) in imgs.iter().filter(|(n, _)| n == "c2" || n == "c3") {
+        let out = dir.join(format!("{name}.out.raw"));
+        run_ok(
+            st(&dst, Some(&ep))
+                .args(["restore", "r", name])
+                .arg(&out)
+                .args(["-O", "raw"]),
+        );
+        compare(raw, &out);
+    }
+}
