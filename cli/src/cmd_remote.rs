@@ -302,6 +302,9 @@ pub fn run_gc_remote(name: &str, grace: &str, dry_run: bool, output: Output) -> 
         Output::Json => print_json(&json!({"remote": name, "report": r}))?,
         Output::Human => {
             let verb = if dry_run { "would delete" } else { "deleted" };
+            for p in r.problems.iter().take(20) {
+                println!("cannot walk (no pack deleted this run): {p}");
+            }
             for m in &r.manifests_deleted {
                 println!("{verb} snapshot {m}");
             }

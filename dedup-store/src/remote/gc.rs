@@ -260,6 +260,8 @@ pub struct RemoteGcReport {
     /// Condemnation records written and deleted.
     pub records_written: usize,
     pub records_deleted: usize,
+    /// What could not be walked in snapshots no name reaches (no pack was deleted then).
+    pub problems: Vec<String>,
 }
 
 /// Collects garbage on `remote`; see the module documentation.
@@ -359,6 +361,15 @@ pub fn gc_remote(remote: &Arc<Remote>, opts: RemoteGcOptions) -> Result<RemoteGc
         }
     }
     let live_ids = live_ids.into_inner();
+    if let Some(p) = problems.iter().next() {
+        return Err(Error::InvalidArgument(format!(
+            "gc --remote stopped, nothing deleted: a live snapshot cannot be walked ({} \
+             problems; first: {p}); run vmnest verify --remote",
+            problems.len()
+        )));
+    }
+    // A manifest no name reaches that cannot be walked (damaged, or another gc run deleting
+    // what it needed) leaves its chunks unknown: this run then deletes no pack.
     let needed_ids = RefCell::new(live_ids.clone());
     for id in &remaining {
         let Some(m) = manifests.get(id) else { continue };
@@ -369,12 +380,7 @@ pub fn gc_remote(remote: &Arc<Remote>, opts: RemoteGcOptions) -> Result<RemoteGc
         }
     }
     let needed_ids = needed_ids.into_inner();
-    if let Some(p) = problems.iter().next() {
-        return Err(Error::InvalidArgument(format!(
-            "gc --remote stopped, nothing deleted ({} problems; first: {p}); run vmnest verify --remote",
-            problems.len()
-        )));
-    }
+    report.problems = problems.into_iter().collect();
 
     // Packs: listed ones with their sizes, indexed ones with their entries.
     let listing = |dir: &str, ext: &str| -> Result<HashMap<PackId, (u64, i64)>> {
@@ -468,7 +474,11 @@ pub fn gc_remote(remote: &Arc<Remote>, opts: RemoteGcOptions) -> Result<RemoteGc
         match cond_packs.get(p) {
             None if young(p) => {}
             None => new_packs.push(*p),
-            Some(t) if *t <= cutoff && !kept_needed.contains_key(p) => delete_packs.push(*p),
+            Some(t)
+                if *t <= cutoff && !kept_needed.contains_key(p) && report.problems.is_empty() =>
+            {
+                delete_packs.push(*p)
+            }
             Some(_) => report.packs_pending += 1,
         }
     }

@@ -9,6 +9,7 @@
 //! snapshots/<hex>      a manifest, byte for byte (its name is its BLAKE3); written last, with
 //!                      If-None-Match: * (the commit point of a push)
 //! refs/<name>          "<snapshot hex>\n", written after the manifest
+//! gc/condemned-*       what a `gc --remote` run condemned (remote/gc.rs)
 //! ```
 //!
 //! Invariant, kept by [`push`] and checked by [`verify_remote`]: a manifest exists on the remote

@@ -419,15 +419,20 @@ fn push_pass(
     let now_snaps = now.snapshots();
     remote.exclude_packs(now.packs().keys().copied().collect());
     remote.refresh_index()?;
-    let lost = relied.iter().find(|id| !remote.has_chunk(id));
-    let lost_base = bases.iter().find(|b| now_snaps.contains_key(b));
-    if (lost.is_some() || lost_base.is_some()) && now.adds_to(condemned) {
+    // Chunks it sent may have been condemned too (a pack older than the grace, or one an
+    // interrupted push had left there).
+    let lost = relied
+        .iter()
+        .chain(&needed)
+        .find(|id| !remote.has_chunk(id));
+    let lost_base = bases.iter().any(|b| now_snaps.contains_key(b));
+    if (lost.is_some() || lost_base) && now.adds_to(condemned) {
         return Ok(Pass::Again(now));
     }
-    if let Some(id) = needed.iter().chain(lost).find(|id| !remote.has_chunk(id)) {
+    if let Some(id) = lost {
         return Err(remote.err(
             "index/",
-            format!("chunk {id} is missing after its pack was sent; no manifest written"),
+            format!("chunk {id} is missing from the remote's index; no manifest written"),
         ));
     }
     if let Some((name, id, _)) = targets

@@ -289,3 +289,33 @@ fn a_condemned_snapshot_is_not_named_again_until_a_gc_took_it() {
     pull(&dst, &remote2, "gold").unwrap();
     assert_eq!(read_all(&dst, "gold"), gold);
 }
+
+#[test]
+fn a_nameless_snapshot_that_cannot_be_walked_holds_back_pack_deletion_until_it_goes() {
+    let dir = tmp("rgc-broken");
+    let src = Store::create(&dir.join("src"), Default::default()).unwrap();
+    gold_and_clone(&src);
+    let rdir = dir.join("remote");
+    let remote = remote_at(&src, &rdir);
+    push_names(&src, &remote, &["gold"]);
+    let gold_packs = objects(&rdir, "packs");
+    push_names(&src, &remote, &["clone"]);
+    remove_refs(&remote, &["clone".into()]).unwrap();
+    // The clone's pack is lost (its index object stays): its manifest cannot be walked.
+    for p in objects(&rdir, "packs").difference(&gold_packs) {
+        std::fs::remove_file(rdir.join("packs").join(p)).unwrap();
+    }
+    past_slack();
+    let r1 = gc(&remote, Duration::ZERO);
+    assert!(!r1.problems.is_empty(), "{r1:?}");
+    assert_eq!(r1.manifests_condemned.len(), 1, "{r1:?}");
+    assert_eq!((r1.packs_condemned, r1.packs_deleted), (1, 0), "{r1:?}");
+    // A live snapshot is never the problem: gold still verifies.
+    past_slack();
+    let r2 = gc(&remote, Duration::ZERO);
+    assert_eq!(r2.manifests_deleted.len(), 1, "{r2:?}");
+    assert!(r2.problems.is_empty(), "{r2:?}");
+    assert_eq!(r2.packs_deleted, 1, "{r2:?}");
+    assert_eq!(objects(&rdir, "index").len(), gold_packs.len());
+    assert!(verify_remote(&remote).unwrap().is_clean());
+}
