@@ -137,6 +137,22 @@ impl Drop for Mounted {
     }
 }
 
+/// The disk and partition files of a mount of [`mbr_disk`] read as the source.
+fn reads_like_mbr_disk(m: &Mounted, raw: &Path) {
+    assert_eq!(
+        std::fs::read(m.file("disk")).unwrap(),
+        std::fs::read(raw).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(m.file("disk-part1")).unwrap(),
+        range(raw, MIB, 24 * MIB)
+    );
+    assert_eq!(
+        std::fs::read(m.file("disk-part5")).unwrap(),
+        range(raw, 32 * MIB, 8 * MIB)
+    );
+}
+
 /// The options `/proc/self/mounts` lists for the mount at `point`.
 fn mount_options(point: &Path) -> String {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
@@ -192,18 +208,7 @@ fn an_mbr_qcow2_shows_its_partitions_as_files_that_read_like_the_source() {
         "{}",
         m.stdout
     );
-    assert_eq!(
-        std::fs::read(m.file("disk")).unwrap(),
-        std::fs::read(&raw).unwrap()
-    );
-    assert_eq!(
-        std::fs::read(m.file("disk-part1")).unwrap(),
-        range(&raw, MIB, 24 * MIB)
-    );
-    assert_eq!(
-        std::fs::read(m.file("disk-part5")).unwrap(),
-        range(&raw, 32 * MIB, 8 * MIB)
-    );
+    reads_like_mbr_disk(&m, &raw);
     // qemu-img reads the partition file as the same bytes as the source range.
     let part1 = dir.join("part1.raw");
     std::fs::write(&part1, range(&raw, MIB, 24 * MIB)).unwrap();
@@ -615,18 +620,7 @@ fn a_remote_snapshot_mounts_with_its_partitions_and_damage_is_eio() {
     );
     assert_eq!(m.names(), ["disk", "disk-part1", "disk-part5"]);
     assert!(mount_options(&m.point).contains("ro"), "{}", m.stdout);
-    assert_eq!(
-        std::fs::read(m.file("disk")).unwrap(),
-        std::fs::read(&raw).unwrap()
-    );
-    assert_eq!(
-        std::fs::read(m.file("disk-part1")).unwrap(),
-        range(&raw, MIB, 24 * MIB)
-    );
-    assert_eq!(
-        std::fs::read(m.file("disk-part5")).unwrap(),
-        range(&raw, 32 * MIB, 8 * MIB)
-    );
+    reads_like_mbr_disk(&m, &raw);
     let out = m.umount();
     assert!(out.contains("unmounted"), "{out}");
     assert!(!is_mounted(&m.point));

@@ -2,8 +2,7 @@
 //! what the kept names need stays (restored and compared with qemu-img), and a gc running while
 //! a push runs leaves the remote whole.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vmnest_tests::s3::Moto;
@@ -41,17 +40,40 @@ fn compare(a: &Path, b: &Path) {
     assert!(out.contains("identical"), "{out}");
 }
 
-#[test]
-fn gc_after_rm_frees_what_only_the_removed_clones_needed() {
+/// moto with `bucket`, a source store holding gold and 3 clones, remote `r` at
+/// `s3://BUCKET/PREFIX` added to it. Returns moto, its endpoint, the images and the store.
+fn source(
+    dir: &Path,
+    bucket: &str,
+    prefix: &str,
+) -> (Moto, String, Vec<(String, PathBuf)>, PathBuf) {
     require("qemu-img");
-    let dir = scratch("remote-gc-rm");
     let moto = Moto::start();
-    moto.bucket("vmnest-gc");
+    moto.bucket(bucket);
     let ep = moto.endpoint();
-    let imgs = images(&dir, 3);
+    let imgs = images(dir, 3);
     let src = dir.join("src");
     import_all(&src, &imgs);
-    run_ok(st(&src, Some(&ep)).args(["remote", "add", "r", "s3://vmnest-gc/site"]));
+    let url = format!("s3://{bucket}/{prefix}");
+    run_ok(st(&src, Some(&ep)).args(["remote", "add", "r", &url]));
+    (moto, ep, imgs, src)
+}
+
+/// `restore r NAME` from `store` into `out` (raw) is identical to `raw`.
+fn restores_equal(store: &Path, ep: &str, name: &str, raw: &Path, out: &Path) {
+    run_ok(
+        st(store, Some(ep))
+            .args(["restore", "r", name])
+            .arg(out)
+            .args(["-O", "raw"]),
+    );
+    compare(raw, out);
+}
+
+#[test]
+fn gc_after_rm_frees_what_only_the_removed_clones_needed() {
+    let dir = scratch("remote-gc-rm");
+    let (moto, ep, imgs, src) = source(&dir, "vmnest-gc", "site");
     run_ok(st(&src, Some(&ep)).args(["push", "r"]));
     let packs_before = moto.keys("vmnest-gc", "site/packs/").len();
 
@@ -101,29 +123,21 @@ fn gc_after_rm_frees_what_only_the_removed_clones_needed() {
         let out = dir.join(format!("{name}.pulled.raw"));
         run_ok(st(&dst, None).arg("export").arg(name).arg(&out));
         compare(raw, &out);
-        let restored = dir.join(format!("{name}.restored.raw"));
-        run_ok(
-            st(&bare, Some(&ep))
-                .args(["restore", "r", name])
-                .arg(&restored)
-                .args(["-O", "raw"]),
+        restores_equal(
+            &bare,
+            &ep,
+            name,
+            raw,
+            &dir.join(format!("{name}.restored.raw")),
         );
-        compare(raw, &restored);
     }
     fails(st(&dst, Some(&ep)).args(["pull", "r", "c1"]));
 }
 
 #[test]
 fn a_gc_running_while_a_push_runs_leaves_the_remote_whole() {
-    require("qemu-img");
     let dir = scratch("remote-gc-race");
-    let moto = Moto::start();
-    moto.bucket("vmnest-gcr");
-    let ep = moto.endpoint();
-    let imgs = images(&dir, 3);
-    let src = dir.join("src");
-    import_all(&src, &imgs);
-    run_ok(st(&src, Some(&ep)).args(["remote", "add", "r", "s3://vmnest-gcr/x"]));
+    let (_moto, ep, imgs, src) = source(&dir, "vmnest-gcr", "x");
     run_ok(st(&src, Some(&ep)).args(["push", "r", "gold", "c1"]));
     // Nothing on the remote has a name: gc may condemn and delete it all, while c3 (most of
     // whose chunks are gold's) is pushed. Pushes commit within 1 s of their last look at the
@@ -137,18 +151,8 @@ fn a_gc_running_while_a_push_runs_leaves_the_remote_whole() {
             let started = Instant::now();
             let (mut runs, mut deleted) = (0, 0);
             while started.elapsed() < Duration::from_secs(12) {
-                let out = st(&src, Some(&ep))
-                    .args(["gc", "--remote", "r", "--grace", "3s", "--output", "json"])
-                    .stderr(Stdio::piped())
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "gc: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                deleted += u(&report["report"], "packs_deleted");
+                let report = gc(&src, &ep, "3s");
+                deleted += u(&report, "packs_deleted");
                 runs += 1;
             }
             (runs, deleted)
@@ -157,19 +161,11 @@ fn a_gc_running_while_a_push_runs_leaves_the_remote_whole() {
     let mut restarts = 0;
     for (name, delay) in [("c3", 700), ("c2", 2000)] {
         std::thread::sleep(Duration::from_millis(delay));
-        let mut c: Command = st(&src, Some(&ep));
-        let out = c
-            .env("VMNEST_PUSH_WINDOW", "1")
-            .args(["push", "r", name, "--output", "json"])
-            .stderr(Stdio::piped())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "push {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let report = json(
+            st(&src, Some(&ep))
+                .env("VMNEST_PUSH_WINDOW", "1")
+                .args(["push", "r", name]),
         );
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         restarts += u(&report, "restarts");
         remote_clean(&src, Some(&ep));
     }
@@ -182,13 +178,6 @@ fn a_gc_running_while_a_push_runs_leaves_the_remote_whole() {
     let dst = dir.join("dst");
     run_ok(st(&dst, Some(&ep)).args(["remote", "add", "r", "s3://vmnest-gcr/x"]));
     for (name, raw) in imgs.iter().filter(|(n, _)| n == "c2" || n == "c3") {
-        let out = dir.join(format!("{name}.out.raw"));
-        run_ok(
-            st(&dst, Some(&ep))
-                .args(["restore", "r", name])
-                .arg(&out)
-                .args(["-O", "raw"]),
-        );
-        compare(raw, &out);
+        restores_equal(&dst, &ep, name, raw, &dir.join(format!("{name}.out.raw")));
     }
 }

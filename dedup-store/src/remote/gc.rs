@@ -151,22 +151,22 @@ impl Condemned {
 
     /// Every condemned pack, with its earliest condemnation time.
     pub(crate) fn packs(&self) -> HashMap<PackId, i64> {
-        let mut out: HashMap<PackId, i64> = HashMap::new();
-        for r in &self.records {
-            for p in &r.packs {
-                let t = out.entry(*p).or_insert(r.at);
-                *t = (*t).min(r.at);
-            }
-        }
-        out
+        self.earliest(|r| &r.packs)
     }
 
     /// Every condemned manifest, with its earliest condemnation time.
     pub(crate) fn snapshots(&self) -> HashMap<SnapshotId, i64> {
-        let mut out: HashMap<SnapshotId, i64> = HashMap::new();
+        self.earliest(|r| &r.snapshots)
+    }
+
+    fn earliest<T: Copy + Eq + std::hash::Hash>(
+        &self,
+        items: impl Fn(&Record) -> &[T],
+    ) -> HashMap<T, i64> {
+        let mut out: HashMap<T, i64> = HashMap::new();
         for r in &self.records {
-            for s in &r.snapshots {
-                let t = out.entry(*s).or_insert(r.at);
+            for x in items(r) {
+                let t = out.entry(*x).or_insert(r.at);
                 *t = (*t).min(r.at);
             }
         }
@@ -348,19 +348,26 @@ pub fn gc_remote(remote: &Arc<Remote>, opts: RemoteGcOptions) -> Result<RemoteGc
     remote.refresh_index()?;
     let rc = RemoteChunks::new(remote.clone(), REMOTE_FRAME_CACHE);
     let mut seen: HashSet<ChunkId> = HashSet::new();
-    let live_ids = RefCell::new(HashSet::new());
     let mut problems = BTreeSet::new();
-    let mut live_sorted: Vec<SnapshotId> = live.iter().copied().collect();
-    live_sorted.sort();
-    for id in &live_sorted {
-        let Some(m) = manifests.get(id) else { continue };
-        for member in &m.members {
-            walk_remote_member(&rc, member, &mut seen, &mut problems, &|c, _, _| {
-                live_ids.borrow_mut().insert(*c);
+    let mut mark = |ids: &[SnapshotId],
+                    marked: HashSet<ChunkId>,
+                    problems: &mut BTreeSet<String>|
+     -> Result<HashSet<ChunkId>> {
+        let marked = RefCell::new(marked);
+        for member in ids
+            .iter()
+            .filter_map(|id| manifests.get(id))
+            .flat_map(|m| &m.members)
+        {
+            walk_remote_member(&rc, member, &mut seen, problems, &|c, _, _| {
+                marked.borrow_mut().insert(*c);
             })?;
         }
-    }
-    let live_ids = live_ids.into_inner();
+        Ok(marked.into_inner())
+    };
+    let mut live_sorted: Vec<SnapshotId> = live.iter().copied().collect();
+    live_sorted.sort();
+    let live_ids = mark(&live_sorted, HashSet::new(), &mut problems)?;
     if let Some(p) = problems.iter().next() {
         return Err(Error::InvalidArgument(format!(
             "gc --remote stopped, nothing deleted: a live snapshot cannot be walked ({} \
@@ -370,16 +377,7 @@ pub fn gc_remote(remote: &Arc<Remote>, opts: RemoteGcOptions) -> Result<RemoteGc
     }
     // A manifest no name reaches that cannot be walked (damaged, or another gc run deleting
     // what it needed) leaves its chunks unknown: this run then deletes no pack.
-    let needed_ids = RefCell::new(live_ids.clone());
-    for id in &remaining {
-        let Some(m) = manifests.get(id) else { continue };
-        for member in &m.members {
-            walk_remote_member(&rc, member, &mut seen, &mut problems, &|c, _, _| {
-                needed_ids.borrow_mut().insert(*c);
-            })?;
-        }
-    }
-    let needed_ids = needed_ids.into_inner();
+    let needed_ids = mark(&remaining, live_ids.clone(), &mut problems)?;
     report.problems = problems.into_iter().collect();
 
     // Packs: listed ones with their sizes, indexed ones with their entries.

@@ -476,25 +476,14 @@ impl Remote {
         &self.cache_dir
     }
 
-    /// Names of the objects under `dir/` (relative to it).
+    /// Names of the objects under `dir/` (relative to it) and their sizes.
     pub(crate) async fn list(&self, dir: &str) -> Result<Vec<(String, u64)>> {
-        let prefix = self.key(dir);
-        let what = format!("{dir}/");
-        self.retry(&what, || async {
-            let mut out = Vec::new();
-            let mut s = self.os.list(Some(&prefix));
-            while let Some(meta) = s.next().await {
-                let meta = meta?;
-                let full = meta.location.to_string();
-                let rel = full
-                    .strip_prefix(&format!("{}{dir}/", self.prefix))
-                    .unwrap_or(&full)
-                    .to_string();
-                out.push((rel, meta.size));
-            }
-            Ok(out)
-        })
-        .await
+        Ok(self
+            .list_times(dir)
+            .await?
+            .into_iter()
+            .map(|(name, size, _)| (name, size))
+            .collect())
     }
 
     /// Names of the objects under `dir/` (relative to it), their sizes and their

@@ -72,16 +72,75 @@ fn gold_and_clone(src: &Store) -> (Vec<u8>, Vec<u8>) {
     (gold, clone)
 }
 
-#[test]
-fn gc_after_rm_deletes_only_what_the_clone_needed_in_two_runs() {
-    let dir = tmp("rgc-two-runs");
+/// The remote verifies, and `name` pulled into an empty store reads as `want`.
+fn whole_again(remote: &Arc<Remote>, dir: &Path, rdir: &Path, name: &str, want: &[u8]) {
+    assert!(verify_remote(remote).unwrap().is_clean());
+    let dst =
+        Arc::new(Store::create(&dir.join(format!("dst-{name}")), Default::default()).unwrap());
+    let remote2 = remote_at(&dst, rdir);
+    pull(&dst, &remote2, name).unwrap();
+    assert_eq!(read_all(&dst, name), want);
+}
+
+/// A source store with gold and a clone, and a directory remote `r` (empty).
+struct Source {
+    dir: std::path::PathBuf,
+    src: Store,
+    rdir: std::path::PathBuf,
+    remote: Arc<Remote>,
+    gold: Vec<u8>,
+    clone: Vec<u8>,
+}
+
+fn source(name: &str) -> Source {
+    let dir = tmp(name);
     let src = Store::create(&dir.join("src"), Default::default()).unwrap();
-    let (gold, _) = gold_and_clone(&src);
+    let (gold, clone) = gold_and_clone(&src);
     let rdir = dir.join("remote");
     let remote = remote_at(&src, &rdir);
-    push_names(&src, &remote, &["gold"]);
-    let gold_packs = objects(&rdir, "packs");
-    push_names(&src, &remote, &["clone"]);
+    Source {
+        dir,
+        src,
+        rdir,
+        remote,
+        gold,
+        clone,
+    }
+}
+
+/// [`source`] with gold pushed, then the clone; and gold's packs on the remote.
+fn both_pushed(name: &str) -> (Source, BTreeSet<String>) {
+    let source = source(name);
+    push_names(&source.src, &source.remote, &["gold"]);
+    let gold_packs = objects(&source.rdir, "packs");
+    push_names(&source.src, &source.remote, &["clone"]);
+    (source, gold_packs)
+}
+
+/// [`source`] with gold pushed, then its name removed there, and the remote's clock past the
+/// slack; and gold's packs on the remote.
+fn nameless_gold(name: &str) -> (Source, BTreeSet<String>) {
+    let source = source(name);
+    push_names(&source.src, &source.remote, &["gold"]);
+    let gold_packs = objects(&source.rdir, "packs");
+    remove_refs(&source.remote, &["gold".into()]).unwrap();
+    past_slack();
+    (source, gold_packs)
+}
+
+#[test]
+fn gc_after_rm_deletes_only_what_the_clone_needed_in_two_runs() {
+    let (
+        Source {
+            dir,
+            rdir,
+            remote,
+            gold,
+            src,
+            ..
+        },
+        gold_packs,
+    ) = both_pushed("rgc-two-runs");
     let all_packs = objects(&rdir, "packs");
     let clone_only: BTreeSet<String> = all_packs.difference(&gold_packs).cloned().collect();
     assert_eq!(clone_only.len(), 1, "{all_packs:?}");
@@ -155,13 +214,8 @@ fn gc_after_rm_deletes_only_what_the_clone_needed_in_two_runs() {
     // The local copies of the index objects follow.
     let cached = objects(remote.cache_dir(), "index");
     assert_eq!(cached.len(), gold_packs.len(), "{cached:?}");
-    assert!(verify_remote(&remote).unwrap().is_clean());
-
     // Gold reads back whole in an empty store.
-    let dst = Arc::new(Store::create(&dir.join("dst"), Default::default()).unwrap());
-    let remote2 = remote_at(&dst, &rdir);
-    pull(&dst, &remote2, "gold").unwrap();
-    assert_eq!(read_all(&dst, "gold"), gold);
+    whole_again(&remote, &dir, &rdir, "gold", &gold);
 
     // Nothing more to do.
     let r4 = gc(&remote, Duration::ZERO);
@@ -174,11 +228,9 @@ fn gc_after_rm_deletes_only_what_the_clone_needed_in_two_runs() {
 
 #[test]
 fn a_manifest_younger_than_the_grace_survives_without_a_ref() {
-    let dir = tmp("rgc-young");
-    let src = Store::create(&dir.join("src"), Default::default()).unwrap();
-    gold_and_clone(&src);
-    let rdir = dir.join("remote");
-    let remote = remote_at(&src, &rdir);
+    let Source {
+        src, rdir, remote, ..
+    } = source("rgc-young");
     push_names(&src, &remote, &["gold", "clone"]);
     remove_refs(&remote, &["clone".into()]).unwrap();
     let before = everything(&rdir);
@@ -196,15 +248,8 @@ fn a_manifest_younger_than_the_grace_survives_without_a_ref() {
 
 #[test]
 fn a_push_that_relied_on_a_pack_condemned_meanwhile_uploads_it_again() {
-    let dir = tmp("rgc-race");
-    let src = Store::create(&dir.join("src"), Default::default()).unwrap();
-    let (_, clone) = gold_and_clone(&src);
-    let rdir = dir.join("remote");
-    let remote = remote_at(&src, &rdir);
-    push_names(&src, &remote, &["gold"]);
-    let gold_packs = objects(&rdir, "packs");
-    remove_refs(&remote, &["gold".into()]).unwrap();
-    past_slack();
+    let (t, gold_packs) = nameless_gold("rgc-race");
+    let (dir, src, rdir, remote) = (t.dir, t.src, t.rdir, t.remote);
 
     // The clone's push finds most of its chunks in gold's pack; a gc condemns that pack (gold
     // has no name now) after the push planned and before it commits.
@@ -238,24 +283,13 @@ fn a_push_that_relied_on_a_pack_condemned_meanwhile_uploads_it_again() {
     assert!(d.packs_deleted >= gold_packs.len(), "{d:?}");
     assert_eq!(d.manifests_deleted.len(), 1, "{d:?}");
     assert!(objects(&rdir, "packs").is_disjoint(&gold_packs));
-    assert!(verify_remote(&remote).unwrap().is_clean());
-    let dst = Arc::new(Store::create(&dir.join("dst"), Default::default()).unwrap());
-    let remote2 = remote_at(&dst, &rdir);
-    pull(&dst, &remote2, "clone").unwrap();
-    assert_eq!(read_all(&dst, "clone"), clone);
+    whole_again(&remote, &dir, &rdir, "clone", &t.clone);
 }
 
 #[test]
 fn a_condemned_snapshot_is_not_named_again_until_a_gc_took_it() {
-    let dir = tmp("rgc-repush");
-    let src = Store::create(&dir.join("src"), Default::default()).unwrap();
-    let (gold, _) = gold_and_clone(&src);
-    let rdir = dir.join("remote");
-    let remote = remote_at(&src, &rdir);
-    push_names(&src, &remote, &["gold"]);
-    let gold_packs = objects(&rdir, "packs");
-    remove_refs(&remote, &["gold".into()]).unwrap();
-    past_slack();
+    let (t, gold_packs) = nameless_gold("rgc-repush");
+    let (dir, src, rdir, remote) = (t.dir, t.src, t.rdir, t.remote);
     gc(&remote, Duration::ZERO);
     // Pushing gold again: its pack is condemned, so it goes up again under another name; its
     // manifest is condemned, so the push will not name it.
@@ -283,23 +317,12 @@ fn a_condemned_snapshot_is_not_named_again_until_a_gc_took_it() {
         &PushOptions::default(),
     )
     .unwrap();
-    assert!(verify_remote(&remote).unwrap().is_clean());
-    let dst = Arc::new(Store::create(&dir.join("dst"), Default::default()).unwrap());
-    let remote2 = remote_at(&dst, &rdir);
-    pull(&dst, &remote2, "gold").unwrap();
-    assert_eq!(read_all(&dst, "gold"), gold);
+    whole_again(&remote, &dir, &rdir, "gold", &t.gold);
 }
 
 #[test]
 fn a_nameless_snapshot_that_cannot_be_walked_holds_back_pack_deletion_until_it_goes() {
-    let dir = tmp("rgc-broken");
-    let src = Store::create(&dir.join("src"), Default::default()).unwrap();
-    gold_and_clone(&src);
-    let rdir = dir.join("remote");
-    let remote = remote_at(&src, &rdir);
-    push_names(&src, &remote, &["gold"]);
-    let gold_packs = objects(&rdir, "packs");
-    push_names(&src, &remote, &["clone"]);
+    let (Source { rdir, remote, .. }, gold_packs) = both_pushed("rgc-broken");
     remove_refs(&remote, &["clone".into()]).unwrap();
     // The clone's pack is lost (its index object stays): its manifest cannot be walked.
     for p in objects(&rdir, "packs").difference(&gold_packs) {
