@@ -51,6 +51,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -523,6 +524,11 @@ pub fn gc_remote(remote: &Arc<Remote>, opts: RemoteGcOptions) -> Result<RemoteGc
     }
 
     // Act: the new record, then manifests, then packs (pack, then index), then done records.
+    // Each change passes `fault::check` first: tests stop a run there, as a kill would.
+    let delete = |rel: String| async move {
+        crate::fault::check("remote delete", Path::new(&rel)).map_err(|e| remote.err(&rel, e))?;
+        remote.delete(&rel).await
+    };
     if report.records_written > 0 {
         let mut packs: Vec<String> = new_packs.iter().map(PackId::to_hex).collect();
         packs.sort();
@@ -533,21 +539,20 @@ pub fn gc_remote(remote: &Arc<Remote>, opts: RemoteGcOptions) -> Result<RemoteGc
             snapshots: new_snaps.iter().map(SnapshotId::to_hex).collect(),
         };
         let bytes = serde_json::to_vec(&body).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        remote.block_on(remote.put(
-            &format!("gc/{RECORD_PREFIX}{now}-{run}"),
-            Bytes::from(bytes),
-        ))?;
+        let rel = format!("gc/{RECORD_PREFIX}{now}-{run}");
+        crate::fault::check("remote put", Path::new(&rel)).map_err(|e| remote.err(&rel, e))?;
+        remote.block_on(remote.put(&rel, Bytes::from(bytes)))?;
     }
     remote.block_on(async {
         for id in &due_snaps {
-            remote.delete(&format!("snapshots/{}", id.to_hex())).await?;
+            delete(format!("snapshots/{}", id.to_hex())).await?;
         }
         for p in &delete_packs {
-            remote.delete(&format!("packs/{}", p.file_name())).await?;
-            remote.delete(&format!("index/{}.idx", p.to_hex())).await?;
+            delete(format!("packs/{}", p.file_name())).await?;
+            delete(format!("index/{}.idx", p.to_hex())).await?;
         }
         for r in &done {
-            remote.delete(&r.rel).await?;
+            delete(r.rel.clone()).await?;
         }
         // Clock objects of runs that died.
         for (name, _, at) in remote.list_times("gc").await? {

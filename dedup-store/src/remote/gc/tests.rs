@@ -342,3 +342,43 @@ fn a_nameless_snapshot_that_cannot_be_walked_holds_back_pack_deletion_until_it_g
     assert_eq!(objects(&rdir, "index").len(), gold_packs.len());
     assert!(verify_remote(&remote).unwrap().is_clean());
 }
+
+#[test]
+fn a_gc_stopped_at_any_change_leaves_the_remote_whole_and_the_next_run_finishes() {
+    use crate::fault::plan;
+    for stop_at in 1.. {
+        let (t, gold_packs) = both_pushed(&format!("rgc-stop-{stop_at}"));
+        remove_refs(&t.remote, &["clone".into()]).unwrap();
+        past_slack();
+        let first = gc(&t.remote, Duration::ZERO);
+        assert_eq!(first.packs_condemned, 1, "{first:?}");
+        past_slack();
+        // The deleting run stops at its `stop_at`-th change.
+        plan::arm(Some(stop_at));
+        let stopped = gc_remote(
+            &t.remote,
+            RemoteGcOptions {
+                grace: Duration::ZERO,
+                dry_run: false,
+            },
+        );
+        let ops = plan::disarm().ops;
+        if stopped.is_ok() {
+            assert!(stop_at > ops && ops >= 4, "{ops} changes");
+            break;
+        }
+        // What is left verifies, gold reads back, and the next run does the rest.
+        whole_again(&t.remote, &t.dir, &t.rdir, "gold", &t.gold);
+        let next = gc(&t.remote, Duration::ZERO);
+        assert!(next.problems.is_empty(), "{next:?}");
+        assert_eq!(
+            objects(&t.rdir, "packs"),
+            gold_packs,
+            "stopped at {stop_at}"
+        );
+        assert_eq!(objects(&t.rdir, "index").len(), gold_packs.len());
+        assert_eq!(objects(&t.rdir, "snapshots").len(), 1);
+        assert!(objects(&t.rdir, "gc").is_empty(), "stopped at {stop_at}");
+        assert!(verify_remote(&t.remote).unwrap().is_clean());
+    }
+}
