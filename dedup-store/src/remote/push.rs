@@ -188,9 +188,15 @@ pub fn push(
     opts: &PushOptions,
 ) -> Result<PushReport> {
     let started = Instant::now();
+    // Traffic is counted over every pass.
+    let t0 = (
+        remote.traffic().objects_up.load(Ordering::Relaxed),
+        remote.traffic().bytes_up.load(Ordering::Relaxed),
+        remote.traffic().retries.load(Ordering::Relaxed),
+    );
     let mut condemned = Condemned::read(remote)?;
     for pass in 0..PASSES {
-        match push_pass(store, remote, targets, opts, &condemned, started)? {
+        match push_pass(store, remote, targets, opts, &condemned, (started, t0))? {
             Pass::Done(mut report) => {
                 report.restarts = pass;
                 return Ok(report);
@@ -211,16 +217,11 @@ fn push_pass(
     targets: &[(String, SnapshotId, bool)],
     opts: &PushOptions,
     condemned: &Condemned,
-    started: Instant,
+    (started, t0): (Instant, (u64, u64, u64)),
 ) -> Result<Pass> {
     let cond_packs = condemned.packs();
     let cond_snaps = condemned.snapshots();
     remote.exclude_packs(cond_packs.keys().copied().collect());
-    let t0 = (
-        remote.traffic().objects_up.load(Ordering::Relaxed),
-        remote.traffic().bytes_up.load(Ordering::Relaxed),
-        remote.traffic().retries.load(Ordering::Relaxed),
-    );
     let mut report = PushReport::default();
     remote.refresh_index()?;
     index_orphans(remote)?;
@@ -410,7 +411,8 @@ fn push_pass(
     let _ = std::fs::remove_dir_all(&staging);
 
     // Check, then commit: manifests (parents first), then refs. The gc records are read
-    // before the index is listed (a gc deletes a pack's index object before its record).
+    // before the index is listed (a gc deletes a pack and its index object before the record
+    // that condemned it).
     if let Some(hook) = &opts.before_commit {
         hook();
     }
