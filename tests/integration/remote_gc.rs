@@ -137,20 +137,21 @@ fn gc_after_rm_frees_what_only_the_removed_clones_needed() {
 #[test]
 fn a_gc_running_while_a_push_runs_leaves_the_remote_whole() {
     let dir = scratch("remote-gc-race");
-    let (_moto, ep, imgs, src) = source(&dir, "vmnest-gcr", "x");
+    let (moto, ep, imgs, src) = source(&dir, "vmnest-gcr", "x");
     run_ok(st(&src, Some(&ep)).args(["push", "r", "gold", "c1"]));
-    // Nothing on the remote has a name: gc may condemn and delete it all, while c3 (most of
-    // whose chunks are gold's) is pushed. Pushes commit within 1 s of their last look at the
+    // Nothing on the remote has a name: gc condemns and deletes it all while c3 (most of whose
+    // chunks are gold's) and c2 are pushed. Pushes commit within 1 s of their last look at the
     // gc records; the gc's grace is 3 s.
     run_ok(st(&src, Some(&ep)).args(["rm", "--remote", "r", "gold", "c1"]));
     past_slack();
-    // gc runs back to back for 12 s; meanwhile c3, then c2, are pushed.
+    // gc runs back to back for 14 s; c3 is pushed as soon as gold's pack is condemned (so it
+    // sends gold's chunks again), c2 1.5 s later, while runs go on deleting.
     let gc_loop = {
         let (src, ep) = (src.clone(), ep.clone());
         std::thread::spawn(move || {
             let started = Instant::now();
             let (mut runs, mut deleted) = (0, 0);
-            while started.elapsed() < Duration::from_secs(12) {
+            while started.elapsed() < Duration::from_secs(14) {
                 let report = gc(&src, &ep, "3s");
                 deleted += u(&report, "packs_deleted");
                 runs += 1;
@@ -158,22 +159,35 @@ fn a_gc_running_while_a_push_runs_leaves_the_remote_whole() {
             (runs, deleted)
         })
     };
+    let waited = Instant::now();
+    while moto.keys("vmnest-gcr", "x/gc/condemned-").is_empty() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "nothing condemned"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut restarts = 0;
-    for (name, delay) in [("c3", 700), ("c2", 2000)] {
+    for (name, delay) in [("c3", 0), ("c2", 1500)] {
         std::thread::sleep(Duration::from_millis(delay));
         let report = json(
             st(&src, Some(&ep))
                 .env("VMNEST_PUSH_WINDOW", "1")
                 .args(["push", "r", name]),
         );
+        if name == "c3" {
+            // gold's data (about 510 KiB) went up again (its pack was condemned), not just
+            // c3's three 64 KiB changes.
+            assert!(u(&report, "chunk_bytes_needed") > 600 << 10, "{report}");
+        }
         restarts += u(&report, "restarts");
         remote_clean(&src, Some(&ep));
     }
     let (gcs, deleted) = gc_loop.join().unwrap();
     remote_clean(&src, Some(&ep));
     assert!(gcs >= 3, "{gcs} gc runs");
-    // c1's pack at least was collected while the pushes ran.
-    assert!(deleted >= 1, "no pack deleted in {gcs} runs");
+    // gold's and c1's packs were collected while the pushes ran.
+    assert!(deleted >= 2, "{deleted} packs deleted in {gcs} runs");
     eprintln!("{gcs} gc runs deleted {deleted} packs; the pushes started over {restarts} times");
     let dst = dir.join("dst");
     run_ok(st(&dst, Some(&ep)).args(["remote", "add", "r", "s3://vmnest-gcr/x"]));

@@ -839,7 +839,12 @@ impl Remote {
         }
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for ent in rd.flatten() {
-                if !keep.contains(&*ent.file_name().to_string_lossy()) {
+                let name = ent.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".tmp") {
+                    // Another process's copy being written (a gc and a push, two servers)
+                    // holds a lock on it: only an abandoned one goes.
+                    crate::pack::remove_stale_temp(&ent.path());
+                } else if !keep.contains(&name) {
                     let _ = std::fs::remove_file(ent.path());
                 }
             }
