@@ -121,24 +121,7 @@ impl Condemned {
                     continue;
                 };
                 let object = format!("{}/{rel}", remote.url().trim_end_matches('/'));
-                let body: RecordBody = serde_json::from_slice(&bytes)
-                    .map_err(|e| Error::corrupt(&object, 0, e.to_string()))?;
-                if body.version != 1 {
-                    return Err(Error::corrupt(&object, 0, "unknown record version"));
-                }
-                let bad = |what: &str, v: &str| {
-                    Error::corrupt(&object, 0, format!("{what} {v:?} is not an id"))
-                };
-                let packs = body
-                    .packs
-                    .iter()
-                    .map(|p| PackId::from_hex(p).ok_or_else(|| bad("pack", p)))
-                    .collect::<Result<Vec<_>>>()?;
-                let snapshots = body
-                    .snapshots
-                    .iter()
-                    .map(|s| SnapshotId::from_hex(s).ok_or_else(|| bad("snapshot", s)))
-                    .collect::<Result<Vec<_>>>()?;
+                let (packs, snapshots) = parse_condemned_record(&object, &bytes)?;
                 records.push(Record {
                     rel,
                     at,
@@ -180,6 +163,32 @@ impl Condemned {
         self.packs().keys().any(|p| !bp.contains_key(p))
             || self.snapshots().keys().any(|s| !bs.contains_key(s))
     }
+}
+
+/// Parses a condemnation record (`object` names it in errors): the packs and manifests it
+/// condemns. The bytes are untrusted (read back from the remote; their size is capped by the
+/// caller).
+pub fn parse_condemned_record(
+    object: &str,
+    bytes: &[u8],
+) -> Result<(Vec<PackId>, Vec<SnapshotId>)> {
+    let body: RecordBody =
+        serde_json::from_slice(bytes).map_err(|e| Error::corrupt(object, 0, e.to_string()))?;
+    if body.version != 1 {
+        return Err(Error::corrupt(object, 0, "unknown record version"));
+    }
+    let bad = |what: &str, v: &str| Error::corrupt(object, 0, format!("{what} {v:?} is not an id"));
+    let packs = body
+        .packs
+        .iter()
+        .map(|p| PackId::from_hex(p).ok_or_else(|| bad("pack", p)))
+        .collect::<Result<Vec<_>>>()?;
+    let snapshots = body
+        .snapshots
+        .iter()
+        .map(|s| SnapshotId::from_hex(s).ok_or_else(|| bad("snapshot", s)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((packs, snapshots))
 }
 
 /// A short random tag for object names.

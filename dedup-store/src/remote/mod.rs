@@ -36,7 +36,8 @@ mod verify;
 pub use chunks::{READ_AHEAD, REMOTE_FRAME_CACHE, ReadStats, RemoteChunks, RemoteReadOptions};
 pub use disk_cache::DiskFrameCache;
 pub use gc::{
-    COMMIT_WINDOW, DEFAULT_GRACE, PackDead, RemoteGcOptions, RemoteGcReport, gc_remote, remove_refs,
+    COMMIT_WINDOW, DEFAULT_GRACE, PackDead, RemoteGcOptions, RemoteGcReport, gc_remote,
+    parse_condemned_record, remove_refs,
 };
 pub use pull::{PullReport, pull};
 pub use push::{PushOptions, PushReport, push};
