@@ -336,9 +336,10 @@ pub fn gc_remote(remote: &Arc<Remote>, opts: RemoteGcOptions) -> Result<RemoteGc
         .copied()
         .collect();
     due_snaps.sort();
+    let due: HashSet<SnapshotId> = due_snaps.iter().copied().collect();
     let mut remaining: Vec<SnapshotId> = listed
         .keys()
-        .filter(|id| !live.contains(id) && !due_snaps.contains(id))
+        .filter(|id| !live.contains(id) && !due.contains(id))
         .copied()
         .collect();
     remaining.sort();
@@ -512,7 +513,6 @@ pub fn gc_remote(remote: &Arc<Remote>, opts: RemoteGcOptions) -> Result<RemoteGc
 
     // Records done with: everything they name is gone (or goes now) or is alive again.
     let deleted_packs: HashSet<PackId> = delete_packs.iter().copied().collect();
-    let deleted_snaps: HashSet<SnapshotId> = due_snaps.iter().copied().collect();
     let exists = |p: &PackId| pack_sizes.contains_key(p) || entries.contains_key(p);
     let done: Vec<&Record> = condemned
         .records
@@ -521,9 +521,9 @@ pub fn gc_remote(remote: &Arc<Remote>, opts: RemoteGcOptions) -> Result<RemoteGc
             r.packs
                 .iter()
                 .all(|p| deleted_packs.contains(p) || !exists(p) || kept_live.contains_key(p))
-                && r.snapshots.iter().all(|s| {
-                    deleted_snaps.contains(s) || !listed.contains_key(s) || live.contains(s)
-                })
+                && r.snapshots
+                    .iter()
+                    .all(|s| due.contains(s) || !listed.contains_key(s) || live.contains(s))
         })
         .collect();
     report.records_deleted = done.len();
