@@ -329,3 +329,22 @@ pub fn run_gc_remote(name: &str, grace: &str, dry_run: bool, output: Output) -> 
     }
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        for bad in ["", "h", "1y", "-1s", "1e400s", "1 h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}
