@@ -28,6 +28,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use dedup_store::store::disk::StoredDisk;
 use dedup_store::store::volume::Volume;
 use fuse_mount::fuse::{self as fusefs, Disk, MountOptions, Report};
 use image_format::{BlockDevice, BlockDeviceMut};
@@ -38,12 +39,16 @@ use crate::store_args;
 
 /// The last line a background child writes when its mount is live.
 const READY: &str = "READY";
+/// Why `--rw` with `--from` is refused.
+const RW_FROM: &str = "--rw with --from is not built: a snapshot on a remote is mounted \
+                       read-only (pull it, or mount it without --rw)";
 /// The start of a warning line (the parent passes a child's to its stderr).
 const WARNING: &str = "vmnest: warning: ";
 
 #[derive(Debug, clap::Args)]
 pub struct MountArgs {
-    /// An image file (any format) or `store:NAME[@SNAP][/MEMBER]`.
+    /// An image file (any format) or `store:NAME[@SNAP][/MEMBER]`; with --from,
+    /// `NAME[@SNAP][/MEMBER]` on the remote.
     source: String,
     /// The directory to mount on.
     mountpoint: PathBuf,
@@ -64,6 +69,12 @@ pub struct MountArgs {
     /// Format of an image file (probed when absent).
     #[arg(long = "format", value_name = "FMT")]
     format: Option<String>,
+    /// Mount a snapshot of this remote, read lazily (read-only; nothing needs to be local).
+    #[arg(long, value_name = "REMOTE", conflicts_with_all = ["volume", "format"])]
+    from: Option<String>,
+    /// With --from: bytes of fetched frames kept on disk at most (`0` keeps none).
+    #[arg(long, value_name = "SIZE", default_value = "1G", requires = "from")]
+    cache_size: String,
     /// FUSE threads.
     #[arg(long, default_value_t = fusefs::DEFAULT_THREADS as u16,
           value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -159,6 +170,10 @@ fn canonical_mountpoint(path: &Path) -> Result<PathBuf> {
 }
 
 pub fn run_mount(args: MountArgs) -> Result<u8> {
+    if args.from.is_some() && args.rw {
+        // Refused before a background server is started.
+        bail!("{RW_FROM}");
+    }
     // Random reads of a stored snapshot decode each frame once (as `vmnest serve` does).
     dedup_store::pack::set_frame_cache_bytes(crate::cmd_serve::SERVE_FRAME_CACHE);
     let mountpoint = args
@@ -234,6 +249,9 @@ struct Opened {
 /// copy-on-write into a volume.
 fn open_disks(args: &MountArgs) -> Result<Opened> {
     let spec = args.source.as_str();
+    if let Some(remote) = &args.from {
+        return open_from(remote, args);
+    }
     if let Some((snapshot, member)) = store_args::parse_store_source(spec) {
         let disks = store_args::open_stored_disks(snapshot, member)?;
         let single = disks.len() == 1;
@@ -256,16 +274,8 @@ fn open_disks(args: &MountArgs) -> Result<Opened> {
                 volume: Some((volume, name)),
             });
         }
-        let disks = disks
-            .into_iter()
-            .map(|(name, disk)| {
-                let name = if single { "disk".to_string() } else { name };
-                let device: Arc<dyn BlockDevice> = disk;
-                Disk::read_only(name, device)
-            })
-            .collect();
         return Ok(Opened {
-            disks,
+            disks: read_only(disks),
             volume: None,
         });
     }
@@ -294,6 +304,40 @@ fn open_disks(args: &MountArgs) -> Result<Opened> {
         disks: vec![Disk::read_only("disk", device)],
         volume: None,
     })
+}
+
+/// The disks of `mount --from REMOTE NAME[@SNAP][/MEMBER]`, read lazily from the remote. Opened
+/// in the serving process itself (a background child opens it after its re-execution: the
+/// remote's runtime and threads would not survive a fork).
+fn open_from(remote: &str, args: &MountArgs) -> Result<Opened> {
+    if args.rw {
+        bail!("{RW_FROM}");
+    }
+    let cache = image_format::create::parse_size(&args.cache_size).with_context(|| {
+        format!(
+            "--cache-size {:?}: expected a size (1G, 512M, 0)",
+            args.cache_size
+        )
+    })?;
+    let disks = store_args::open_lazy_disks(remote, &args.source, cache)
+        .with_context(|| format!("mount --from {remote}"))?;
+    Ok(Opened {
+        disks: read_only(disks),
+        volume: None,
+    })
+}
+
+/// A snapshot's disks as read-only files: `disk` for one, else named by member.
+fn read_only(disks: Vec<(String, Arc<StoredDisk>)>) -> Vec<Disk> {
+    let single = disks.len() == 1;
+    disks
+        .into_iter()
+        .map(|(name, disk)| {
+            let name = if single { "disk".to_string() } else { name };
+            let device: Arc<dyn BlockDevice> = disk;
+            Disk::read_only(name, device)
+        })
+        .collect()
 }
 
 /// Commits the volume a writable mount of a stored snapshot wrote into, once the mount is gone.

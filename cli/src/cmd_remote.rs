@@ -1,12 +1,13 @@
-//! Replication commands: remote add/ls/rm, push, pull, restore, verify --remote.
+//! Replication commands: remote add/ls/rm, push, pull, restore, verify --remote, gc --remote,
+//! rm --remote.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use dedup_store::remote::{
-    PullProgress, PushOptions, Remote, add_remote, list_remotes, pull_with, push, remove_remote,
-    verify_remote,
+    COMMIT_WINDOW, PullProgress, PushOptions, Remote, RemoteGcOptions, add_remote, gc_remote,
+    list_remotes, pull_with, push, remove_refs, remove_remote, verify_remote,
 };
 use dedup_store::store::Access;
 use serde_json::json;
@@ -271,4 +272,119 @@ pub fn run_verify_remote(name: &str, output: Output) -> Result<u8> {
         }
     }
     Ok(if r.is_clean() { 0 } else { 1 })
+}
+
+/// `vmnest rm --remote REMOTE NAME...`: deletes the names on the remote (all or none).
+pub fn run_rm_remote(name: &str, names: &[String]) -> Result<u8> {
+    let remote = open_remote(name)?;
+    for n in names {
+        if n.contains('@') {
+            anyhow::bail!(
+                "rm --remote takes names, not snapshots ({n}): a gc --remote removes snapshots no name reaches"
+            );
+        }
+    }
+    let removed = remove_refs(&remote, names).with_context(|| format!("rm on remote {name}"))?;
+    for (n, id) in removed {
+        println!(
+            "removed {n} on {name} (was {}); vmnest gc --remote {name} frees its space",
+            id.short()
+        );
+    }
+    Ok(0)
+}
+
+/// Parses a duration: a number with `ms`, `s`, `m`, `h` or `d` (seconds without a unit).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+        .with_context(|| format!("duration {text:?}: expected a number and ms, s, m, h or d"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        _ => anyhow::bail!("duration {text:?}: unknown unit {unit:?} (ms, s, m, h, d)"),
+    };
+    std::time::Duration::try_from_secs_f64(n * scale)
+        .with_context(|| format!("duration {text:?} is out of range"))
+}
+
+/// `vmnest gc --remote REMOTE`.
+pub fn run_gc_remote(name: &str, grace: &str, dry_run: bool, output: Output) -> Result<u8> {
+    let grace = parse_duration(grace).context("--grace")?;
+    let remote = open_remote(name)?;
+    if grace < COMMIT_WINDOW * 10 && output == Output::Human {
+        eprintln!(
+            "vmnest: warning: a grace of {:.0} s does not cover a push running at the same time \
+             (it may write for {:.0} s after its last look, plus retried requests); use it only \
+             when no push runs",
+            grace.as_secs_f64(),
+            COMMIT_WINDOW.as_secs_f64()
+        );
+    }
+    // An encrypted remote is collected without its key unless it holds byte streams; a key
+    // that is given is used.
+    if crate::keys::given_key()?.is_some() {
+        crate::store_args::unlock_remote(&remote)?;
+    }
+    let r = gc_remote(&remote, RemoteGcOptions { grace, dry_run })
+        .with_context(|| format!("gc on remote {name}"))?;
+    match output {
+        Output::Json => print_json(&json!({"remote": name, "report": r}))?,
+        Output::Human => {
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            for p in r.problems.iter().take(20) {
+                println!("cannot walk (no pack deleted this run): {p}");
+            }
+            for m in &r.manifests_deleted {
+                println!("{verb} snapshot {m}");
+            }
+            for m in &r.manifests_condemned {
+                println!("condemned snapshot {m}");
+            }
+            println!(
+                "remote {name}{}: {} snapshots ({} live); {} packs: {} condemned, {} waiting for the \
+                 grace, {} {verb} ({} freed); {} partly dead packs keep {} of dead data",
+                if dry_run { " (dry run)" } else { "" },
+                r.snapshots,
+                r.live_snapshots,
+                r.packs,
+                r.packs_condemned,
+                r.packs_pending,
+                r.packs_deleted,
+                human_size(r.bytes_freed),
+                r.partly_dead_packs.len(),
+                human_size(r.partly_dead_bytes)
+            );
+        }
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        for bad in ["", "h", "1y", "-1s", "1e400s", "1 h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }

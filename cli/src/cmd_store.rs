@@ -153,6 +153,10 @@ pub struct RmArgs {
     /// at the next `vmnest gc`.
     #[arg(required = true)]
     names: Vec<String>,
+    /// Remove the names on this remote instead (`refs/NAME`; the snapshots go at the remote's
+    /// gc).
+    #[arg(long, value_name = "REMOTE")]
+    remote: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -176,8 +180,20 @@ pub struct DuArgs {
 #[derive(Debug, clap::Args)]
 pub struct GcArgs {
     /// Repack packs whose live bytes are under this fraction.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, conflicts_with = "remote")]
     repack_below: f64,
+    /// Collect garbage on this remote instead (safe against pushes running at the same time).
+    #[arg(long, value_name = "REMOTE")]
+    remote: Option<String>,
+    /// With --remote: how long a condemnation stands before what it names is deleted, and how
+    /// young a snapshot without a name must be to be kept (`1h`, `30m`, `90s`, `0s`).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "1h",
+        requires = "remote"
+    )]
+    grace: String,
     /// Report what would be removed; change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -805,6 +821,9 @@ pub fn run_log(args: LogArgs) -> Result<u8> {
 }
 
 pub fn run_rm(args: RmArgs) -> Result<u8> {
+    if let Some(remote) = &args.remote {
+        return crate::cmd_remote::run_rm_remote(remote, &args.names);
+    }
     let store = open_store(Access::Write)?;
     for spec in &args.names {
         if spec.contains('@') {
@@ -1001,6 +1020,9 @@ pub fn run_du(args: DuArgs) -> Result<u8> {
 }
 
 pub fn run_gc(args: GcArgs) -> Result<u8> {
+    if let Some(remote) = &args.remote {
+        return crate::cmd_remote::run_gc_remote(remote, &args.grace, args.dry_run, args.output);
+    }
     let store = open_store(Access::Exclusive)?;
     let r = gc(
         &store,

@@ -97,6 +97,17 @@ pub fn open_stored_disks(
 ) -> Result<Vec<(String, Arc<StoredDisk>)>> {
     let store = open_store(Access::Read)?;
     let snap = store.resolve(spec)?;
+    disk_members(spec, &snap, member)?
+        .into_iter()
+        .map(|name| {
+            let disk = StoredDisk::open(&store, &snap, Some(&name))?;
+            Ok((name, Arc::new(disk)))
+        })
+        .collect()
+}
+
+/// The member `member` names, else every disk member (with a map) of the snapshot.
+fn disk_members(spec: &str, snap: &Resolved, member: Option<&str>) -> Result<Vec<String>> {
     let names: Vec<String> = match member {
         Some(m) => vec![m.to_string()],
         None => snap
@@ -110,13 +121,7 @@ pub fn open_stored_disks(
     if names.is_empty() {
         anyhow::bail!("{spec}: the snapshot has no disk members");
     }
-    names
-        .into_iter()
-        .map(|name| {
-            let disk = StoredDisk::open(&store, &snap, Some(&name))?;
-            Ok((name, Arc::new(disk)))
-        })
-        .collect()
+    Ok(names)
 }
 
 /// A `remote:REMOTE:NAME[@SNAP][/MEMBER]` source split into remote, snapshot spec and member.
@@ -183,6 +188,50 @@ pub fn open_lazy(
     specs: &[String],
     disk_cache: u64,
 ) -> Result<(Vec<Arc<StoredDisk>>, Arc<RemoteChunks>)> {
+    let chunks = lazy_reader(name, disk_cache)?;
+    let mut disks = Vec::new();
+    for text in specs {
+        let (spec, member) = split_member(text);
+        let snap = resolve_on(&chunks, spec)?;
+        disks.push(Arc::new(StoredDisk::open_remote(
+            chunks.clone(),
+            &snap,
+            member,
+        )?));
+    }
+    Ok((disks, chunks))
+}
+
+/// `NAME[@SNAP][/MEMBER]` of remote `name` as disks read lazily (as [`open_lazy`]): the member
+/// named, else every disk member of the snapshot, each with its member name (`vmnest mount
+/// --from`).
+pub fn open_lazy_disks(
+    name: &str,
+    text: &str,
+    disk_cache: u64,
+) -> Result<Vec<(String, Arc<StoredDisk>)>> {
+    let chunks = lazy_reader(name, disk_cache)?;
+    let (spec, member) = split_member(text);
+    let snap = resolve_on(&chunks, spec)?;
+    disk_members(text, &snap, member)?
+        .into_iter()
+        .map(|m| {
+            let disk = StoredDisk::open_remote(chunks.clone(), &snap, Some(&m))?;
+            Ok((m, Arc::new(disk)))
+        })
+        .collect()
+}
+
+fn split_member(text: &str) -> (&str, Option<&str>) {
+    match text.split_once('/') {
+        Some((s, m)) => (s, Some(m)),
+        None => (text, None),
+    }
+}
+
+/// One reader of remote `name` for lazy reads: its index listed, frames fetched on demand and
+/// ahead, kept in memory and in `remotes/NAME/cache/frames/` (at most `disk_cache` bytes).
+fn lazy_reader(name: &str, disk_cache: u64) -> Result<Arc<RemoteChunks>> {
     let remote =
         Arc::new(Remote::open(&store_dir(), name).with_context(|| format!("remote {name}"))?);
     unlock_remote(&remote)?;
@@ -193,29 +242,21 @@ pub fn open_lazy(
         fetch_window: LAZY_FETCH_WINDOW,
         read_ahead: READ_AHEAD,
     };
-    let chunks = Arc::new(RemoteChunks::with_options(remote.clone(), options)?);
-    let mut disks = Vec::new();
-    for text in specs {
-        let (spec, member) = match text.split_once('/') {
-            Some((s, m)) => (s, Some(m)),
-            None => (text.as_str(), None),
-        };
-        let (snap_name, id, _) = remote.resolve(spec)?;
-        let (_, manifest) = remote
-            .manifest(&id)?
-            .with_context(|| format!("remote {name}: snapshot {} vanished", id.short()))?;
-        let snap = Resolved {
-            name: snap_name,
-            id,
-            manifest,
-        };
-        disks.push(Arc::new(StoredDisk::open_remote(
-            chunks.clone(),
-            &snap,
-            member,
-        )?));
-    }
-    Ok((disks, chunks))
+    Ok(Arc::new(RemoteChunks::with_options(remote, options)?))
+}
+
+/// Finds snapshot `spec` on the remote `chunks` reads.
+fn resolve_on(chunks: &RemoteChunks, spec: &str) -> Result<Resolved> {
+    let remote = chunks.remote();
+    let (snap_name, id, _) = remote.resolve(spec)?;
+    let (_, manifest) = remote
+        .manifest(&id)?
+        .with_context(|| format!("remote {}: snapshot {} vanished", remote.name(), id.short()))?;
+    Ok(Resolved {
+        name: snap_name,
+        id,
+        manifest,
+    })
 }
 
 /// Memory for decoded frames of `serve --from`.

@@ -1,5 +1,5 @@
-//! Store objects other than packs and map nodes: snapshot manifests, recipe parts and a remote's
-//! pack index objects, as read back from a store directory or a remote (untrusted bytes), and
+//! Store objects other than packs and map nodes: snapshot manifests, recipe parts, a remote's
+//! pack index objects and gc condemnation records, as read back from a store directory or a remote (untrusted bytes), and
 //! the memory-stream cutters
 //! (ELF program headers, QEMU migration streams) over untrusted memory files; and an encrypted
 //! store's objects: manifests with sealed fields and a MAC (opened with a fixed key: garbage
@@ -51,6 +51,8 @@ fuzz_target!(|data: &[u8]| {
             );
         }
     }
+    // A gc --remote condemnation record.
+    let _ = dedup_store::remote::parse_condemned_record("fuzz", data);
     if let Ok((entries, frames, len)) = dedup_store::remote::parse_index_object("fuzz", data) {
         // What parses is what a reader may index into: every entry inside its frame, the frames
         // inside the pack.

@@ -14,6 +14,7 @@ mod qcow2_write;
 mod raw;
 mod remote;
 mod remote_crypt;
+mod remote_gc;
 mod serve_from;
 mod store;
 mod vhd;

@@ -88,9 +88,14 @@ struct Mounted {
 
 impl Mounted {
     fn new(dir: &Path, args: &[&str]) -> Mounted {
+        Mounted::by(vmnest(), dir, args)
+    }
+
+    /// Mounts with `cmd` (a `vmnest` command with its environment) and `args`.
+    fn by(mut cmd: Command, dir: &Path, args: &[&str]) -> Mounted {
         let point = dir.join("mnt");
         std::fs::create_dir_all(&point).unwrap();
-        let out = run(vmnest().args(args).arg(&point));
+        let out = run(cmd.args(args).arg(&point));
         assert!(
             out.status.success(),
             "vmnest mount {args:?} failed: {}",
@@ -130,6 +135,22 @@ impl Drop for Mounted {
                 .status();
         }
     }
+}
+
+/// The disk and partition files of a mount of [`mbr_disk`] read as the source.
+fn reads_like_mbr_disk(m: &Mounted, raw: &Path) {
+    assert_eq!(
+        std::fs::read(m.file("disk")).unwrap(),
+        std::fs::read(raw).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(m.file("disk-part1")).unwrap(),
+        range(raw, MIB, 24 * MIB)
+    );
+    assert_eq!(
+        std::fs::read(m.file("disk-part5")).unwrap(),
+        range(raw, 32 * MIB, 8 * MIB)
+    );
 }
 
 /// The options `/proc/self/mounts` lists for the mount at `point`.
@@ -187,18 +208,7 @@ fn an_mbr_qcow2_shows_its_partitions_as_files_that_read_like_the_source() {
         "{}",
         m.stdout
     );
-    assert_eq!(
-        std::fs::read(m.file("disk")).unwrap(),
-        std::fs::read(&raw).unwrap()
-    );
-    assert_eq!(
-        std::fs::read(m.file("disk-part1")).unwrap(),
-        range(&raw, MIB, 24 * MIB)
-    );
-    assert_eq!(
-        std::fs::read(m.file("disk-part5")).unwrap(),
-        range(&raw, 32 * MIB, 8 * MIB)
-    );
+    reads_like_mbr_disk(&m, &raw);
     // qemu-img reads the partition file as the same bytes as the source range.
     let part1 = dir.join("part1.raw");
     std::fs::write(&part1, range(&raw, MIB, 24 * MIB)).unwrap();
@@ -571,4 +581,96 @@ fn offline_patching_commits_a_new_snapshot_and_keeps_the_old_one() {
         2,
         "{log}"
     );
+}
+
+/// `mount --from`: an MBR disk pushed to moto mounts on a store that holds none of it; the
+/// disk and partition files read as the source; a damaged pack gives EIO for the reads that
+/// need it and the source's bytes for all others.
+#[test]
+fn a_remote_snapshot_mounts_with_its_partitions_and_damage_is_eio() {
+    use crate::remote::st;
+    use vmnest_tests::s3::Moto;
+    let dir = scratch("mount-from");
+    let raw = mbr_disk(&dir, "from a remote\n");
+    let moto = Moto::start();
+    moto.bucket("vmnest-mnt");
+    let ep = moto.endpoint();
+    let src = dir.join("src");
+    run_ok(st(&src, None).arg("import").arg(&raw).arg("vm"));
+    run_ok(st(&src, Some(&ep)).args(["remote", "add", "r", "s3://vmnest-mnt/m"]));
+    run_ok(st(&src, Some(&ep)).args(["push", "r"]));
+    let empty = |name: &str| {
+        let store = dir.join(name);
+        run_ok(st(&store, Some(&ep)).args(["remote", "add", "r", "s3://vmnest-mnt/m"]));
+        store
+    };
+
+    let dst = empty("dst");
+    let point = dir.join("mnt");
+    std::fs::create_dir_all(&point).unwrap();
+    let out = run(st(&dst, Some(&ep)).args(["mount", "--from", "r", "--rw", "vm", s(&point)]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--rw with --from"));
+    assert!(!is_mounted(&point));
+
+    let m = Mounted::by(
+        st(&dst, Some(&ep)),
+        &dir,
+        &["mount", "--from", "r", "--cache-size", "4M", "vm"],
+    );
+    assert_eq!(m.names(), ["disk", "disk-part1", "disk-part5"]);
+    assert!(mount_options(&m.point).contains("ro"), "{}", m.stdout);
+    reads_like_mbr_disk(&m, &raw);
+    let out = m.umount();
+    assert!(out.contains("unmounted"), "{out}");
+    assert!(!is_mounted(&m.point));
+    assert!(std::fs::read_dir(dst.join("packs")).map_or(0, |d| d.count()) == 0);
+
+    // A flipped byte in the first frame of the largest pack, mounted from another empty store
+    // (no cached frames): reads of the damaged frame fail with EIO, all others read true.
+    let key = moto.largest("vmnest-mnt", "m/packs/");
+    moto.flip_byte("vmnest-mnt", &key, 100);
+    let dmg = empty("dmg");
+    let m = Mounted::by(
+        st(&dmg, Some(&ep)),
+        &dir,
+        &["mount", "--from", "r", "--cache-size", "0", "vm"],
+    );
+    let want = std::fs::read(&raw).unwrap();
+    let disk = File::open(m.file("disk")).unwrap();
+    let (mut bad, mut good) = (0, 0);
+    for i in 0..48u64 {
+        let mut buf = vec![0u8; MIB as usize];
+        match disk.read_exact_at(&mut buf, i * MIB) {
+            Ok(()) => {
+                assert_eq!(
+                    buf,
+                    want[(i * MIB) as usize..((i + 1) * MIB) as usize],
+                    "MiB {i}"
+                );
+                good += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "MiB {i}: {e}");
+                bad += 1;
+            }
+        }
+    }
+    drop(disk);
+    assert!(bad > 0 && good > 0, "{bad} failed, {good} read");
+    let out = run(vmnest().arg("umount").arg(&m.point));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(&m.point), "{text}");
+    // umount reports the server's I/O errors, naming the pack, and fails.
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let pack = key.rsplit('/').next().unwrap();
+    assert!(
+        text.contains("I/O errors") && text.contains(&pack[..16]),
+        "{text}"
+    );
+    eprintln!("damaged pack: {bad} of 48 MiB failed with EIO; umount said: {text}");
 }

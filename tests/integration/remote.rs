@@ -26,12 +26,12 @@ pub(crate) fn st(store: &Path, endpoint: Option<&str>) -> Command {
     c
 }
 
-fn json(cmd: &mut Command) -> serde_json::Value {
+pub(crate) fn json(cmd: &mut Command) -> serde_json::Value {
     let out = run_ok(cmd.args(["--output", "json"]));
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
-fn fails(cmd: &mut Command) -> Output {
+pub(crate) fn fails(cmd: &mut Command) -> Output {
     let out = run(cmd);
     assert!(
         !out.status.success(),
@@ -43,7 +43,7 @@ fn fails(cmd: &mut Command) -> Output {
 
 /// A gold image and `clones` changed copies (64 KiB changed at three places each); returns
 /// (name, raw image) with the gold first.
-fn images(dir: &Path, clones: usize) -> Vec<(String, PathBuf)> {
+pub(crate) fn images(dir: &Path, clones: usize) -> Vec<(String, PathBuf)> {
     let gold = dir.join("gold.raw");
     write_pattern_raw(&gold, 8 << 20, 5);
     let mut out = vec![("gold".to_string(), gold.clone())];
@@ -64,7 +64,7 @@ fn images(dir: &Path, clones: usize) -> Vec<(String, PathBuf)> {
 }
 
 /// Imports the gold, clones it, and imports each changed copy as a new version of its clone.
-fn import_all(store: &Path, imgs: &[(String, PathBuf)]) {
+pub(crate) fn import_all(store: &Path, imgs: &[(String, PathBuf)]) {
     run_ok(st(store, None).arg("import").arg(&imgs[0].1).arg("gold"));
     for (name, raw) in &imgs[1..] {
         run_ok(st(store, None).args(["clone", "gold", name]));
@@ -72,7 +72,7 @@ fn import_all(store: &Path, imgs: &[(String, PathBuf)]) {
     }
 }
 
-fn remote_clean(store: &Path, endpoint: Option<&str>) {
+pub(crate) fn remote_clean(store: &Path, endpoint: Option<&str>) {
     let out = run(st(store, endpoint).args(["verify", "--remote", "r"]));
     assert!(
         out.status.success(),
@@ -82,7 +82,7 @@ fn remote_clean(store: &Path, endpoint: Option<&str>) {
     );
 }
 
-fn u(v: &serde_json::Value, key: &str) -> u64 {
+pub(crate) fn u(v: &serde_json::Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v}"))
 }
 

@@ -11,6 +11,7 @@
 //! refs/<name>          "<snapshot hex>\n", written after the manifest
 //! keys                 an encrypted store's `encryption` section (wrapped key, salt, costs,
 //!                      fingerprint; never a key), written first by a push, If-None-Match: *
+//! gc/condemned-*       what a `gc --remote` run condemned (remote/gc.rs)
 //! ```
 //!
 //! An encrypted store pushes its objects as they are (frames sealed, map nodes in unsealed
@@ -36,12 +37,17 @@
 
 mod chunks;
 mod disk_cache;
+mod gc;
 mod pull;
 mod push;
 mod verify;
 
 pub use chunks::{READ_AHEAD, REMOTE_FRAME_CACHE, ReadStats, RemoteChunks, RemoteReadOptions};
 pub use disk_cache::DiskFrameCache;
+pub use gc::{
+    COMMIT_WINDOW, DEFAULT_GRACE, PackDead, RemoteGcOptions, RemoteGcReport, gc_remote,
+    parse_condemned_record, remove_refs,
+};
 pub use pull::{PullProgress, PullReport, pull, pull_with};
 pub use push::{PushOptions, PushReport, push};
 pub use verify::{RemoteVerifyReport, verify_remote};
@@ -294,6 +300,8 @@ pub(crate) struct RemotePack {
 pub(crate) struct RemoteIndex {
     pub(crate) chunks: HashMap<ChunkId, (PackId, ChunkLoc)>,
     pub(crate) packs: HashMap<PackId, Arc<RemotePack>>,
+    /// Each indexed pack's entries (excluded packs included).
+    pub(crate) entries: HashMap<PackId, Vec<crate::pack::PackEntry>>,
 }
 
 /// An open remote.
@@ -306,6 +314,9 @@ pub struct Remote {
     prefix: String,
     cache_dir: PathBuf,
     index: RwLock<RemoteIndex>,
+    /// Packs whose chunks [`Remote::refresh_index`] leaves out of the chunk set (a push's view:
+    /// packs a gc condemned are treated as absent).
+    excluded: RwLock<HashSet<PackId>>,
     limit: Option<Arc<RateLimit>>,
     traffic: Traffic,
     /// The keys of an encrypted remote, once unlocked (frames opened, ids checked keyed).
@@ -438,6 +449,7 @@ impl Remote {
             prefix,
             cache_dir,
             index: RwLock::new(RemoteIndex::default()),
+            excluded: RwLock::new(HashSet::new()),
             limit: None,
             traffic: Traffic::default(),
             dir: dir_root,
@@ -624,8 +636,19 @@ impl Remote {
         &self.cache_dir
     }
 
-    /// Names of the objects under `dir/` (relative to it).
+    /// Names of the objects under `dir/` (relative to it) and their sizes.
     pub(crate) async fn list(&self, dir: &str) -> Result<Vec<(String, u64)>> {
+        Ok(self
+            .list_times(dir)
+            .await?
+            .into_iter()
+            .map(|(name, size, _)| (name, size))
+            .collect())
+    }
+
+    /// Names of the objects under `dir/` (relative to it), their sizes and their
+    /// LastModified times (milliseconds since the epoch, by the remote's clock).
+    pub(crate) async fn list_times(&self, dir: &str) -> Result<Vec<(String, u64, i64)>> {
         let prefix = self.key(dir);
         let what = format!("{dir}/");
         self.retry(&what, || async {
@@ -638,11 +661,44 @@ impl Remote {
                     .strip_prefix(&format!("{}{dir}/", self.prefix))
                     .unwrap_or(&full)
                     .to_string();
-                out.push((rel, meta.size));
+                out.push((rel, meta.size, meta.last_modified.timestamp_millis()));
             }
             Ok(out)
         })
         .await
+    }
+
+    /// Deletes object `rel` (one that is not there is not an error).
+    pub(crate) async fn delete(&self, rel: &str) -> Result<()> {
+        let key = self.key(rel);
+        self.retry(rel, || async {
+            match self.os.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    /// The remote's clock, in milliseconds since the epoch: the LastModified time of an
+    /// object written for the purpose (`rel`, deleted again).
+    pub(crate) async fn clock(&self, rel: &str) -> Result<i64> {
+        self.put(rel, Bytes::from_static(b"vmnest clock\n")).await?;
+        let key = self.key(rel);
+        let at = self
+            .retry(rel, || self.os.head(&key))
+            .await?
+            .last_modified
+            .timestamp_millis();
+        self.delete(rel).await?;
+        Ok(at)
+    }
+
+    /// Sets the packs whose chunks the next [`Remote::refresh_index`] leaves out.
+    pub(crate) fn exclude_packs(&self, packs: HashSet<PackId>) {
+        if let Ok(mut x) = self.excluded.write() {
+            *x = packs;
+        }
     }
 
     /// Size of object `rel`, or None when it does not exist.
@@ -957,16 +1013,23 @@ impl Remote {
             write_atomic(&dir, &cached, &b)?;
             have.push((id, rel, b.to_vec()));
         }
+        let excluded = self.excluded.read().map(|x| x.clone()).unwrap_or_default();
         for (id, rel, bytes) in have {
             let (entries, frames, len) = self.parse_index_object(&rel, &bytes)?;
-            for e in entries {
+            for e in entries.iter().filter(|_| !excluded.contains(&id)) {
                 fresh.chunks.entry(e.id).or_insert((id, e.loc));
             }
+            fresh.entries.insert(id, entries);
             fresh.packs.insert(id, Arc::new(RemotePack { frames, len }));
         }
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for ent in rd.flatten() {
-                if !keep.contains(&*ent.file_name().to_string_lossy()) {
+                let name = ent.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".tmp") {
+                    // Another process's copy being written (a gc and a push, two servers)
+                    // holds a lock on it: only an abandoned one goes.
+                    crate::pack::remove_stale_temp(&ent.path());
+                } else if !keep.contains(&name) {
                     let _ = std::fs::remove_file(ent.path());
                 }
             }
@@ -985,6 +1048,14 @@ impl Remote {
         bytes: &[u8],
     ) -> Result<(Vec<crate::pack::PackEntry>, Vec<FrameInfo>, u64)> {
         parse_index_object(&format!("{}/{rel}", self.url.trim_end_matches('/')), bytes)
+    }
+
+    /// Runs `f` on the remote's index as last refreshed.
+    pub(crate) fn with_index<R>(&self, f: impl FnOnce(&RemoteIndex) -> R) -> R {
+        match self.index.read() {
+            Ok(i) => f(&i),
+            Err(_) => f(&RemoteIndex::default()),
+        }
     }
 
     /// Whether the remote's chunk set (as last refreshed) holds `id`.

@@ -14,12 +14,17 @@
 //!    one HEAD first, so what landed is skipped), then their index objects, then re-list the
 //!    index and check that every needed id is there, then the manifests with
 //!    If-None-Match: * (the commit point), then the refs.
+//!
+//! With `gc --remote` (remote/gc.rs): chunks in packs a gc condemned, and condemned manifests,
+//! count as absent; before step 5's check the gc records are read again (a pass that relied on
+//! something condemned meanwhile starts over), a condemned manifest is never named by a ref,
+//! and manifests and refs are written only within the commit window of that check.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -27,6 +32,7 @@ use futures::StreamExt;
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::pack::{ChunkLoc, PackId, PackReader, PackWriter, TRAILER_LEN, parse_trailer};
+use crate::remote::gc::{COMMIT_WINDOW, Condemned};
 use crate::remote::{Remote, member_ids};
 use crate::store::{Manifest, SnapshotId, Store};
 
@@ -39,6 +45,11 @@ pub struct PushOptions {
     pub part_size: usize,
     /// Called with (bytes sent, bytes to send) as packs go up.
     pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
+    /// How long after its last look at the gc records the push may write manifests and refs
+    /// (see remote/gc.rs).
+    pub commit_window: Duration,
+    /// Called once per pass just before that last look (tests interleave a gc there).
+    pub before_commit: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for PushOptions {
@@ -46,6 +57,7 @@ impl std::fmt::Debug for PushOptions {
         f.debug_struct("PushOptions")
             .field("concurrency", &self.concurrency)
             .field("part_size", &self.part_size)
+            .field("commit_window", &self.commit_window)
             .finish()
     }
 }
@@ -56,6 +68,12 @@ impl Default for PushOptions {
             concurrency: 4,
             part_size: 8 << 20,
             progress: None,
+            commit_window: std::env::var("VMNEST_PUSH_WINDOW")
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|s| *s > 0.0 && *s < 86_400.0)
+                .map_or(COMMIT_WINDOW, Duration::from_secs_f64),
+            before_commit: None,
         }
     }
 }
@@ -85,6 +103,8 @@ pub struct PushReport {
     pub bytes_uploaded: u64,
     /// Requests retried after transient failures.
     pub retries: u64,
+    /// Passes started over because a gc condemned something the push relied on.
+    pub restarts: u64,
     /// Wall time.
     pub seconds: f64,
 }
@@ -150,6 +170,16 @@ fn index_orphans(remote: &Remote) -> Result<()> {
     Ok(())
 }
 
+/// Passes of a push that may start over because a gc condemned what they relied on.
+const PASSES: u64 = 4;
+
+/// How a pass ended.
+enum Pass {
+    Done(PushReport),
+    /// Something relied on was condemned meanwhile: go again with these records.
+    Again(Condemned),
+}
+
 /// Pushes `targets` (name, snapshot, whether to set the remote's ref `name` to it) to `remote`.
 pub fn push(
     store: &Store,
@@ -158,11 +188,40 @@ pub fn push(
     opts: &PushOptions,
 ) -> Result<PushReport> {
     let started = Instant::now();
+    // Traffic is counted over every pass.
     let t0 = (
         remote.traffic().objects_up.load(Ordering::Relaxed),
         remote.traffic().bytes_up.load(Ordering::Relaxed),
         remote.traffic().retries.load(Ordering::Relaxed),
     );
+    let mut condemned = Condemned::read(remote)?;
+    for pass in 0..PASSES {
+        match push_pass(store, remote, targets, opts, &condemned, (started, t0))? {
+            Pass::Done(mut report) => {
+                report.restarts = pass;
+                return Ok(report);
+            }
+            Pass::Again(c) => condemned = c,
+        }
+    }
+    Err(remote.err(
+        "gc/",
+        format!("gc runs kept condemning what the push relied on ({PASSES} passes); try again"),
+    ))
+}
+
+/// One pass of [`push`], with `condemned` counting as absent.
+fn push_pass(
+    store: &Store,
+    remote: &Remote,
+    targets: &[(String, SnapshotId, bool)],
+    opts: &PushOptions,
+    condemned: &Condemned,
+    (started, t0): (Instant, (u64, u64, u64)),
+) -> Result<Pass> {
+    let cond_packs = condemned.packs();
+    let cond_snaps = condemned.snapshots();
+    remote.exclude_packs(cond_packs.keys().copied().collect());
     let mut report = PushReport::default();
     // Keys first: refuse a remote of another key (or a plain one holding objects) before
     // anything is sent, and publish this store's encryption section before any object.
@@ -174,7 +233,11 @@ pub fn push(
     remote.set_keys(store.keys().cloned());
     remote.refresh_index()?;
     index_orphans(remote)?;
-    let on_remote = remote.snapshots()?;
+    let on_remote: HashSet<SnapshotId> = remote
+        .snapshots()?
+        .into_iter()
+        .filter(|s| !cond_snaps.contains_key(s))
+        .collect();
 
     // Plan: missing lineage, parents first.
     let mut plan: Vec<(SnapshotId, Manifest)> = Vec::new();
@@ -200,9 +263,18 @@ pub fn push(
     let chunks = store.chunks();
     let mut seen: HashSet<ChunkId> = HashSet::new();
     let mut needed: Vec<ChunkId> = Vec::new();
+    // What the push relies on the remote to keep: chunks it found there, manifests it diffed
+    // against.
+    let mut relied: Vec<ChunkId> = Vec::new();
+    let mut bases: Vec<SnapshotId> = Vec::new();
     for (sid, m) in &plan {
         let base = match m.parent {
-            Some(p) if on_remote.contains(&p) || planned.contains(&p) => store.manifest(&p).ok(),
+            Some(p) if on_remote.contains(&p) || planned.contains(&p) => {
+                if !planned.contains(&p) {
+                    bases.push(p);
+                }
+                store.manifest(&p).ok()
+            }
             _ => None,
         };
         for member in &m.members {
@@ -211,7 +283,9 @@ pub fn push(
                 if !seen.insert(*id) {
                     return false;
                 }
-                if !remote.has_chunk(id) {
+                if remote.has_chunk(id) {
+                    relied.push(*id);
+                } else {
                     needed.push(*id);
                 }
                 true
@@ -242,7 +316,7 @@ pub fn push(
         };
         let need: u64 = list.iter().map(|(_, l)| u64::from(l.len)).sum();
         let total: u64 = reader.entries().iter().map(|e| u64::from(e.loc.len)).sum();
-        if need * 2 >= total {
+        if need * 2 >= total && !cond_packs.contains_key(&pid) {
             report.packs_whole += 1;
             uploads.push(Upload {
                 id: pid,
@@ -264,6 +338,7 @@ pub fn push(
         std::fs::create_dir_all(&staging)
             .map_err(crate::pack::io_err(&staging, "create staging"))?;
         let mut writer: Option<PackWriter> = None;
+        let mut current: Vec<(Arc<PackReader>, ChunkId, ChunkLoc)> = Vec::new();
         let n = rebuild.len();
         for (i, (reader, id, loc)) in rebuild.into_iter().enumerate() {
             let data = reader.read_at(&id, loc, Some(chunks.cache()))?;
@@ -276,11 +351,16 @@ pub fn push(
             } else {
                 w.add(id, &data)?;
             }
+            current.push((reader, id, loc));
             let last = i + 1 == n;
             if (w.is_full() || last)
                 && let Some(w) = writer.take()
             {
-                let done = w.finish()?;
+                let mut done = w.finish()?;
+                if cond_packs.contains_key(&done.id) {
+                    done = salted_pack(&staging, chunks, &current, done)?;
+                }
+                current.clear();
                 report.packs_built += 1;
                 uploads.push(Upload {
                     id: done.id,
@@ -338,15 +418,61 @@ pub fn push(
     report.packs_skipped = skipped.load(Ordering::Relaxed);
     let _ = std::fs::remove_dir_all(&staging);
 
-    // Check, then commit: manifests (parents first), then refs.
+    // Check, then commit: manifests (parents first), then refs. The gc records are read
+    // before the index is listed (a gc deletes a pack and its index object before the record
+    // that condemned it).
+    if let Some(hook) = &opts.before_commit {
+        hook();
+    }
+    let checked = Instant::now();
+    let now = Condemned::read(remote)?;
+    let now_snaps = now.snapshots();
+    remote.exclude_packs(now.packs().keys().copied().collect());
     remote.refresh_index()?;
-    if let Some(id) = needed.iter().find(|id| !remote.has_chunk(id)) {
+    // Chunks it sent may have been condemned too (a pack older than the grace, or one an
+    // interrupted push had left there).
+    let lost = relied
+        .iter()
+        .chain(&needed)
+        .find(|id| !remote.has_chunk(id));
+    let lost_base = bases.iter().any(|b| now_snaps.contains_key(b));
+    if (lost.is_some() || lost_base) && now.adds_to(condemned) {
+        return Ok(Pass::Again(now));
+    }
+    if let Some(id) = lost {
         return Err(remote.err(
             "index/",
-            format!("chunk {id} is still missing after its pack was sent; no manifest written"),
+            format!("chunk {id} is missing from the remote's index; no manifest written"),
         ));
     }
+    if let Some((name, id, _)) = targets
+        .iter()
+        .find(|(_, id, set)| *set && now_snaps.contains_key(id))
+    {
+        return Err(remote.err(
+            &format!("snapshots/{}", id.to_hex()),
+            format!(
+                "{name}@{} is there but condemned by a gc (no name reached it); a gc past the \
+                 grace period deletes it, push {name} again after that",
+                id.short()
+            ),
+        ));
+    }
+    let in_window = |what: &str| -> Result<()> {
+        if checked.elapsed() > opts.commit_window {
+            return Err(remote.err(
+                what,
+                format!(
+                    "more than {:.0} s passed since the push last read the gc records; not \
+                     written, run the push again",
+                    opts.commit_window.as_secs_f64()
+                ),
+            ));
+        }
+        Ok(())
+    };
     for (sid, m) in &plan {
+        in_window(&format!("snapshots/{}", sid.to_hex()))?;
         let bytes = store.manifest_bytes(sid)?;
         remote
             .block_on(remote.put_new(&format!("snapshots/{}", sid.to_hex()), Bytes::from(bytes)))?;
@@ -356,6 +482,7 @@ pub fn push(
     }
     for (name, id, set_ref) in targets {
         if *set_ref && remote.head_of(name)? != Some(*id) {
+            in_window(&format!("refs/{name}"))?;
             remote.block_on(remote.put(
                 &format!("refs/{name}"),
                 Bytes::from(format!("{}\n", id.to_hex())),
@@ -367,7 +494,38 @@ pub fn push(
     report.bytes_uploaded = remote.traffic().bytes_up.load(Ordering::Relaxed) - t0.1;
     report.retries = remote.traffic().retries.load(Ordering::Relaxed) - t0.2;
     report.seconds = started.elapsed().as_secs_f64();
-    Ok(report)
+    Ok(Pass::Done(report))
+}
+
+/// Builds again the pack `clash` (whose name a gc condemned) from the same chunks with a salt
+/// chunk first (random bytes nothing refers to), so it lands under a name no record holds.
+fn salted_pack(
+    staging: &Path,
+    chunks: &crate::pack::PackStore,
+    items: &[(Arc<PackReader>, ChunkId, ChunkLoc)],
+    clash: crate::pack::FinishedPack,
+) -> Result<crate::pack::FinishedPack> {
+    let _ = std::fs::remove_file(&clash.path);
+    // The store's own writer: an encrypted store's frames are sealed here too.
+    let mut w = chunks.new_writer(staging)?;
+    let salt = format!(
+        "vmnest push salt {:?} {}",
+        Instant::now(),
+        std::process::id()
+    );
+    w.add(
+        crate::chunk::ChunkStore::id_hasher(chunks).id(salt.as_bytes()),
+        salt.as_bytes(),
+    )?;
+    for (reader, id, loc) in items {
+        let data = reader.read_at(id, *loc, Some(chunks.cache()))?;
+        if reader.is_meta(*loc) {
+            w.add_meta(*id, &data)?;
+        } else {
+            w.add(*id, &data)?;
+        }
+    }
+    w.finish()
 }
 
 /// Adds the snapshot an error concerns to it.

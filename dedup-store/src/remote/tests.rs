@@ -384,3 +384,24 @@ fn directory_remote_objects_are_whole_or_absent_after_a_fault_at_any_operation()
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn refreshing_the_index_leaves_another_process_s_cache_copy_being_written() {
+    let dir = tmp("remote-cache-temp");
+    let src = Store::create(&dir.join("src"), Default::default()).unwrap();
+    commit_disk(&src, "a", &xorshift_bytes(4, 1 << 20));
+    let remote = remote_at(&src, &dir.join("remote"));
+    push(&src, &remote, &all_refs(&src), &PushOptions::default()).unwrap();
+    let cache = remote.cache_dir().join("index");
+    // One being written (locked, as write_atomic holds it) and one abandoned.
+    let busy = cache.join("tmp-1-1.obj.tmp");
+    let held = crate::pack::create_locked_temp(&busy, "create").unwrap();
+    let stale = cache.join("tmp-1-2.obj.tmp");
+    std::fs::write(&stale, b"x").unwrap();
+    remote.refresh_index().unwrap();
+    assert!(busy.exists());
+    assert!(!stale.exists());
+    drop(held);
+    remote.refresh_index().unwrap();
+    assert!(!busy.exists());
+}

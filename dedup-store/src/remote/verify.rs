@@ -8,7 +8,7 @@
 //! checked without the key, which the report says), recipe parts are sealed and checked for
 //! presence only.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::chunk::ChunkId;
@@ -16,8 +16,8 @@ use crate::error::Result;
 use crate::pack::PackId;
 use crate::remote::chunks::REMOTE_FRAME_CACHE;
 use crate::remote::{Remote, RemoteChunks};
-use crate::store::Layout;
 use crate::store::verify::check_member;
+use crate::store::{Layout, Member};
 
 /// What `verify --remote` found.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -91,15 +91,7 @@ pub fn verify_remote(remote: &Arc<Remote>) -> Result<RemoteVerifyReport> {
                     Some(_) => {}
                 };
                 for member in &m.members {
-                    match &member.layout {
-                        // Sealed without the key: the parts are checked for presence.
-                        Layout::Recipe { parts, .. } if keyless => {
-                            for part in parts {
-                                need(part, &mut problems, &member.name);
-                            }
-                        }
-                        _ => check_member(&rc, member, &mut problems, &need)?,
-                    }
+                    walk_remote_member(&rc, member, &mut HashSet::new(), &mut problems, &need)?;
                 }
             }
             Ok(None) => continue,
@@ -124,4 +116,31 @@ pub fn verify_remote(remote: &Arc<Remote>) -> Result<RemoteVerifyReport> {
         }
     }
     Ok(report)
+}
+
+/// Walks what `member` of a manifest on the remote refers to: map nodes and recipe parts are
+/// fetched through `rc` and checked, subtrees whose id is in `seen` are not entered again, and
+/// `need(id, problems, member name)` is called for every id met. The one walk of remote maps,
+/// shared by `verify --remote` (a fresh `seen` per member) and `gc --remote` (one `seen` for
+/// the whole marking).
+pub(crate) fn walk_remote_member(
+    rc: &RemoteChunks,
+    member: &Member,
+    seen: &mut HashSet<ChunkId>,
+    problems: &mut BTreeSet<String>,
+    need: &dyn Fn(&ChunkId, &mut BTreeSet<String>, &str),
+) -> Result<()> {
+    match &member.layout {
+        // An encrypted remote read without its key: recipe parts are sealed, so they are
+        // checked for presence and what they refer to is unknown (gc --remote refuses that case).
+        Layout::Recipe { parts, .. } if rc.remote().ids_unchecked() => {
+            for part in parts {
+                if seen.insert(*part) {
+                    need(part, problems, &member.name);
+                }
+            }
+            Ok(())
+        }
+        _ => check_member(rc, member, seen, problems, need),
+    }
 }

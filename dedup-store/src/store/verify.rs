@@ -35,12 +35,14 @@ impl VerifyReport {
     }
 }
 
-/// Walks everything `member` refers to in `store` (map nodes and parts are read from it; each
-/// subtree once), calling `need(id, problems, member name)` for every id; what cannot be read
-/// goes to `problems`. Shared by the store's verify and `verify --remote`.
+/// Walks everything `member` refers to in `store` (map nodes and parts are read from it; a
+/// subtree or part whose id is in `seen` is not entered again, and every id entered is added),
+/// calling `need(id, problems, member name)` for every id; what cannot be read goes to
+/// `problems`. Shared by the store's verify, `verify --remote` and `gc --remote`.
 pub(crate) fn check_member<S: ChunkStore + ?Sized>(
     store: &S,
     member: &Member,
+    seen: &mut HashSet<ChunkId>,
     problems: &mut BTreeSet<String>,
     need: &dyn Fn(&ChunkId, &mut BTreeSet<String>, &str),
 ) -> Result<()> {
@@ -49,7 +51,6 @@ pub(crate) fn check_member<S: ChunkStore + ?Sized>(
             let Some(root) = member.map_root() else {
                 return Ok(());
             };
-            let mut seen = HashSet::new();
             let mut errors = Vec::new();
             walk(
                 store,
@@ -65,6 +66,9 @@ pub(crate) fn check_member<S: ChunkStore + ?Sized>(
         Layout::Recipe { parts, .. } => {
             for part in parts {
                 need(part, problems, &member.name);
+                if !seen.insert(*part) {
+                    continue;
+                }
                 match crate::store::stream::part_chunks(store, part) {
                     Ok(ids) => {
                         for id in ids {
@@ -153,7 +157,13 @@ pub fn verify(store: &Store) -> Result<VerifyReport> {
             }
         };
         for member in &m.members {
-            check_member(store.chunks().as_ref(), member, &mut problems, &need)?;
+            check_member(
+                store.chunks().as_ref(),
+                member,
+                &mut HashSet::new(),
+                &mut problems,
+                &need,
+            )?;
         }
         if !problems.is_empty() {
             report
