@@ -153,24 +153,32 @@ fn mkdir(path: &Path) -> Result<()> {
     std::fs::create_dir_all(path).map_err(io_err(path, "create directory"))
 }
 
-/// Writes `bytes` to `path` atomically: a locked temporary file, fsync, rename, directory fsync.
-pub(crate) fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+/// A locked temporary file in `dir` holding `bytes`, fsynced (removed again if that fails).
+fn synced_temp(dir: &Path, bytes: &[u8]) -> Result<(PathBuf, File)> {
     let tmp = temp_path(dir, "obj");
     let mut f = create_locked_temp(&tmp, "create")?;
     let done = crate::fault::check("write", &tmp)
         .and_then(|()| f.write_all(bytes))
         .and_then(|()| crate::fault::check("sync", &tmp))
         .and_then(|()| f.sync_all())
-        .map_err(io_err(&tmp, "write"))
-        .and_then(|()| {
-            crate::fault::check("rename", &tmp)
-                .and_then(|()| std::fs::rename(&tmp, path))
-                .map_err(io_err(path, "rename"))
-        });
-    if done.is_err() {
+        .map_err(io_err(&tmp, "write"));
+    if let Err(e) = done {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok((tmp, f))
+}
+
+/// Writes `bytes` to `path` atomically: a locked temporary file, fsync, rename, directory fsync.
+pub(crate) fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    let (tmp, f) = synced_temp(dir, bytes)?;
+    let renamed = crate::fault::check("rename", &tmp)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(io_err(path, "rename"));
+    if renamed.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    done?;
+    renamed?;
     drop(f);
     sync_dir(dir)
 }
@@ -179,23 +187,16 @@ pub(crate) fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> 
 /// `dir`, fsynced, hard-linked to `path` (which fails when `path` exists, so an existing file is
 /// never replaced), then `dir` fsynced. Returns false when `path` existed.
 pub(crate) fn write_new_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<bool> {
-    let tmp = temp_path(dir, "obj");
-    let mut f = create_locked_temp(&tmp, "create")?;
-    let done = crate::fault::check("write", &tmp)
-        .and_then(|()| f.write_all(bytes))
-        .and_then(|()| crate::fault::check("sync", &tmp))
-        .and_then(|()| f.sync_all())
-        .map_err(io_err(&tmp, "write"))
-        .and_then(|()| {
-            match crate::fault::check("link", &tmp).and_then(|()| std::fs::hard_link(&tmp, path)) {
-                Ok(()) => Ok(true),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(io_err(path, "link")(e)),
-            }
-        });
+    let (tmp, f) = synced_temp(dir, bytes)?;
+    let linked =
+        match crate::fault::check("link", &tmp).and_then(|()| std::fs::hard_link(&tmp, path)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(io_err(path, "link")(e)),
+        };
     drop(f);
     let _ = std::fs::remove_file(&tmp);
-    if done? {
+    if linked? {
         sync_dir(dir)?;
         return Ok(true);
     }
