@@ -91,27 +91,9 @@ fn assert_absent(what: &str, bytes: &[u8], needles: &[&[u8]]) {
     }
 }
 
-/// Downloads every object under `prefix` of `bucket` into `to` (through boto3 in moto's
-/// environment: moto refuses unsigned GETs of objects).
+/// Downloads every object under `prefix` of `bucket` into `to`.
 fn download(moto: &Moto, bucket: &str, prefix: &str, to: &Path) -> Vec<PathBuf> {
-    let python = std::env::var_os("VMNEST_MOTO_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/vmnest-moto"))
-        .join("bin/python");
-    let script = "import sys, os, boto3\n\
-        s3 = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='k', \
-        aws_secret_access_key='s', region_name='us-east-1')\n\
-        for o in s3.list_objects_v2(Bucket=sys.argv[2], Prefix=sys.argv[3])['Contents']:\n    \
-            body = s3.get_object(Bucket=sys.argv[2], Key=o['Key'])['Body'].read()\n    \
-            open(os.path.join(sys.argv[4], o['Key'].replace('/', '_')), 'wb').write(body)\n";
-    std::fs::create_dir_all(to).unwrap();
-    run_ok(
-        Command::new(python)
-            .arg("-c")
-            .arg(script)
-            .args([&moto.endpoint(), bucket, prefix])
-            .arg(to),
-    );
+    moto.download(bucket, prefix, to);
     files_under(to)
 }
 

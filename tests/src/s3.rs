@@ -175,6 +175,23 @@ impl Moto {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// Downloads every object under `prefix` of `bucket` into directory `to` (created), each
+    /// named by its key with `/` turned into `_` (through boto3: moto refuses unsigned GETs of
+    /// objects, and other servers check signatures).
+    pub fn download(&self, bucket: &str, prefix: &str, to: &Path) {
+        std::fs::create_dir_all(to).expect("create the download directory");
+        self.boto(
+            "import os\n\
+             for page in s3.get_paginator('list_objects_v2').paginate(\n\
+             \x20   Bucket=sys.argv[1], Prefix=sys.argv[2]):\n\
+             \x20   for o in page.get('Contents', []):\n\
+             \x20       body = s3.get_object(Bucket=sys.argv[1], Key=o['Key'])['Body'].read()\n\
+             \x20       name = os.path.join(sys.argv[3], o['Key'].replace('/', '_'))\n\
+             \x20       open(name, 'wb').write(body)",
+            &[bucket, prefix, to.to_str().expect("a UTF-8 path")],
+        );
+    }
+
     /// The largest object under `prefix`.
     pub fn largest(&self, bucket: &str, prefix: &str) -> String {
         self.boto(
