@@ -24,10 +24,13 @@
 # S3 server (scripts/s3-test-server.sh, objects in memory) with --s3 moto or when Ceph does not
 # start. Both on loopback.
 #
-# Usage: bench/dr.sh [--s3 ceph|moto] [--set DIR] [--small] [--keep]
+# Usage: bench/dr.sh [--s3 ceph|moto] [--set DIR] [--small] [--encrypt] [--keep]
 #   --set    the image set (default bench/work/store-set, built when missing; needs root)
 #   --small  generate a small set instead (bench/work/dr-small: 256 MiB images; no root needed:
 #            the change step writes random bytes instead of files)
+#   --encrypt  vmnest's stores are encrypted (`init --encrypt`, one key file for all of them;
+#            the restore and serve stores are made with `init --encrypt --from-remote` before
+#            their timed step); restic encrypts always
 #   --keep   keep the work directory (bench/work/dr-runs)
 # The binary is this checkout's target/release/vmnest (built when missing or older than a
 # source; VMNEST_BIN=PATH to use another). Writes results to bench/work/dr-runs/summary.md.
@@ -38,12 +41,14 @@ s3=ceph
 set_dir=$here/work/store-set
 small=0
 keep=0
+encrypt=0
 while [ $# -gt 0 ]; do
   case $1 in
     --s3) s3=$2; shift 2 ;;
     --set) set_dir=$2; shift 2 ;;
     --small) small=1; shift ;;
     --keep) keep=1; shift ;;
+    --encrypt) encrypt=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "dr.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -54,6 +59,15 @@ runs=$here/work/dr-runs
 rm -rf "$runs"
 mkdir -p "$runs"
 summary=$runs/summary.md
+if [ "$encrypt" = 1 ]; then
+  export VMNEST_KEY_FILE=$runs/store.key
+  (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$VMNEST_KEY_FILE")
+fi
+# An encrypted store for `--store DIR` sharing the remote's key (nothing to do when plain).
+init_from_remote() {
+  [ "$encrypt" = 1 ] || return 0
+  "$vmnest" --store "$1" init --encrypt --from-remote "s3://$bucket/vmnest" >/dev/null
+}
 images=(gold clone-pkgs clone-upgrade clone-config)
 changed=clone-config
 bucket=vmnest-dr
@@ -158,6 +172,7 @@ ratio() { printf "%.${3:-2}f" "$(echo "scale=6; $1 / $2" | bc)"; }
 # --- (a) vmnest: import and push ---
 st=$runs/vmnest
 V() { "$vmnest" --store "$st" "$@"; }
+[ "$encrypt" = 1 ] && V init --encrypt >/dev/null
 t0=$(now)
 V import "$set_dir/gold.raw" gold >/dev/null
 for c in "${images[@]:1}"; do
@@ -220,6 +235,7 @@ echo "   push (changed clone)   $push2_s s, $(mib "$push2_b") MiB uploaded"
 
 # --- (c) restore from the remote ---
 rs=$runs/restore
+init_from_remote "$rs"
 "$vmnest" --store "$rs" remote add r "s3://$bucket/vmnest"
 out=$runs/out.raw
 rm -f "$out"
@@ -242,6 +258,7 @@ V import "$big" big >/dev/null
 V push r big --output json >/dev/null
 rm -f "$big"
 lz=$runs/lazy
+init_from_remote "$lz"
 "$vmnest" --store "$lz" remote add r "s3://$bucket/vmnest"
 gold_size=$(V info store:big --output json | jget "['virtual-size']")
 fifo=$runs/serve.out
@@ -294,7 +311,7 @@ echo "   restic dump            $rr_s s, cmp $rr_ok"
 
 # --- table ---
 {
-  echo "$(date -u +%F), $(nproc)-core $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) >> 20 )) GiB RAM; endpoint: $s3 on loopback"
+  echo "$(date -u +%F), vmnest store $([ "$encrypt" = 1 ] && echo encrypted || echo plain), $(nproc)-core $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) >> 20 )) GiB RAM; endpoint: $s3 on loopback"
   echo "Set: ${images[*]} from $set_dir ($(mib "$logical") MiB logical); change: $what in $changed"
   echo
   echo "| step | vmnest s | vmnest MiB up | restic s | restic MiB up | restic / vmnest time |"
