@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use vmnest_tests::{qemu_img, require, run, run_ok, scratch, vmnest};
+use vmnest_tests::{qemu_img, require, run, run_ok, same_raw, scratch, vmnest};
 
 const MIB: u64 = 1 << 20;
 
@@ -212,15 +212,7 @@ fn an_mbr_qcow2_shows_its_partitions_as_files_that_read_like_the_source() {
     // qemu-img reads the partition file as the same bytes as the source range.
     let part1 = dir.join("part1.raw");
     std::fs::write(&part1, range(&raw, MIB, 24 * MIB)).unwrap();
-    qemu_img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        s(&part1),
-        s(&m.file("disk-part1")),
-    ]);
+    same_raw(&part1, s(&m.file("disk-part1")));
     {
         let lo = LoopMount::new(&m.file("disk-part1"), &dir.join("lo"), "loop,ro");
         assert_eq!(

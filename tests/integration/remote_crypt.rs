@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use vmnest_tests::s3::Moto;
-use vmnest_tests::{poke, qemu_img, run, run_ok, same, scratch};
+use vmnest_tests::{poke, qemu_img, run, run_ok, same, same_raw, scratch};
 
 use crate::nbd::Served;
 
@@ -226,16 +226,7 @@ fn an_encrypted_store_replicates_only_ciphertext_and_comes_back_with_the_passphr
 
     // serve --from the remote; its frame cache holds sealed bytes only.
     let served = Served::start_cmd(st(&dst, &moto, p), &dir, &["--from", "r", "vm"], 1);
-    let cmp = qemu_img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        s(&raw),
-        &served.urls[0],
-    ]);
-    assert!(cmp.contains("identical"), "{cmp}");
+    same_raw(&raw, &served.urls[0]);
     drop(served);
     for f in files_under(&dst.join("remotes")) {
         assert_absent(s(&f), &std::fs::read(&f).unwrap(), &needles);

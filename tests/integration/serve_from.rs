@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use vmnest_tests::s3::Moto;
-use vmnest_tests::{data_ranges_from_json, poke, qemu_img, require, run, run_ok, scratch, vmnest};
+use vmnest_tests::{data_ranges_from_json, poke, require, run, run_ok, same_raw, scratch, vmnest};
 
 use crate::nbd::{Served, nbd_data_ranges};
 
@@ -18,10 +18,6 @@ const FRAME: u64 = (512 << 10) + 16;
 /// `vmnest --store STORE` with moto's endpoint and the test credentials.
 fn st(store: &Path, moto: &Moto) -> Command {
     crate::remote::st(store, Some(&moto.endpoint()))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// A 48 MiB sparse disk with 22 MiB of incompressible data in three runs.
@@ -125,8 +121,7 @@ fn a_remote_snapshot_is_served_lazily_with_a_bounded_cache() {
     );
 
     // The content, and the map.
-    let out = qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&raw), &url]);
-    assert!(out.contains("identical"), "{out}");
+    same_raw(&raw, &url);
     let map =
         run_ok(
             vmnest()
@@ -159,8 +154,7 @@ fn a_remote_snapshot_is_served_lazily_with_a_bounded_cache() {
         &["--from", "r", "--cache-size", "4M", "gold"],
         1,
     );
-    let out = qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&raw), &again.urls[0]]);
-    assert!(out.contains("identical"), "{out}");
+    same_raw(&raw, &again.urls[0]);
     assert!(dir_bytes(&frames) <= CACHE + FRAME);
     drop(again);
     let out = run(st(&dst, &moto).args(["serve", "--from", "r", "--rw", "gold"]));

@@ -24,8 +24,6 @@ pub(crate) fn st(store: &Path) -> Command {
     c
 }
 
-/// `dir/store`: created encrypted (`init --encrypt`) when `encrypted`, else left for the
-/// first import to create.
 /// Two tests running `$body(encrypted)`: on a plain store and on an encrypted one.
 macro_rules! plain_and_encrypted {
     ($plain:ident, $encrypted:ident, $body:ident) => {
@@ -41,6 +39,8 @@ macro_rules! plain_and_encrypted {
     };
 }
 
+/// `dir/store`: created encrypted (`init --encrypt`) when `encrypted`, else left for the
+/// first import to create.
 fn new_store(dir: &Path, encrypted: bool) -> PathBuf {
     let store = dir.join("store");
     if encrypted {

@@ -258,6 +258,21 @@ pub fn same(a: &Path, b: &Path) {
     assert!(out.contains("identical"), "{out}");
 }
 
+/// Asserts that `qemu-img compare` finds the raw image `raw` and `other`, read as raw (a raw
+/// file, an NBD URL, a FUSE-exported disk file), identical.
+pub fn same_raw(raw: &Path, other: &str) {
+    let out = qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        &raw.display().to_string(),
+        other,
+    ]);
+    assert!(out.contains("identical"), "{out}");
+}
+
 /// Size of [`write_pattern_raw`]'s images: 20 MiB plus 7 sectors, so not cluster-aligned.
 pub const PATTERN_SIZE: u64 = (20 << 20) + 7 * 512;
 
