@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use crate::chunk::{ChunkId, ChunkStore};
 use crate::error::{Error, Result};
+use crate::pack::PackId;
 use crate::remote::chunks::REMOTE_FRAME_CACHE;
 use crate::remote::push::snapshot_err;
 use crate::remote::{Remote, RemoteChunks, member_ids};
@@ -152,11 +153,20 @@ pub fn pull_with(
         }
         // One pack per fetcher at a time, in pack order: each range GET (with its read-ahead)
         // then serves the chunks after it, and no two fetchers read the same frames.
-        want.sort_by_key(|id| remote.locate(id).map(|(p, l, _)| (p, l.frame, l.offset)));
-        total += want
+        // Each id's place on the remote, looked up once (None: not indexed there; its fetch
+        // reports it).
+        let mut placed: Vec<(Option<(PackId, u32, u32)>, ChunkId)> = want
             .iter()
-            .filter_map(|id| remote.locate(id).map(|(_, l, _)| u64::from(l.len)))
-            .sum::<u64>();
+            .map(|id| {
+                let at = remote.locate(id);
+                if let Some((_, l, _)) = &at {
+                    total += u64::from(l.len);
+                }
+                (at.map(|(p, l, _)| (p, l.frame, l.offset)), *id)
+            })
+            .collect();
+        placed.sort();
+        let want: Vec<ChunkId> = placed.iter().map(|(_, id)| *id).collect();
         let tick = |n: u64| {
             let now = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
             if let Some(p) = progress {
@@ -167,7 +177,7 @@ pub fn pull_with(
         let mut groups: Vec<&[ChunkId]> = Vec::new();
         let mut start = 0;
         for i in 1..=want.len() {
-            let pack = |k: usize| remote.locate(&want[k]).map(|(p, _, _)| p);
+            let pack = |k: usize| placed[k].0.map(|(p, _, _)| p);
             if i == want.len() || pack(i) != pack(start) {
                 groups.push(&want[start..i]);
                 start = i;
