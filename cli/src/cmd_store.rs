@@ -539,9 +539,11 @@ pub fn run_export(args: ExportArgs) -> Result<u8> {
 /// through the convert engine from `store:` or `remote:` sources; a byte stream is
 /// concatenated.
 pub fn export_from(args: ExportArgs, remote: Option<&str>) -> Result<u8> {
+    // Held to the end: the store's shared lock keeps gc from removing packs mid-export.
+    let mut _store = None;
     let (snap, chunks, src_prefix): (Resolved, DiskChunks, String) = match remote {
         None => {
-            let store = open_store(Access::Read)?;
+            let store = _store.insert(open_store(Access::Read)?);
             let snap = store.resolve(&args.snapshot)?;
             (
                 snap,
