@@ -20,6 +20,9 @@ use crate::remote::push::snapshot_err;
 use crate::remote::{Remote, RemoteChunks, member_ids};
 use crate::store::{MAX_LINEAGE, RefUpdate, Store};
 
+/// Where a chunk is on the remote: pack, frame, offset in the frame (the order fetches take).
+type Place = (PackId, u32, u32);
+
 /// Threads fetching chunks at once.
 const FETCHERS: usize = 4;
 
@@ -155,7 +158,7 @@ pub fn pull_with(
         // then serves the chunks after it, and no two fetchers read the same frames.
         // Each id's place on the remote, looked up once (None: not indexed there; its fetch
         // reports it).
-        let mut placed: Vec<(Option<(PackId, u32, u32)>, ChunkId)> = want
+        let mut placed: Vec<(Option<Place>, ChunkId)> = want
             .iter()
             .map(|id| {
                 let at = remote.locate(id);
