@@ -241,6 +241,7 @@ fn lazy_reader(name: &str, disk_cache: u64) -> Result<Arc<RemoteChunks>> {
         disk_cache: (disk_cache > 0).then(|| (remote.cache_dir().join("frames"), disk_cache)),
         fetch_window: LAZY_FETCH_WINDOW,
         read_ahead: READ_AHEAD,
+        ..Default::default()
     };
     Ok(Arc::new(RemoteChunks::with_options(remote, options)?))
 }

@@ -49,6 +49,10 @@ pub struct RemoteReadOptions {
     pub fetch_window: u64,
     /// Stored bytes fetched in the background after a sequentially read frame (0: none).
     pub read_ahead: u64,
+    /// Check every chunk read against its id. Off only to walk an encrypted remote without its
+    /// key (`verify --remote`, `gc --remote`): its map nodes are not sealed, but their ids are
+    /// keyed.
+    pub check_ids: bool,
 }
 
 impl Default for RemoteReadOptions {
@@ -58,6 +62,7 @@ impl Default for RemoteReadOptions {
             disk_cache: None,
             fetch_window: READ_AHEAD,
             read_ahead: 0,
+            check_ids: true,
         }
     }
 }
@@ -82,6 +87,8 @@ struct Inner {
     disk: Option<DiskFrameCache>,
     fetch_window: u64,
     read_ahead: u64,
+    /// [`RemoteReadOptions::check_ids`].
+    check_ids: bool,
     /// Frames being fetched.
     inflight: Mutex<HashSet<(PackId, u32)>>,
     landed: Condvar,
@@ -145,12 +152,18 @@ impl RemoteChunks {
                 disk,
                 fetch_window: options.fetch_window.max(1),
                 read_ahead: options.read_ahead,
+                check_ids: options.check_ids,
                 inflight: Mutex::new(HashSet::new()),
                 landed: Condvar::new(),
                 prefetching: AtomicUsize::new(0),
                 stats: ReadStats::default(),
             }),
         }
+    }
+
+    /// Whether chunks read are checked against their ids ([`RemoteReadOptions::check_ids`]).
+    pub fn checks_ids(&self) -> bool {
+        self.inner.check_ids
     }
 
     /// The remote.
@@ -440,7 +453,7 @@ impl ChunkStore for RemoteChunks {
                 format!("chunk {id} runs past frame {}", loc.frame),
             ));
         };
-        if !inner.remote.ids_unchecked() && self.id_hasher().id(data) != *id {
+        if inner.check_ids && self.id_hasher().id(data) != *id {
             let at = info.frames.get(loc.frame as usize).map_or(0, |f| f.offset);
             return Err(Error::corrupt(
                 object,

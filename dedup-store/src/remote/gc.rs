@@ -60,9 +60,8 @@ use bytes::Bytes;
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::pack::PackId;
-use crate::remote::chunks::REMOTE_FRAME_CACHE;
-use crate::remote::verify::walk_remote_member;
-use crate::remote::{Remote, RemoteChunks};
+use crate::remote::Remote;
+use crate::remote::verify::{keyless_reader, walk_remote_member};
 use crate::store::{Layout, Manifest, SnapshotId, check_name};
 
 /// Default grace period of `gc --remote`.
@@ -370,21 +369,11 @@ pub fn gc_remote(remote: &Arc<Remote>, opts: RemoteGcOptions) -> Result<RemoteGc
             m.name
         )));
     }
-    /// Turns unchecked reads off again however the run ends.
-    struct Unchecked<'a>(&'a Remote);
-    impl Drop for Unchecked<'_> {
-        fn drop(&mut self) {
-            self.0.set_unchecked_ids(false);
-        }
-    }
-    remote.set_unchecked_ids(keyless);
-    let _unchecked = Unchecked(remote);
-
     // Mark: live first, then what the other remaining manifests need. The index is listed
     // after the manifests, so it holds every pack a listed manifest needs.
     remote.exclude_packs(HashSet::new());
     remote.refresh_index()?;
-    let rc = RemoteChunks::new(remote.clone(), REMOTE_FRAME_CACHE);
+    let rc = keyless_reader(remote, keyless)?;
     let mut seen: HashSet<ChunkId> = HashSet::new();
     let mut problems = BTreeSet::new();
     let mut mark = |ids: &[SnapshotId],

@@ -321,9 +321,6 @@ pub struct Remote {
     traffic: Traffic,
     /// The keys of an encrypted remote, once unlocked (frames opened, ids checked keyed).
     keys: RwLock<Option<Arc<Keys>>>,
-    /// Read chunks without checking their ids (an encrypted remote read without its key, by
-    /// `verify --remote`: only map nodes, which are not sealed, can be read so).
-    unchecked_ids: std::sync::atomic::AtomicBool,
     /// A directory remote's root: objects are written by [`write_dir_object`] (fsynced), reads
     /// and listings go through `os`.
     dir: Option<PathBuf>,
@@ -454,7 +451,6 @@ impl Remote {
             traffic: Traffic::default(),
             dir: dir_root,
             keys: RwLock::new(None),
-            unchecked_ids: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -469,16 +465,6 @@ impl Remote {
     /// The keys set by [`Remote::set_keys`].
     pub fn keys(&self) -> Option<Arc<Keys>> {
         self.keys.read().ok().and_then(|g| g.clone())
-    }
-
-    /// Reads chunks without checking their ids (`verify --remote` of an encrypted remote
-    /// without its key).
-    pub fn set_unchecked_ids(&self, on: bool) {
-        self.unchecked_ids.store(on, Ordering::Relaxed);
-    }
-
-    pub(crate) fn ids_unchecked(&self) -> bool {
-        self.unchecked_ids.load(Ordering::Relaxed)
     }
 
     /// The remote's `keys` object (an encrypted store's encryption section), if it has one.

@@ -293,6 +293,7 @@ fn lazy_reads_fetch_ahead_once_and_reuse_the_disk_cache() {
             // One frame per miss: what comes in larger pieces comes from the read-ahead.
             fetch_window: 1,
             read_ahead,
+            ..Default::default()
         };
         let chunks = Arc::new(RemoteChunks::with_options(r, options).unwrap());
         let disk = StoredDisk::open_remote(chunks.clone(), &snap, None).unwrap();

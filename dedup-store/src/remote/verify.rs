@@ -15,7 +15,7 @@ use crate::chunk::ChunkId;
 use crate::error::Result;
 use crate::pack::PackId;
 use crate::remote::chunks::REMOTE_FRAME_CACHE;
-use crate::remote::{Remote, RemoteChunks};
+use crate::remote::{Remote, RemoteChunks, RemoteReadOptions};
 use crate::store::verify::check_member;
 use crate::store::{Layout, Member};
 
@@ -48,12 +48,24 @@ impl RemoteVerifyReport {
     }
 }
 
+/// A reader of `remote` for walking its maps: without checking ids when `keyless` (an encrypted
+/// remote read without its key: map nodes are not sealed, but their ids are keyed).
+pub(crate) fn keyless_reader(remote: &Arc<Remote>, keyless: bool) -> Result<RemoteChunks> {
+    RemoteChunks::with_options(
+        remote.clone(),
+        RemoteReadOptions {
+            memory_cache: REMOTE_FRAME_CACHE,
+            check_ids: !keyless,
+            ..Default::default()
+        },
+    )
+}
+
 /// Verifies `remote`; see the module documentation.
 pub fn verify_remote(remote: &Arc<Remote>) -> Result<RemoteVerifyReport> {
     remote.refresh_index()?;
     let encrypted = remote.encryption()?.is_some();
     let keyless = encrypted && remote.keys().is_none();
-    remote.set_unchecked_ids(keyless);
     let mut report = RemoteVerifyReport {
         packs: remote.indexed_packs().len(),
         chunks: remote.chunk_count(),
@@ -66,7 +78,7 @@ pub fn verify_remote(remote: &Arc<Remote>) -> Result<RemoteVerifyReport> {
         .into_iter()
         .filter_map(|(f, size)| Some((f.strip_suffix(".pack").and_then(PackId::from_hex)?, size)))
         .collect();
-    let rc = RemoteChunks::new(remote.clone(), REMOTE_FRAME_CACHE);
+    let rc = keyless_reader(remote, keyless)?;
     let snapshots = remote.snapshots()?;
     let mut ids: Vec<_> = snapshots.iter().copied().collect();
     ids.sort();
@@ -106,7 +118,6 @@ pub fn verify_remote(remote: &Arc<Remote>) -> Result<RemoteVerifyReport> {
                 .insert(label, problems.into_iter().collect());
         }
     }
-    remote.set_unchecked_ids(false);
     for (name, id) in remote.refs()? {
         report.refs += 1;
         if !snapshots.contains(&id) {
@@ -133,7 +144,7 @@ pub(crate) fn walk_remote_member(
     match &member.layout {
         // An encrypted remote read without its key: recipe parts are sealed, so they are
         // checked for presence and what they refer to is unknown (gc --remote refuses that case).
-        Layout::Recipe { parts, .. } if rc.remote().ids_unchecked() => {
+        Layout::Recipe { parts, .. } if !rc.checks_ids() => {
             for part in parts {
                 if seen.insert(*part) {
                     need(part, problems, &member.name);
