@@ -491,6 +491,15 @@ impl Store {
             }
             None => m.encode(),
         };
+        // Sealing makes origin and labels about twice as long: never write what no reader
+        // would take back.
+        if bytes.len() > manifest::MAX_MANIFEST_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "manifest of {} bytes is over {} (labels or origin too long)",
+                bytes.len(),
+                manifest::MAX_MANIFEST_LEN
+            )));
+        }
         let id = SnapshotId::of(&bytes);
         let path = self.manifest_path(&id);
         if !path.exists() {

@@ -504,3 +504,28 @@ fn creating_an_encrypted_store_failing_at_any_point_leaves_none_or_a_whole_one()
         assert!(n < 1000);
     }
 }
+
+#[test]
+fn a_manifest_too_long_to_read_back_is_never_written() {
+    use crate::store::manifest::{MAX_LABELS, MAX_TEXT};
+    let dir = tmp("manifest-too-long");
+    let store = open_store(&dir, Access::Write, true);
+    let id = commit_disk(&store, "vm", &disk_image(1));
+    let mut m = store.manifest(&id).unwrap();
+    // Every label at its longest: each field valid, the whole over the size a reader takes.
+    for i in 0..MAX_LABELS {
+        m.labels.insert(
+            format!("{i:04}{}", "k".repeat(MAX_TEXT - 4)),
+            "v".repeat(MAX_TEXT),
+        );
+    }
+    assert!(m.validate().is_ok());
+    let before = std::fs::read_dir(dir.join("snapshots")).unwrap().count();
+    let err = store.write_manifest(&m).unwrap_err().to_string();
+    assert!(err.contains("over"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(dir.join("snapshots")).unwrap().count(),
+        before
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
