@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
-use dedup_store::crypt::{KeySource, MAX_SECRET_LEN};
+use dedup_store::crypt::KeySource;
 
 /// The global key options.
 #[derive(Debug, Default, Clone, clap::Args)]
@@ -28,25 +28,6 @@ pub fn set_key_args(args: KeyArgs) {
     let _ = KEY_ARGS.set(args);
 }
 
-fn read_passphrase_file(path: &PathBuf) -> Result<Vec<u8>> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("passphrase file {}", path.display()))?;
-    if meta.len() > MAX_SECRET_LEN {
-        bail!(
-            "passphrase file {} is larger than {MAX_SECRET_LEN} bytes",
-            path.display()
-        );
-    }
-    let bytes =
-        std::fs::read(path).with_context(|| format!("passphrase file {}", path.display()))?;
-    let line = bytes.split(|&b| b == b'\n').next().unwrap_or(&[]);
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    if line.is_empty() {
-        bail!("passphrase file {} is empty", path.display());
-    }
-    Ok(line.to_vec())
-}
-
 /// The key given without asking: the options first, then the environment.
 pub fn given_key() -> Result<Option<KeySource>> {
     let args = KEY_ARGS.get().cloned().unwrap_or_default();
@@ -54,7 +35,9 @@ pub fn given_key() -> Result<Option<KeySource>> {
         return Ok(Some(KeySource::KeyFile(f)));
     }
     if let Some(f) = &args.passphrase_file {
-        return Ok(Some(KeySource::Passphrase(read_passphrase_file(f)?)));
+        return Ok(Some(KeySource::Passphrase(
+            dedup_store::crypt::read_passphrase_file(f).context("passphrase file")?,
+        )));
     }
     if let Some(f) = std::env::var_os("VMNEST_KEY_FILE").filter(|v| !v.is_empty()) {
         return Ok(Some(KeySource::KeyFile(f.into())));

@@ -532,6 +532,21 @@ pub fn read_key_file(path: &Path) -> Result<[u8; KEY_LEN]> {
         })
 }
 
+/// Reads a passphrase file: its first line (without a trailing CR), at most
+/// [`MAX_SECRET_LEN`] bytes of file; an empty first line is an error.
+pub fn read_passphrase_file(path: &Path) -> Result<Vec<u8>> {
+    let bytes = crate::store::read_capped(path, MAX_SECRET_LEN, "passphrase file")?;
+    let line = bytes.split(|&b| b == b'\n').next().unwrap_or(&[]);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: empty first line",
+            path.display()
+        )));
+    }
+    Ok(line.to_vec())
+}
+
 /// Writes a new key file (mode 0600, created exclusively, fsynced with its directory).
 fn write_key_file(path: &Path, key: &[u8; KEY_LEN]) -> Result<()> {
     use std::io::Write;

@@ -10,8 +10,7 @@ fn passphrase(text: &str) -> KeySource {
 }
 
 fn scratch(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmnest-crypt-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = image_format::scratch::path("crypt", name);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -222,4 +221,24 @@ fn a_tampered_or_unsealed_manifest_is_refused_by_a_keyed_reader() {
             .open_manifest("m", &mut other)
             .is_err()
     );
+}
+
+#[test]
+fn a_passphrase_file_gives_its_first_line_within_bounds() {
+    let dir = scratch("passphrase-file");
+    let file = dir.join("p");
+    std::fs::write(&file, b"pass word\r\nsecond line\n").unwrap();
+    assert_eq!(read_passphrase_file(&file).unwrap(), b"pass word");
+    std::fs::write(&file, b"\nafter an empty first line").unwrap();
+    let err = read_passphrase_file(&file).unwrap_err().to_string();
+    assert!(err.contains("empty first line"), "{err}");
+    std::fs::write(&file, vec![b'a'; MAX_SECRET_LEN as usize + 1]).unwrap();
+    let err = read_passphrase_file(&file).unwrap_err().to_string();
+    assert!(err.contains("larger than"), "{err}");
+    std::fs::write(&file, vec![b'a'; MAX_SECRET_LEN as usize]).unwrap();
+    assert_eq!(
+        read_passphrase_file(&file).unwrap().len(),
+        MAX_SECRET_LEN as usize
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
