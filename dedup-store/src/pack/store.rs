@@ -432,6 +432,23 @@ impl PackStore {
         self.durable(id)
     }
 
+    /// Calls `f` with the bytes of chunk `id`: from the open pack's pending chunks, else from
+    /// its pack (checked against its id; the index refreshed once when it is not found, since
+    /// another process may have stored it since this store was opened).
+    fn with_found<R>(&self, id: &ChunkId, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        if let Some(data) = self.open.lock().map_err(|_| poisoned())?.pending.get(id) {
+            return Ok(f(data));
+        }
+        let (reader, loc) = match self.durable(id)? {
+            Some(found) => found,
+            None => {
+                self.refresh()?;
+                self.durable(id)?.ok_or(Error::MissingChunk(*id))?
+            }
+        };
+        reader.with_chunk(id, loc, Some(&self.cache), f)
+    }
+
     /// Where `id` is durably stored in an intact pack, if anywhere.
     fn durable(&self, id: &ChunkId) -> Result<Option<(Arc<PackReader>, crate::pack::ChunkLoc)>> {
         let locs = self.index.read().map_err(|_| poisoned())?.lookup_all(id);
@@ -534,36 +551,11 @@ impl ChunkStore for PackStore {
     }
 
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        if let Some(data) = self.open.lock().map_err(|_| poisoned())?.pending.get(id) {
-            return Ok(data.clone());
-        }
-        if let Some((reader, loc)) = self.durable(id)? {
-            return reader.read_at(id, loc, Some(&self.cache));
-        }
-        // Another process may have stored it since this store was opened.
-        self.refresh()?;
-        match self.durable(id)? {
-            Some((reader, loc)) => reader.read_at(id, loc, Some(&self.cache)),
-            None => Err(Error::MissingChunk(*id)),
-        }
+        self.with_found(id, <[u8]>::to_vec)
     }
 
     fn read_into(&self, id: &ChunkId, len: usize, from: usize, dst: &mut [u8]) -> Result<()> {
-        if let Some(data) = self.open.lock().map_err(|_| poisoned())?.pending.get(id) {
-            return crate::chunk::copy_part(id, data, len, from, dst);
-        }
-        let found = match self.durable(id)? {
-            Some(found) => found,
-            None => {
-                // Another process may have stored it since this store was opened.
-                self.refresh()?;
-                self.durable(id)?.ok_or(Error::MissingChunk(*id))?
-            }
-        };
-        let (reader, loc) = found;
-        reader.with_chunk(id, loc, Some(&self.cache), |data| {
-            crate::chunk::copy_part(id, data, len, from, dst)
-        })?
+        self.with_found(id, |data| crate::chunk::copy_part(id, data, len, from, dst))?
     }
 
     fn contains(&self, id: &ChunkId) -> Result<bool> {
