@@ -968,9 +968,14 @@ impl Remote {
             keep.insert(format!("{}.idx", id.to_hex()));
             let rel = format!("index/{file}");
             let cached = dir.join(&file);
-            match read_capped(&cached, MAX_INDEX_OBJECT, "cached index") {
-                Ok(b) if b.len() as u64 == size => have.push((id, rel, b)),
-                _ => {
+            // The local copy is untrusted too: one that does not parse is fetched again.
+            let copy = read_capped(&cached, MAX_INDEX_OBJECT, "cached index")
+                .ok()
+                .filter(|b| b.len() as u64 == size)
+                .and_then(|b| self.parse_index_object(&rel, &b).ok());
+            match copy {
+                Some(parsed) => have.push((id, parsed)),
+                None => {
                     if size > MAX_INDEX_OBJECT {
                         return Err(
                             self.err(&rel, format!("{size} bytes, more than {MAX_INDEX_OBJECT}"))
@@ -995,13 +1000,12 @@ impl Remote {
             );
         for r in fetched {
             let (id, rel, cached, b) = r?;
-            self.parse_index_object(&rel, &b)?;
+            let parsed = self.parse_index_object(&rel, &b)?;
             write_atomic(&dir, &cached, &b)?;
-            have.push((id, rel, b.to_vec()));
+            have.push((id, parsed));
         }
         let excluded = self.excluded.read().map(|x| x.clone()).unwrap_or_default();
-        for (id, rel, bytes) in have {
-            let (entries, frames, len) = self.parse_index_object(&rel, &bytes)?;
+        for (id, (entries, frames, len)) in have {
             for e in entries.iter().filter(|_| !excluded.contains(&id)) {
                 fresh.chunks.entry(e.id).or_insert((id, e.loc));
             }

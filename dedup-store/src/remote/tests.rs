@@ -183,6 +183,17 @@ fn damaged_index_objects_are_errors_not_panics() {
         bad[at] ^= 1;
         assert!(remote.parse_index_object("index/x", &bad).is_err(), "{at}");
     }
+    // A damaged local copy (same length) is fetched again, and repaired.
+    remote.refresh_index().unwrap();
+    let copy = dir
+        .join("src/remotes/r/cache/index")
+        .join(idx.file_name().unwrap());
+    let mut bad = good.clone();
+    bad[5] ^= 1;
+    std::fs::write(&copy, &bad).unwrap();
+    remote.refresh_index().unwrap();
+    assert_eq!(std::fs::read(&copy).unwrap(), good);
+    assert!(remote.chunk_count() > 0);
     // Damaged on the remote: refresh fails naming the object.
     let mut bad = good.clone();
     bad[5] ^= 1;
