@@ -238,7 +238,7 @@ fn lazy_reader(name: &str, disk_cache: u64) -> Result<Arc<RemoteChunks>> {
     remote.refresh_index()?;
     let options = RemoteReadOptions {
         memory_cache: LAZY_MEMORY_CACHE,
-        disk_cache: (disk_cache > 0).then(|| (remote.cache_dir().join("frames"), disk_cache)),
+        disk_cache: (disk_cache > 0).then(|| (remote.frame_cache_dir(), disk_cache)),
         fetch_window: LAZY_FETCH_WINDOW,
         read_ahead: READ_AHEAD,
         ..Default::default()

@@ -71,7 +71,27 @@ fn is_frame_name(name: &str) -> bool {
     })
 }
 
+/// The pack a cached frame's file name belongs to, if it is one.
+fn pack_of(name: &str) -> Option<PackId> {
+    is_frame_name(name)
+        .then(|| name.split_once('.').and_then(|(p, _)| PackId::from_hex(p)))
+        .flatten()
+}
+
 impl DiskFrameCache {
+    /// Removes the cached frames of `packs` from the cache directory `dir` (packs a gc deleted
+    /// from the remote), without opening the cache.
+    pub fn remove_packs(dir: &Path, packs: &std::collections::HashSet<PackId>) {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for ent in rd.flatten() {
+                let name = ent.file_name().to_string_lossy().into_owned();
+                if pack_of(&name).is_some_and(|p| packs.contains(&p)) {
+                    let _ = std::fs::remove_file(ent.path());
+                }
+            }
+        }
+    }
+
     /// Opens (creating) the cache directory `dir` holding at most `max_bytes`: leftovers of
     /// interrupted writes and files that are not frames are removed, and the oldest frames
     /// beyond the bound.
@@ -215,8 +235,7 @@ mod tests {
 
     #[test]
     fn the_bound_holds_and_the_least_recently_used_go_first() {
-        let dir = std::env::temp_dir().join(format!("vmnest-dfc-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = image_format::scratch::path("dfc", "bound");
         let p = PackId::from_hex(&"ab".repeat(32)).unwrap();
         let c = DiskFrameCache::open(&dir, 10_000).unwrap();
         for n in 0..5u32 {
@@ -247,6 +266,34 @@ mod tests {
         assert!(c.bytes() <= 4000);
         assert!(dir_bytes(&dir) <= 4000, "{}", dir_bytes(&dir));
         assert!(!dir.join("junk").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_frames_of_removed_packs_go_and_the_others_stay() {
+        let dir = image_format::scratch::path("dfc", "remove");
+        let (a, b) = (
+            PackId::from_hex(&"ab".repeat(32)).unwrap(),
+            PackId::from_hex(&"cd".repeat(32)).unwrap(),
+        );
+        let c = DiskFrameCache::open(&dir, 1 << 20).unwrap();
+        for n in 0..3u32 {
+            c.put(&a, n, &[1; 100]);
+            c.put(&b, n, &[2; 100]);
+        }
+        std::fs::write(dir.join(format!("{}.tmp-1", name_of(&a, 7))), b"x").unwrap();
+        DiskFrameCache::remove_packs(&dir, &[a].into_iter().collect());
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want: Vec<String> = (0..3).map(|n| name_of(&b, n)).collect();
+        // Not a frame: left for the cache's own open to sort out.
+        want.push(format!("{}.tmp-1", name_of(&a, 7)));
+        want.sort();
+        assert_eq!(left, want);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -60,8 +60,8 @@ use bytes::Bytes;
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::pack::PackId;
-use crate::remote::Remote;
 use crate::remote::verify::{keyless_reader, walk_remote_member};
+use crate::remote::{DiskFrameCache, Remote};
 use crate::store::{Layout, Manifest, SnapshotId, check_name};
 
 /// Default grace period of `gc --remote`.
@@ -588,16 +588,7 @@ pub fn gc_remote(remote: &Arc<Remote>, opts: RemoteGcOptions) -> Result<RemoteGc
         Ok::<(), Error>(())
     })?;
     remote.refresh_index()?;
-    let frames = remote.cache_dir().join("frames");
-    if let Ok(rd) = std::fs::read_dir(&frames) {
-        for ent in rd.flatten() {
-            let name = ent.file_name().to_string_lossy().into_owned();
-            let pack = name.split('.').next().and_then(PackId::from_hex);
-            if pack.is_some_and(|p| deleted_packs.contains(&p)) {
-                let _ = std::fs::remove_file(ent.path());
-            }
-        }
-    }
+    DiskFrameCache::remove_packs(&remote.frame_cache_dir(), &deleted_packs);
     Ok(report)
 }
 

@@ -622,6 +622,12 @@ impl Remote {
         &self.cache_dir
     }
 
+    /// The directory of the frames `serve --from` and `mount --from` cache on disk
+    /// ([`DiskFrameCache`]).
+    pub fn frame_cache_dir(&self) -> PathBuf {
+        self.cache_dir.join("frames")
+    }
+
     /// Names of the objects under `dir/` (relative to it) and their sizes.
     pub(crate) async fn list(&self, dir: &str) -> Result<Vec<(String, u64)>> {
         Ok(self
