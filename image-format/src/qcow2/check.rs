@@ -30,6 +30,7 @@ use crate::image::CheckReport;
 use super::Qcow2Image;
 use super::io::read_table;
 use super::map::{COPIED, Cluster, OFFSET_MASK, decode_l2};
+use super::rw::get_refcount;
 
 /// Cap on the host clusters a check tracks (two counters each): larger files are refused.
 pub const MAX_CHECK_CLUSTERS: u64 = 1 << 24;
@@ -139,27 +140,6 @@ fn count_l1(
                     format!("copied flag {copied} but the L2 table's refcount is {rc}"),
                 );
             }
-        }
-    }
-}
-
-/// Decodes refcount entry `i` of a refcount block of `bits`-wide entries.
-fn refcount_at(block: &[u8], i: usize, bits: u32) -> u64 {
-    let bytes = |n: usize| block.get(i * n..i * n + n);
-    match bits {
-        64 => bytes(8).map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))),
-        32 => bytes(4).map_or(0, |b| {
-            u64::from(u32::from_be_bytes(b.try_into().unwrap_or([0; 4])))
-        }),
-        16 => bytes(2).map_or(0, |b| {
-            u64::from(u16::from_be_bytes(b.try_into().unwrap_or([0; 2])))
-        }),
-        8 => bytes(1).map_or(0, |b| u64::from(b[0])),
-        _ => {
-            // Sub-byte widths: entry i starts at bit i*bits, bit 0 the least significant.
-            let bit = i * bits as usize;
-            let byte = block.get(bit / 8).copied().unwrap_or(0);
-            u64::from((byte >> (bit % 8)) & ((1u8 << bits) - 1))
         }
     }
 }
@@ -447,7 +427,7 @@ fn stored_refcounts(img: &Qcow2Image, c: &mut Counter<'_>, file_clusters: u64) -
         let n = per_block.min(file_clusters - first);
         for j in 0..n {
             if let Some(slot) = stored.get_mut((first + j) as usize) {
-                *slot = refcount_at(&block, j as usize, bits);
+                *slot = get_refcount(&block, j, bits);
             }
         }
     }
@@ -510,14 +490,14 @@ mod tests {
 
     #[test]
     fn sixteen_bit_refcounts_are_big_endian() {
-        assert_eq!(refcount_at(&[0, 1, 0x12, 0x34], 1, 16), 0x1234);
+        assert_eq!(get_refcount(&[0, 1, 0x12, 0x34], 1, 16), 0x1234);
     }
 
     #[test]
     fn sub_byte_refcounts_start_at_the_least_significant_bit() {
         // Two-bit entries: 0b11_10_01_00 holds 0, 1, 2, 3.
         let block = [0b1110_0100u8];
-        let got: Vec<u64> = (0..4).map(|i| refcount_at(&block, i, 2)).collect();
+        let got: Vec<u64> = (0..4).map(|i| get_refcount(&block, i, 2)).collect();
         assert_eq!(got, vec![0, 1, 2, 3]);
     }
 }

@@ -715,7 +715,7 @@ fn cache_block(st: &mut State, off: u64, block: Vec<u8>) {
 
 /// Refcount entry `i` of a block of `bits`-wide big-endian entries (sub-byte entries start at
 /// the least significant bit).
-fn get_refcount(block: &[u8], i: u64, bits: u32) -> u64 {
+pub(super) fn get_refcount(block: &[u8], i: u64, bits: u32) -> u64 {
     let bit = i * u64::from(bits);
     let start = (bit / 8) as usize;
     if bits < 8 {
