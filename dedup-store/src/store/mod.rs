@@ -251,7 +251,7 @@ impl Store {
 
     /// Like [`Store::open`]; `on_wait` is called once before blocking on another process.
     pub fn open_with(root: &Path, access: Access, on_wait: &mut dyn FnMut()) -> Result<Store> {
-        Self::open_full(root, access, None, None, on_wait)
+        Self::open_full(root, access, None, None, None, on_wait)
     }
 
     /// Like [`Store::open_with`], with the key of an encrypted store (ignored by a plain one).
@@ -262,13 +262,13 @@ impl Store {
         key: Option<&KeySource>,
         on_wait: &mut dyn FnMut(),
     ) -> Result<Store> {
-        Self::open_full(root, access, None, key, on_wait)
+        Self::open_full(root, access, None, key, None, on_wait)
     }
 
     /// Creates the store at `root` with `config` when it does not exist, then opens it for
     /// writing.
     pub fn create(root: &Path, config: StoreConfig) -> Result<Store> {
-        Self::open_full(root, Access::Write, Some(config), None, &mut || {})
+        Self::open_full(root, Access::Write, Some(config), None, None, &mut || {})
     }
 
     /// Creates an encrypted store at `root` (which must not hold one): a new master key kept
@@ -288,15 +288,21 @@ impl Store {
                 root.display()
             )));
         }
-        let section = match shared {
-            Some(section) => {
-                Keys::unlock(root, section, key)?;
-                section.clone()
-            }
-            None => Keys::create(key, costs)?.0,
+        let (section, keys) = match shared {
+            Some(section) => (section.clone(), Keys::unlock(root, section, key)?),
+            None => Keys::create(key, costs)?,
         };
-        config.encryption = Some(section);
-        Self::open_full(root, Access::Write, Some(config), Some(key), &mut || {})
+        config.encryption = Some(section.clone());
+        // The keys just made or unlocked serve the open (no second argon2 run), as long as
+        // the config it finds is the one written here.
+        Self::open_full(
+            root,
+            Access::Write,
+            Some(config),
+            Some(key),
+            Some((section, keys)),
+            &mut || {},
+        )
     }
 
     fn open_full(
@@ -304,6 +310,7 @@ impl Store {
         access: Access,
         config: Option<StoreConfig>,
         key: Option<&KeySource>,
+        unlocked: Option<(EncryptionConfig, Keys)>,
         on_wait: &mut dyn FnMut(),
     ) -> Result<Store> {
         let config_path = root.join("config");
@@ -353,6 +360,9 @@ impl Store {
         }
         let keys = match (&config.encryption, key) {
             (None, _) => None,
+            (Some(section), _) if unlocked.as_ref().is_some_and(|(s, _)| s == section) => {
+                unlocked.map(|(_, k)| Arc::new(k))
+            }
             (Some(section), Some(key)) => Some(Arc::new(Keys::unlock(root, section, key)?)),
             (Some(_), None) => {
                 return Err(Error::InvalidArgument(format!(
