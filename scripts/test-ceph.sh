@@ -14,5 +14,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 trap 'scripts/ceph-rgw.sh stop "$dir"' EXIT
 # The tests' keys (tests/src/s3.rs KEY and SECRET).
 scripts/ceph-rgw.sh start "$dir" "$port" vmnest-test-key vmnest-Secret-7Qz9xK2pL
+# The tests run the vmnest binary, which `cargo test -p vmnest-tests` alone does not rebuild.
+cargo build -p vmnest
 VMNEST_S3_ENDPOINT="http://127.0.0.1:$port" \
   cargo test -p vmnest-tests --test integration -- remote serve_from "$@"
