@@ -10,13 +10,14 @@
 //! a wrong passphrase fails on the AEAD tag and a wrong key file fails on the fingerprint, both
 //! before anything is read: [`Error::WrongKey`].
 //!
-//! Three subkeys come from the master key with `blake3::derive_key` under distinct contexts:
+//! Subkeys come from the master key with `blake3::derive_key` under distinct contexts:
 //!
 //! | subkey | use |
 //! |---|---|
 //! | id key | chunk ids are `BLAKE3-keyed(id key, plaintext)` ([`IdHasher::Keyed`]) |
 //! | frame key | XChaCha20-Poly1305 key of sealed pack frames ([`Keys::seal_frame`]) |
 //! | manifest key | keyed BLAKE3 MAC of manifests; a key derived from it seals their `origin` and `labels` |
+//! | volume log keys | XChaCha20 stream key and keyed BLAKE3 MAC key of writable volumes' logs ([`LogKeys`]) |
 //!
 //! The key fingerprint published in the config (and to remotes) is a derived value of the id
 //! key under its own context: it identifies the key without revealing it.
@@ -32,6 +33,8 @@
 
 use std::path::Path;
 
+use chacha20::XChaCha20;
+use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
@@ -70,6 +73,8 @@ const CONTEXT_FRAME: &str = "vmnest 2026-11 pack frame key";
 const CONTEXT_MANIFEST: &str = "vmnest 2026-11 manifest key";
 const CONTEXT_FINGERPRINT: &str = "vmnest 2026-11 key fingerprint";
 const CONTEXT_MANIFEST_SEAL: &str = "vmnest 2026-11 manifest sealing key";
+const CONTEXT_LOG_STREAM: &str = "vmnest 2026-11 volume log stream key";
+const CONTEXT_LOG_MAC: &str = "vmnest 2026-11 volume log mac key";
 const FRAME_LABEL: &[u8] = b"vmnest sealed frame v1";
 const MANIFEST_LABEL: &[u8] = b"vmnest sealed manifest fields v1";
 const WRAP_LABEL: &[u8] = b"vmnest wrapped master key v1";
@@ -201,7 +206,51 @@ pub struct Keys {
     frame: XChaCha20Poly1305,
     manifest_seal: XChaCha20Poly1305,
     manifest: [u8; KEY_LEN],
+    log: LogKeys,
     fingerprint: String,
+}
+
+/// Bytes of a volume log record's MAC.
+pub const LOG_MAC_LEN: usize = 16;
+
+/// The keys of a writable volume's sealed write log (see `store::volume::log`).
+///
+/// A record's payload is XChaCha20 keystream-xored under a random per-record nonce, so a read
+/// of any byte range of a record decrypts only that range (the stream is seekable); the record
+/// header and ciphertext are authenticated with a keyed BLAKE3 MAC, checked when the log is
+/// replayed at open. No AEAD here: an AEAD tag covers a whole message, and a 4 KiB read of a
+/// 4 MiB record would have to decrypt all of it.
+#[derive(Clone)]
+pub struct LogKeys {
+    stream: [u8; KEY_LEN],
+    mac: [u8; KEY_LEN],
+}
+
+impl std::fmt::Debug for LogKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogKeys")
+    }
+}
+
+impl LogKeys {
+    /// Encrypts or decrypts (the same operation) `buf`, which sits at byte `pos` of the payload
+    /// of the record sealed under `nonce`.
+    pub fn apply(&self, nonce: &[u8; NONCE_LEN], pos: u64, buf: &mut [u8]) {
+        let mut cipher = XChaCha20::new(&self.stream.into(), nonce.into());
+        cipher.seek(pos);
+        cipher.apply_keystream(buf);
+    }
+
+    /// The MAC of the concatenation of `parts`.
+    pub fn mac(&self, parts: &[&[u8]]) -> [u8; LOG_MAC_LEN] {
+        let mut h = blake3::Hasher::new_keyed(&self.mac);
+        for p in parts {
+            h.update(p);
+        }
+        let mut out = [0u8; LOG_MAC_LEN];
+        out.copy_from_slice(&h.finalize().as_bytes()[..LOG_MAC_LEN]);
+        out
+    }
 }
 
 impl std::fmt::Debug for Keys {
@@ -246,8 +295,17 @@ impl Keys {
                 &blake3::derive_key(CONTEXT_MANIFEST_SEAL, &manifest).into(),
             ),
             manifest,
+            log: LogKeys {
+                stream: blake3::derive_key(CONTEXT_LOG_STREAM, master),
+                mac: blake3::derive_key(CONTEXT_LOG_MAC, master),
+            },
             fingerprint,
         }
+    }
+
+    /// The keys of writable volumes' logs.
+    pub fn log_keys(&self) -> &LogKeys {
+        &self.log
     }
 
     /// How this store computes chunk ids.

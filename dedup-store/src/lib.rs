@@ -15,6 +15,22 @@
 //! directory store, an object-storage remote and the in-memory store of the tests are
 //! interchangeable.
 
+/// Two tests from one body taking `encrypted: bool`: on a plain store and on an encrypted one.
+#[cfg(test)]
+macro_rules! plain_and_encrypted {
+    ($plain:ident, $encrypted:ident, $body:ident) => {
+        #[test]
+        fn $plain() {
+            $body(false);
+        }
+
+        #[test]
+        fn $encrypted() {
+            $body(true);
+        }
+    };
+}
+
 pub mod chunk;
 pub mod chunker;
 pub mod crypt;

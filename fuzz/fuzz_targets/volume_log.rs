@@ -4,17 +4,19 @@
 //! Mode byte: bit 0 clear builds a well-formed log from the input (groups of 6 bytes: kind,
 //! guest offset, length; payload bytes derived from them), then cuts it at a point and flips a
 //! byte chosen by the input, so the checks are passed and the torn-tail paths reached; bit 0 set
-//! takes the input as the log's body behind a valid header. The other bits pick the disk size.
+//! takes the input as the log's body behind a valid header. Bit 1 set makes the log sealed (an
+//! encrypted store's, under a fixed key). The other bits pick the disk size.
 
 #![no_main]
 
+use dedup_store::crypt::{Keys, LogKeys};
 use dedup_store::store::SnapshotId;
 use dedup_store::store::volume::log::{self, RecordKind};
 use dedup_store::store::volume::overlay::{Overlay, Source};
 use libfuzzer_sys::fuzz_target;
 
-fn build(rest: &[u8], disk_size: u64) -> Vec<u8> {
-    let mut out = log::header(&SnapshotId([3; 32])).to_vec();
+fn build(rest: &[u8], disk_size: u64, keys: Option<&LogKeys>) -> Vec<u8> {
+    let mut out = log::header(&SnapshotId([3; 32]), keys.is_some()).to_vec();
     let (body, tail) = rest.split_at(rest.len() - rest.len() % 6);
     for g in body.chunks(6) {
         let kind = if g[0] & 1 == 0 {
@@ -24,11 +26,17 @@ fn build(rest: &[u8], disk_size: u64) -> Vec<u8> {
         };
         let off = u64::from(u16::from_le_bytes([g[1], g[2]])) % disk_size;
         let len = (1 + u64::from(u16::from_le_bytes([g[3], g[4]]))).min(disk_size - off);
-        let payload: Vec<u8> = match kind {
+        let mut payload: Vec<u8> = match kind {
             RecordKind::Data => (0..len).map(|i| g[5] ^ i as u8).collect(),
             RecordKind::Zero => Vec::new(),
         };
-        out.extend_from_slice(&log::record_header(kind, off, len, &payload));
+        match keys {
+            None => out.extend_from_slice(&log::record_header(kind, off, len, &payload)),
+            Some(k) => {
+                let h = log::seal_record(k, kind, off, len, &mut payload).expect("sealing");
+                out.extend_from_slice(&h);
+            }
+        }
         out.extend_from_slice(&payload);
     }
     if let [cut, flip, ..] = tail {
@@ -47,16 +55,18 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let disk_size = 1 + u64::from(mode >> 1) * 97;
+    let disk_size = 1 + u64::from(mode >> 2) * 97;
+    let keys = Keys::from_master(&[5; 32]);
+    let keys = (mode & 2 != 0).then(|| keys.log_keys());
     let bytes = if mode & 1 == 0 {
-        build(rest, disk_size)
+        build(rest, disk_size, keys)
     } else {
-        let mut b = log::header(&SnapshotId([3; 32])).to_vec();
+        let mut b = log::header(&SnapshotId([3; 32]), keys.is_some()).to_vec();
         b.extend_from_slice(rest);
         b
     };
     let mut records = Vec::new();
-    let Ok(end) = log::scan(&bytes[..], "fuzz", disk_size, &mut |r| records.push(r)) else {
+    let Ok(end) = log::scan(&bytes[..], "fuzz", disk_size, keys, &mut |r| records.push(r)) else {
         return;
     };
     assert_eq!(end.valid_end + end.torn_bytes, bytes.len() as u64);

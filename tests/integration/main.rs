@@ -1,6 +1,21 @@
 //! The integration suite: one binary, one module per area. Peers (qemu-img, libyal's readers)
 //! are oracles; a missing peer fails the test.
 
+/// Two tests running `$body(encrypted)`: on a plain store and on an encrypted one.
+macro_rules! plain_and_encrypted {
+    ($plain:ident, $encrypted:ident, $body:ident) => {
+        #[test]
+        fn $plain() {
+            $body(false);
+        }
+
+        #[test]
+        fn $encrypted() {
+            $body(true);
+        }
+    };
+}
+
 mod boot;
 mod cli;
 mod conformance;

@@ -527,18 +527,23 @@ fn a_source_that_cannot_be_opened_fails_the_mount_with_its_reason() {
 /// The offline-patching workflow of issue 5: import an ext4 disk, mount it writable from the
 /// store, change a file through a loop mount, unmount both, and read the new snapshot back with
 /// debugfs, the old one unchanged.
-#[test]
-fn offline_patching_commits_a_new_snapshot_and_keeps_the_old_one() {
-    let dir = scratch("mount-patch");
+plain_and_encrypted!(
+    offline_patching_commits_a_new_snapshot_and_keeps_the_old_one,
+    offline_patching_of_an_encrypted_store_commits_a_new_snapshot_and_keeps_the_old_one,
+    offline_patching_in
+);
+
+fn offline_patching_in(encrypted: bool) {
+    let dir = scratch(&format!("mount-patch-{encrypted}"));
     let raw = mbr_disk(&dir, "original\n");
     let store = dir.join("store");
-    let vmn = || {
-        let mut c = vmnest();
-        c.arg("--store").arg(&store);
-        c
-    };
+    // The passphrase reaches the mount's background server through its environment.
+    let vmn = || crate::store::st(&store);
+    if encrypted {
+        run_ok(vmn().args(["init", "--encrypt"]));
+    }
     run_ok(vmn().arg("import").arg(&raw).arg("vm"));
-    let m = Mounted::new(&dir, &["--store", s(&store), "mount", "--rw", "store:vm"]);
+    let m = Mounted::by(vmn(), &dir, &["mount", "--rw", "store:vm"]);
     assert_eq!(m.names(), ["disk", "disk-part1", "disk-part5"]);
     {
         let lo = LoopMount::new(&m.file("disk-part1"), &dir.join("lo"), "loop");
@@ -564,7 +569,7 @@ fn offline_patching_commits_a_new_snapshot_and_keeps_the_old_one() {
     qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&raw), s(&old)]);
 
     // A writable mount with no writes commits nothing.
-    let m = Mounted::new(&dir, &["--store", s(&store), "mount", "--rw", "store:vm"]);
+    let m = Mounted::by(vmn(), &dir, &["mount", "--rw", "store:vm"]);
     let out = m.umount();
     assert!(out.contains("nothing written"), "{out}");
     let log = run_ok(vmn().args(["log", "vm"]));

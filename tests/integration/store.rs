@@ -24,21 +24,6 @@ pub(crate) fn st(store: &Path) -> Command {
     c
 }
 
-/// Two tests running `$body(encrypted)`: on a plain store and on an encrypted one.
-macro_rules! plain_and_encrypted {
-    ($plain:ident, $encrypted:ident, $body:ident) => {
-        #[test]
-        fn $plain() {
-            $body(false);
-        }
-
-        #[test]
-        fn $encrypted() {
-            $body(true);
-        }
-    };
-}
-
 /// `dir/store`: created encrypted (`init --encrypt`) when `encrypted`, else left for the
 /// first import to create.
 fn new_store(dir: &Path, encrypted: bool) -> PathBuf {

@@ -25,10 +25,8 @@ impl Volserve {
         let socket = dir.join("nbd.sock");
         let _ = std::fs::remove_file(&socket);
         let stderr = dir.join("volserve.stderr");
-        let mut cmd = vmnest();
-        cmd.arg("--store")
-            .arg(store)
-            .args(["serve", "--rw", "--export-name", "vm"]);
+        let mut cmd = store_cmd(store);
+        cmd.args(["serve", "--rw", "--export-name", "vm"]);
         if unix {
             cmd.arg("--socket").arg(&socket);
         } else {
@@ -81,20 +79,40 @@ impl Volserve {
     }
 }
 
+/// `vmnest --store STORE`, with the passphrase of the encrypted stores of these tests.
 fn store_cmd(store: &Path) -> Command {
-    let mut c = vmnest();
-    c.arg("--store").arg(store);
-    c
+    crate::store::st(store)
 }
 
 /// A store holding `vm`, imported from a 16 MiB pattern raw image (returned).
 fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    setup_in(name, false)
+}
+
+/// [`setup`], of an encrypted store when `encrypted`.
+fn setup_in(name: &str, encrypted: bool) -> (PathBuf, PathBuf, PathBuf) {
     let dir = scratch(name);
     let raw = dir.join("original.raw");
     write_pattern_raw(&raw, 16 << 20, 21);
     let store = dir.join("store");
+    if encrypted {
+        run_ok(store_cmd(&store).args(["init", "--encrypt"]));
+    }
     run_ok(store_cmd(&store).arg("import").arg(&raw).arg("vm"));
     (dir, store, raw)
+}
+
+/// Whether a file under `dir` holds 4 KiB of `byte` in a row (plaintext of a qemu-io pattern).
+fn holds_run_of(dir: &Path, byte: u8) -> bool {
+    let run = [byte; 4096];
+    std::fs::read_dir(dir).unwrap().any(|e| {
+        let path = e.unwrap().path();
+        path.is_file()
+            && std::fs::read(&path)
+                .unwrap()
+                .windows(run.len())
+                .any(|w| w == run)
+    })
 }
 
 fn qemu_io(url: &str, commands: &[&str]) {
@@ -128,7 +146,12 @@ fn compare_stored(dir: &Path, store: &Path, bytes: &[u8], spec: &str) {
 
 /// [`setup`], with the original bytes and what [`PATCH`] makes of them.
 fn setup_patched(name: &str) -> (PathBuf, PathBuf, Vec<u8>, Vec<u8>) {
-    let (dir, store, raw) = setup(name);
+    setup_patched_in(name, false)
+}
+
+/// [`setup_patched`], of an encrypted store when `encrypted`.
+fn setup_patched_in(name: &str, encrypted: bool) -> (PathBuf, PathBuf, Vec<u8>, Vec<u8>) {
+    let (dir, store, raw) = setup_in(name, encrypted);
     let original = read_raw(&raw);
     let want = patched(&original);
     (dir, store, original, want)
@@ -152,11 +175,19 @@ const PATCH: [&str; 5] = [
     "flush",
 ];
 
-#[test]
-fn flushed_writes_survive_kill_9_and_commit_makes_a_new_snapshot() {
-    let (dir, store, original, want) = setup_patched("volume-kill9");
+plain_and_encrypted!(
+    flushed_writes_survive_kill_9_and_commit_makes_a_new_snapshot,
+    flushed_writes_survive_kill_9_and_commit_makes_a_new_snapshot_encrypted,
+    flushed_writes_survive_kill_9_and_commit_makes_a_new_snapshot_in
+);
+
+fn flushed_writes_survive_kill_9_and_commit_makes_a_new_snapshot_in(encrypted: bool) {
+    let (dir, store, original, want) =
+        setup_patched_in(&format!("volume-kill9-{encrypted}"), encrypted);
     let served = Volserve::start(&dir, &store, false, &["store:vm"]);
     qemu_io(&served.url, &PATCH);
+    // The write log holds the client's bytes in the clear only in a plain store.
+    assert_eq!(holds_run_of(&store.join("volumes/vm"), 0xab), !encrypted);
     // A second server (or a commit) cannot take the volume while it is held.
     let pid = served.child.0.id().to_string();
     let busy = run(store_cmd(&store).args(["commit", "vm"]));

@@ -13,21 +13,6 @@ use crate::chunker::cdc::xorshift_bytes;
 use crate::crypt::{Argon2Costs, KeySource};
 use crate::{ChunkId, ChunkStore};
 
-/// Two tests running `$body(encrypted)`: on a plain store and on an encrypted one.
-macro_rules! plain_and_encrypted {
-    ($plain:ident, $encrypted:ident, $body:ident) => {
-        #[test]
-        fn $plain() {
-            $body(false);
-        }
-
-        #[test]
-        fn $encrypted() {
-            $body(true);
-        }
-    };
-}
-
 /// A passphrase-protected store's key, with argon2 costs low enough for tests.
 pub(crate) fn test_key() -> KeySource {
     KeySource::Passphrase(b"correct horse battery staple".to_vec())

@@ -2,9 +2,10 @@
 //! order the writes were made.
 //!
 //! ```text
-//! header  (48 bytes)  magic "vmnVLOG1" | base snapshot id (32) | check (8)
-//! record  (32 bytes)  kind (1: data, 2: zero) | 7 zero bytes | guest offset u64 | length u64 | check u64
-//!         then, for a data record, `length` payload bytes
+//! header  (48 bytes)  magic "vmnVLOG1" (plain) or "vmnVLOGS" (sealed) | base snapshot id (32) | check (8)
+//! plain record  (32 bytes)  kind (1: data, 2: zero) | 7 zero bytes | guest offset u64 | length u64 | check u64
+//! sealed record (64 bytes)  kind | 7 zero bytes | guest offset u64 | length u64 | nonce (24) | mac (16)
+//!         then, for a data record, `length` payload bytes (ciphertext in a sealed log)
 //! ```
 //!
 //! Integers are little-endian. A check is the first 8 bytes (little-endian) of the BLAKE3 of
@@ -13,20 +14,32 @@
 //! range lies inside the disk, its payload is at most [`MAX_RECORD_PAYLOAD`] bytes and its check
 //! matches. The first record that is not accepted ends the log (a write torn by a crash); what
 //! follows it is reported and cut off by the caller.
+//!
+//! The volumes of an encrypted store write sealed logs ([`LogKeys`]): a data record's payload is
+//! XChaCha20-encrypted under a fresh random nonce (a torn record's offset is reused by the next
+//! write, so the nonce cannot come from the offset), and the keyed MAC covers the first 48 bytes
+//! of the record header and the ciphertext. Guest offsets and lengths stay visible, as the
+//! allocation of stored disks does (docs/architecture.md, "Encryption").
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use crate::crypt::{LOG_MAC_LEN, LogKeys, NONCE_LEN};
 use crate::error::{Error, Result};
 use crate::store::SnapshotId;
 
 /// Bytes of the log header.
 pub const LOG_HEADER_LEN: u64 = 48;
-/// Bytes of a record header.
+/// Bytes of a plain record header.
 pub const RECORD_HEADER_LEN: u64 = 32;
+/// Bytes of a sealed record header.
+pub const SEALED_RECORD_HEADER_LEN: u64 = 64;
 /// Longest payload of one data record; longer writes are split.
 pub const MAX_RECORD_PAYLOAD: u64 = 4 << 20;
 const MAGIC: &[u8; 8] = b"vmnVLOG1";
+const MAGIC_SEALED: &[u8; 8] = b"vmnVLOGS";
+/// Bytes of a sealed record header that its MAC covers (kind to length, and the nonce).
+const SEALED_MAC_COVERS: usize = 48;
 const KIND_DATA: u8 = 1;
 const KIND_ZERO: u8 = 2;
 
@@ -50,6 +63,8 @@ pub struct Record {
     pub len: u64,
     /// Log offset of the payload (data records).
     pub payload_at: u64,
+    /// The payload's nonce (sealed logs; zeros in a plain one).
+    pub nonce: [u8; NONCE_LEN],
 }
 
 /// How a scan of a log ended.
@@ -112,10 +127,19 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
 }
 
-/// The header of a log over `base`.
-pub fn header(base: &SnapshotId) -> [u8; LOG_HEADER_LEN as usize] {
+/// Bytes of a record header in a log that is `sealed` or not.
+pub fn record_header_len(sealed: bool) -> u64 {
+    if sealed {
+        SEALED_RECORD_HEADER_LEN
+    } else {
+        RECORD_HEADER_LEN
+    }
+}
+
+/// The header of a log over `base`, sealed (an encrypted store's) or plain.
+pub fn header(base: &SnapshotId, sealed: bool) -> [u8; LOG_HEADER_LEN as usize] {
     let mut h = [0u8; LOG_HEADER_LEN as usize];
-    h[..8].copy_from_slice(MAGIC);
+    h[..8].copy_from_slice(if sealed { MAGIC_SEALED } else { MAGIC });
     h[8..40].copy_from_slice(&base.0);
     let check = check_of(&[&h[..40]]);
     h[40..].copy_from_slice(&check.to_le_bytes());
@@ -130,10 +154,7 @@ pub fn record_header(
     payload: &[u8],
 ) -> [u8; RECORD_HEADER_LEN as usize] {
     let mut h = [0u8; RECORD_HEADER_LEN as usize];
-    h[0] = match kind {
-        RecordKind::Data => KIND_DATA,
-        RecordKind::Zero => KIND_ZERO,
-    };
+    h[0] = kind_byte(kind);
     h[8..16].copy_from_slice(&guest_off.to_le_bytes());
     h[16..24].copy_from_slice(&len.to_le_bytes());
     let check = check_of(&[&h[..24], payload]);
@@ -141,14 +162,44 @@ pub fn record_header(
     h
 }
 
+fn kind_byte(kind: RecordKind) -> u8 {
+    match kind {
+        RecordKind::Data => KIND_DATA,
+        RecordKind::Zero => KIND_ZERO,
+    }
+}
+
+/// Seals a record in place: `payload` (the data of a data record, empty for zeros) becomes its
+/// ciphertext under a fresh nonce, and the record header is returned.
+pub fn seal_record(
+    keys: &LogKeys,
+    kind: RecordKind,
+    guest_off: u64,
+    len: u64,
+    payload: &mut [u8],
+) -> Result<[u8; SEALED_RECORD_HEADER_LEN as usize]> {
+    let nonce: [u8; NONCE_LEN] = crate::crypt::random_bytes()?;
+    keys.apply(&nonce, 0, payload);
+    let mut h = [0u8; SEALED_RECORD_HEADER_LEN as usize];
+    h[0] = kind_byte(kind);
+    h[8..16].copy_from_slice(&guest_off.to_le_bytes());
+    h[16..24].copy_from_slice(&len.to_le_bytes());
+    h[24..SEALED_MAC_COVERS].copy_from_slice(&nonce);
+    let mac = keys.mac(&[&h[..SEALED_MAC_COVERS], payload]);
+    h[SEALED_MAC_COVERS..].copy_from_slice(&mac);
+    Ok(h)
+}
+
 /// Reads the log in `src` (`object` names it in errors) of a `disk_size`-byte disk, calling
-/// `on_record` for each accepted record in order. A bad header is an error; a bad record ends
+/// `on_record` for each accepted record in order. `keys` are an encrypted store's, whose logs
+/// must be sealed (and a plain store's must not be). A bad header is an error; a bad record ends
 /// the scan (see the module documentation). Memory: one payload buffer of at most
 /// [`MAX_RECORD_PAYLOAD`] bytes.
 pub fn scan<S: LogSource + ?Sized>(
     src: &S,
     object: &str,
     disk_size: u64,
+    keys: Option<&LogKeys>,
     on_record: &mut dyn FnMut(Record),
 ) -> Result<ScanEnd> {
     let io = |e: std::io::Error| Error::corrupt(object, 0, format!("cannot read: {e}"));
@@ -162,8 +213,24 @@ pub fn scan<S: LogSource + ?Sized>(
         ));
     }
     src.read_exact_at(&mut h, 0).map_err(io)?;
-    if &h[..8] != MAGIC {
-        return Err(Error::corrupt(object, 0, "not a vmnest volume log"));
+    match (&h[..8], keys) {
+        (m, None) if m == MAGIC => {}
+        (m, Some(_)) if m == MAGIC_SEALED => {}
+        (m, Some(_)) if m == MAGIC => {
+            return Err(Error::corrupt(
+                object,
+                0,
+                "plain volume log in an encrypted store",
+            ));
+        }
+        (m, None) if m == MAGIC_SEALED => {
+            return Err(Error::corrupt(
+                object,
+                0,
+                "sealed volume log in a store that is not encrypted",
+            ));
+        }
+        _ => return Err(Error::corrupt(object, 0, "not a vmnest volume log")),
     }
     if check_of(&[&h[..40]]) != u64_at(&h, 40) {
         return Err(Error::corrupt(
@@ -184,7 +251,7 @@ pub fn scan<S: LogSource + ?Sized>(
     let mut payload = Vec::new();
     let mut at = LOG_HEADER_LEN;
     while at < len {
-        match read_record(src, at, len, disk_size, &mut payload) {
+        match read_record(src, at, len, disk_size, keys, &mut payload) {
             Ok(rec) => {
                 on_record(rec);
                 end.records += 1;
@@ -211,13 +278,19 @@ fn read_record<S: LogSource + ?Sized>(
     at: u64,
     len: u64,
     disk_size: u64,
+    keys: Option<&LogKeys>,
     payload: &mut Vec<u8>,
 ) -> std::result::Result<Record, String> {
-    if len - at < RECORD_HEADER_LEN {
-        return Err(format!("{} bytes where a record header needs 32", len - at));
+    let header_len = record_header_len(keys.is_some());
+    if len - at < header_len {
+        return Err(format!(
+            "{} bytes where a record header needs {header_len}",
+            len - at
+        ));
     }
-    let mut h = [0u8; RECORD_HEADER_LEN as usize];
-    src.read_exact_at(&mut h, at)
+    let mut h = [0u8; SEALED_RECORD_HEADER_LEN as usize];
+    let h = &mut h[..header_len as usize];
+    src.read_exact_at(h, at)
         .map_err(|e| format!("cannot read: {e}"))?;
     let kind = match h[0] {
         KIND_DATA => RecordKind::Data,
@@ -227,14 +300,14 @@ fn read_record<S: LogSource + ?Sized>(
     if h[1..8].iter().any(|&b| b != 0) {
         return Err("reserved record bytes are not zero".into());
     }
-    let guest_off = u64_at(&h, 8);
-    let rlen = u64_at(&h, 16);
+    let guest_off = u64_at(h, 8);
+    let rlen = u64_at(h, 16);
     if rlen == 0 || guest_off.checked_add(rlen).is_none_or(|e| e > disk_size) {
         return Err(format!(
             "record of {rlen} bytes at guest offset {guest_off:#x} is outside the {disk_size}-byte disk"
         ));
     }
-    let payload_at = at + RECORD_HEADER_LEN;
+    let payload_at = at + header_len;
     payload.clear();
     if kind == RecordKind::Data {
         if rlen > MAX_RECORD_PAYLOAD {
@@ -252,14 +325,27 @@ fn read_record<S: LogSource + ?Sized>(
         src.read_exact_at(payload, payload_at)
             .map_err(|e| format!("cannot read: {e}"))?;
     }
-    if check_of(&[&h[..24], payload]) != u64_at(&h, 24) {
-        return Err("record check mismatch".into());
+    let mut nonce = [0u8; NONCE_LEN];
+    match keys {
+        None => {
+            if check_of(&[&h[..24], payload]) != u64_at(h, 24) {
+                return Err("record check mismatch".into());
+            }
+        }
+        Some(keys) => {
+            let mac = keys.mac(&[&h[..SEALED_MAC_COVERS], payload]);
+            if mac[..] != h[SEALED_MAC_COVERS..SEALED_MAC_COVERS + LOG_MAC_LEN] {
+                return Err("record MAC mismatch (damaged, or sealed with another key)".into());
+            }
+            nonce.copy_from_slice(&h[24..SEALED_MAC_COVERS]);
+        }
     }
     Ok(Record {
         kind,
         guest_off,
         len: rlen,
         payload_at,
+        nonce,
     })
 }
 
@@ -268,7 +354,7 @@ mod tests {
     use super::*;
 
     fn log_of(records: &[(RecordKind, u64, Vec<u8>, u64)]) -> Vec<u8> {
-        let mut out = header(&SnapshotId([7; 32])).to_vec();
+        let mut out = header(&SnapshotId([7; 32]), false).to_vec();
         for (kind, off, data, len) in records {
             out.extend_from_slice(&record_header(*kind, *off, *len, data));
             out.extend_from_slice(data);
@@ -283,7 +369,7 @@ mod tests {
             (RecordKind::Zero, 100, Vec::new(), 4000),
         ]);
         let mut seen = Vec::new();
-        let end = scan(&log[..], "log", 1 << 20, &mut |r| seen.push(r)).unwrap();
+        let end = scan(&log[..], "log", 1 << 20, None, &mut |r| seen.push(r)).unwrap();
         assert_eq!(end.base, SnapshotId([7; 32]));
         assert_eq!(seen.len(), 2);
         assert_eq!(seen[0].kind, RecordKind::Data);
@@ -294,7 +380,7 @@ mod tests {
         // Every cut inside the second record leaves the first.
         let first_end = seen[0].payload_at + 5;
         for cut in first_end as usize + 1..log.len() {
-            let end = scan(&log[..cut], "log", 1 << 20, &mut |_| {}).unwrap();
+            let end = scan(&log[..cut], "log", 1 << 20, None, &mut |_| {}).unwrap();
             assert_eq!(end.records, 1, "cut at {cut}");
             assert_eq!(end.valid_end, first_end);
             assert_eq!(end.torn_bytes, cut as u64 - first_end);
@@ -308,18 +394,115 @@ mod tests {
         for i in LOG_HEADER_LEN as usize..log.len() {
             let mut bad = log.clone();
             bad[i] ^= 0x10;
-            let end = scan(&bad[..], "log", 1 << 20, &mut |_| {}).unwrap();
+            let end = scan(&bad[..], "log", 1 << 20, None, &mut |_| {}).unwrap();
             assert_eq!(end.records, 0, "flip at {i}");
         }
         for i in 0..LOG_HEADER_LEN as usize {
             let mut bad = log.clone();
             bad[i] ^= 1;
-            let err = scan(&bad[..], "vol/log", 1 << 20, &mut |_| {}).unwrap_err();
+            let err = scan(&bad[..], "vol/log", 1 << 20, None, &mut |_| {}).unwrap_err();
             assert!(err.to_string().contains("vol/log"), "{err}");
         }
         let past = log_of(&[(RecordKind::Zero, 10, Vec::new(), u64::MAX - 5)]);
-        assert_eq!(scan(&past[..], "l", 100, &mut |_| {}).unwrap().records, 0);
+        assert_eq!(
+            scan(&past[..], "l", 100, None, &mut |_| {})
+                .unwrap()
+                .records,
+            0
+        );
         let beyond = log_of(&[(RecordKind::Zero, 90, Vec::new(), 11)]);
-        assert_eq!(scan(&beyond[..], "l", 100, &mut |_| {}).unwrap().records, 0);
+        assert_eq!(
+            scan(&beyond[..], "l", 100, None, &mut |_| {})
+                .unwrap()
+                .records,
+            0
+        );
+    }
+
+    fn test_keys(seed: u8) -> LogKeys {
+        crate::crypt::Keys::from_master(&[seed; 32])
+            .log_keys()
+            .clone()
+    }
+
+    fn sealed_log_of(keys: &LogKeys, records: &[(RecordKind, u64, Vec<u8>, u64)]) -> Vec<u8> {
+        let mut out = header(&SnapshotId([7; 32]), true).to_vec();
+        for (kind, off, data, len) in records {
+            let mut payload = data.clone();
+            let h = seal_record(keys, *kind, *off, *len, &mut payload).unwrap();
+            out.extend_from_slice(&h);
+            out.extend_from_slice(&payload);
+        }
+        out
+    }
+
+    #[test]
+    fn sealed_records_hide_their_payload_and_decrypt_from_any_offset() {
+        let keys = test_keys(3);
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let log = sealed_log_of(
+            &keys,
+            &[
+                (RecordKind::Data, 4096, data.clone(), data.len() as u64),
+                (RecordKind::Zero, 0, Vec::new(), 512),
+                (RecordKind::Data, 4096, data.clone(), data.len() as u64),
+            ],
+        );
+        // The same plaintext twice: neither copy shows, and the two ciphertexts differ.
+        assert!(!log.windows(64).any(|w| w == &data[1000..1064]));
+        let mut seen = Vec::new();
+        let end = scan(&log[..], "log", 1 << 20, Some(&keys), &mut |r| seen.push(r)).unwrap();
+        assert_eq!((end.records, end.torn_bytes), (3, 0));
+        let (a, b) = (seen[0], seen[2]);
+        assert_ne!(a.nonce, b.nonce);
+        let at = |r: &Record| r.payload_at as usize;
+        assert_ne!(&log[at(&a)..at(&a) + 64], &log[at(&b)..at(&b) + 64]);
+        // Any byte range decrypts on its own: the stream is seeked, not replayed.
+        for (from, to) in [
+            (0, 10_000),
+            (1, 2),
+            (4095, 4161),
+            (9_999, 10_000),
+            (64, 8192),
+        ] {
+            let mut part = log[at(&b) + from..at(&b) + to].to_vec();
+            keys.apply(&b.nonce, from as u64, &mut part);
+            assert_eq!(part, &data[from..to], "{from}..{to}");
+        }
+        // Sealed and plain logs are not taken for each other, and another key fails every MAC.
+        let err = scan(&log[..], "vol/log-1", 1 << 20, None, &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("vol/log-1"), "{err}");
+        assert!(err.to_string().contains("sealed volume log"), "{err}");
+        let plain = log_of(&[(RecordKind::Zero, 0, Vec::new(), 1)]);
+        let err = scan(&plain[..], "l", 1 << 20, Some(&keys), &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("plain volume log"), "{err}");
+        let other = test_keys(9);
+        let end = scan(&log[..], "l", 1 << 20, Some(&other), &mut |_| {}).unwrap();
+        assert_eq!(end.records, 0);
+        assert!(end.torn_reason.unwrap().contains("MAC"));
+    }
+
+    #[test]
+    fn a_flipped_bit_anywhere_in_a_sealed_record_ends_the_scan_there() {
+        let keys = test_keys(3);
+        let log = sealed_log_of(
+            &keys,
+            &[
+                (RecordKind::Data, 0, vec![1, 2, 3], 3),
+                (RecordKind::Zero, 10, Vec::new(), 20),
+            ],
+        );
+        let first_end = LOG_HEADER_LEN as usize + SEALED_RECORD_HEADER_LEN as usize + 3;
+        for i in LOG_HEADER_LEN as usize..log.len() {
+            let mut bad = log.clone();
+            bad[i] ^= 0x04;
+            let end = scan(&bad[..], "log", 1 << 20, Some(&keys), &mut |_| {}).unwrap();
+            let want = if i < first_end { 0 } else { 1 };
+            assert_eq!(end.records, want, "flip at {i}");
+        }
+        for cut in first_end + 1..log.len() {
+            let end = scan(&log[..cut], "log", 1 << 20, Some(&keys), &mut |_| {}).unwrap();
+            assert_eq!(end.records, 1, "cut at {cut}");
+        }
     }
 }

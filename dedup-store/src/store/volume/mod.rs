@@ -41,6 +41,7 @@ use image_format::{Image, ImageInfo};
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkId, ChunkStore, is_zero_chunk};
+use crate::crypt::{LogKeys, NONCE_LEN};
 use crate::error::{Error, Result};
 use crate::map::{Map, MapRoot};
 use crate::pack::{io_err, sync_dir};
@@ -161,7 +162,12 @@ struct State {
     overlay: Overlay,
     log: Arc<File>,
     log_path: PathBuf,
+    /// A sealed log's data records: payload offset -> nonce (empty for a plain log).
+    nonces: BTreeMap<u64, [u8; NONCE_LEN]>,
 }
+
+/// A sealed data record: its payload's log offset and its nonce.
+type SealedRecord = (u64, [u8; NONCE_LEN]);
 
 /// The pieces of one read and the files they come from.
 struct ReadPlan {
@@ -169,11 +175,15 @@ struct ReadPlan {
     base: Arc<StoredDisk>,
     log: Arc<File>,
     log_path: PathBuf,
+    /// For a sealed log: the keys, and for each piece read from the log (in order), the payload
+    /// offset and nonce of the record it lies in.
+    sealed: Option<(LogKeys, Vec<SealedRecord>)>,
 }
 
 impl ReadPlan {
     /// Fills `buf`, which starts at guest offset `off`.
     fn read(&self, buf: &mut [u8], off: u64) -> image_format::Result<()> {
+        let mut records = self.sealed.as_ref().map(|(k, r)| (k, r.iter()));
         for p in &self.pieces {
             let dst = &mut buf[(p.start - off) as usize..(p.end - off) as usize];
             match p.source {
@@ -187,7 +197,18 @@ impl ReadPlan {
                             op: "read volume log",
                             offset: at,
                             source: e,
-                        })?
+                        })?;
+                    if let Some((keys, records)) = &mut records {
+                        let Some((payload_at, nonce)) = records.next() else {
+                            return Err(image_format::Error::Corrupt {
+                                path: self.log_path.clone(),
+                                structure: "volume log",
+                                offset: at,
+                                reason: "no sealed record holds this log offset".into(),
+                            });
+                        };
+                        keys.apply(nonce, at - payload_at, dst);
+                    }
                 }
             }
         }
@@ -213,6 +234,8 @@ pub struct Volume {
     state: RwLock<State>,
     append: Mutex<Append>,
     replay: ReplayReport,
+    /// An encrypted store's log keys: the log is sealed.
+    seal: Option<LogKeys>,
     _lock: File,
 }
 
@@ -284,8 +307,8 @@ fn open_log(path: &Path) -> Result<File> {
         .map_err(io_err(path, "open volume log"))
 }
 
-/// Creates the empty log `path` over `base`, durable (file and directory).
-fn create_log(dir: &Path, path: &Path, base: &SnapshotId) -> Result<File> {
+/// Creates the empty log `path` over `base`, sealed or not, durable (file and directory).
+fn create_log(dir: &Path, path: &Path, base: &SnapshotId, sealed: bool) -> Result<File> {
     let f = File::options()
         .read(true)
         .write(true)
@@ -294,7 +317,7 @@ fn create_log(dir: &Path, path: &Path, base: &SnapshotId) -> Result<File> {
         .open(path)
         .map_err(io_err(path, "create volume log"))?;
     crate::fault::check("write", path)
-        .and_then(|()| f.write_all_at(&log::header(base), 0))
+        .and_then(|()| f.write_all_at(&log::header(base, sealed), 0))
         .and_then(|()| crate::fault::check("sync", path))
         .and_then(|()| f.sync_all())
         .map_err(io_err(path, "write volume log"))?;
@@ -315,19 +338,6 @@ fn resolved_by_id(store: &Store, id: &SnapshotId, name: &str) -> Result<Resolved
     })
 }
 
-/// Writable volumes of an encrypted store are not built: their write log would hold the
-/// client's writes in plaintext.
-fn refuse_encrypted(store: &Store) -> Result<()> {
-    if store.keys().is_some() {
-        return Err(Error::InvalidArgument(format!(
-            "store {} is encrypted: writable volumes of encrypted stores are not built (their \
-             write log would hold plaintext); export, patch and import instead",
-            store.root().display()
-        )));
-    }
-    Ok(())
-}
-
 impl Volume {
     /// Opens volume `name`, creating it over `spec` (`NAME[@SNAP][/MEMBER]`, as
     /// [`Store::resolve`] takes it; default member: the first disk) when it does not exist.
@@ -335,7 +345,6 @@ impl Volume {
     /// a bare `NAME` (no `@`, no member) equal to the volume's name reuses it whatever its base.
     /// Fails when another process holds the volume.
     pub fn open_or_create(store: Arc<Store>, name: &str, spec: &str) -> Result<Arc<Volume>> {
-        refuse_encrypted(&store)?;
         let dir = volume_dir(&store, name)?;
         let made_dir = !dir.exists();
         if made_dir {
@@ -404,7 +413,7 @@ impl Volume {
             created: super::now(),
             log: "log-1".into(),
         };
-        create_log(&dir, &dir.join(&vf.log), &snap.id)?;
+        create_log(&dir, &dir.join(&vf.log), &snap.id, store.keys().is_some())?;
         write_volume_file(&dir, &vf)?;
         drop(base);
         Self::open_locked(store, name, dir, lock)
@@ -412,7 +421,6 @@ impl Volume {
 
     /// Opens the existing volume `name`.
     pub fn open(store: Arc<Store>, name: &str) -> Result<Arc<Volume>> {
-        refuse_encrypted(&store)?;
         let dir = volume_dir(&store, name)?;
         if !dir.join("volume").exists() {
             return Err(Error::InvalidArgument(format!("no volume named {name}")));
@@ -440,10 +448,17 @@ impl Volume {
         let log_path = dir.join(&vf.log);
         let file = open_log(&log_path)?;
         let object = log_path.display().to_string();
+        let seal = store.keys().map(|k| k.log_keys().clone());
         let mut overlay = Overlay::default();
-        let end = log::scan(&file, &object, vf.size, &mut |r| {
+        let mut nonces = BTreeMap::new();
+        let end = log::scan(&file, &object, vf.size, seal.as_ref(), &mut |r| {
             let src = match r.kind {
-                RecordKind::Data => Source::Log(r.payload_at),
+                RecordKind::Data => {
+                    if seal.is_some() {
+                        nonces.insert(r.payload_at, r.nonce);
+                    }
+                    Source::Log(r.payload_at)
+                }
                 RecordKind::Zero => Source::Zero,
             };
             overlay.insert(r.guest_off, r.guest_off + r.len, src);
@@ -488,12 +503,14 @@ impl Volume {
                 overlay,
                 log: Arc::new(file),
                 log_path,
+                nonces,
             }),
             append: Mutex::new(Append {
                 end: end.valid_end,
                 broken: None,
             }),
             replay,
+            seal,
             _lock: lock,
         }))
     }
@@ -536,26 +553,41 @@ impl Volume {
             let s = self.state.read().map_err(|_| poisoned())?;
             (s.log.clone(), s.log_path.clone())
         };
-        let header = log::record_header(kind, off, len, data);
+        let mut sealed_payload;
+        let (header, data, nonce) = match &self.seal {
+            None => (
+                log::record_header(kind, off, len, data).to_vec(),
+                data,
+                None,
+            ),
+            Some(keys) => {
+                sealed_payload = data.to_vec();
+                let h = log::seal_record(keys, kind, off, len, &mut sealed_payload)?;
+                let mut nonce = [0u8; NONCE_LEN];
+                nonce.copy_from_slice(&h[24..24 + NONCE_LEN]);
+                (h.to_vec(), &sealed_payload[..], Some(nonce))
+            }
+        };
         let at = a.end;
+        let payload_at = at + header.len() as u64;
         let written = crate::fault::check("write", &path)
             .and_then(|()| file.write_all_at(&header, at))
-            .and_then(|()| file.write_all_at(data, at + header.len() as u64));
+            .and_then(|()| file.write_all_at(data, payload_at));
         if let Err(e) = written {
             // Cut what may have been written; replay would refuse it anyway.
             let _ = file.set_len(at);
             return Err(io_err(&path, "append to volume log")(e));
         }
-        a.end = at + header.len() as u64 + data.len() as u64;
+        a.end = payload_at + data.len() as u64;
         let source = match kind {
-            RecordKind::Data => Source::Log(at + header.len() as u64),
+            RecordKind::Data => Source::Log(payload_at),
             RecordKind::Zero => Source::Zero,
         };
-        self.state
-            .write()
-            .map_err(|_| poisoned())?
-            .overlay
-            .insert(off, off + len, source);
+        let mut s = self.state.write().map_err(|_| poisoned())?;
+        if let (RecordKind::Data, Some(nonce)) = (kind, nonce) {
+            s.nonces.insert(payload_at, nonce);
+        }
+        s.overlay.insert(off, off + len, source);
         Ok(())
     }
 
@@ -563,12 +595,28 @@ impl Volume {
     /// it. The plan stays valid after the lock is released: log records are never rewritten,
     /// and a commit replaces the base and the log with new ones, leaving the old ones readable
     /// (open, and kept from gc by the store lock) until the plan is dropped.
-    fn plan(s: &State, off: u64, end: u64) -> ReadPlan {
+    fn plan(&self, s: &State, off: u64, end: u64) -> ReadPlan {
+        let pieces = s.overlay.pieces(off, end);
+        let sealed = self.seal.as_ref().map(|keys| {
+            let records = pieces
+                .iter()
+                .filter_map(|p| match p.source {
+                    Some(Source::Log(at)) => s
+                        .nonces
+                        .range(..=at)
+                        .next_back()
+                        .map(|(&payload_at, &nonce)| (payload_at, nonce)),
+                    _ => None,
+                })
+                .collect();
+            (keys.clone(), records)
+        });
         ReadPlan {
-            pieces: s.overlay.pieces(off, end),
+            pieces,
             base: s.base.clone(),
             log: s.log.clone(),
             log_path: s.log_path.clone(),
+            sealed,
         }
     }
 
@@ -622,7 +670,7 @@ impl Volume {
                     None
                 } else {
                     let data = &mut buf[..(c_end - c_start) as usize];
-                    Self::plan(&s, c_start, c_end)
+                    self.plan(&s, c_start, c_end)
                         .read(data, c_start)
                         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
                     if is_zero_chunk(data) {
@@ -676,7 +724,7 @@ impl Volume {
         new_vf.base = id;
         new_vf.log = format!("log-{}", vf.generation() + 1);
         let new_log_path = self.dir.join(&new_vf.log);
-        let new_log = create_log(&self.dir, &new_log_path, &id)?;
+        let new_log = create_log(&self.dir, &new_log_path, &id, self.seal.is_some())?;
         drop(s);
         if let Err(e) = write_volume_file(&self.dir, &new_vf) {
             // The rename may or may not have happened (or may not survive a power cut): stop
@@ -693,6 +741,7 @@ impl Volume {
                 overlay: Overlay::default(),
                 log: Arc::new(new_log),
                 log_path: new_log_path,
+                nonces: BTreeMap::new(),
             };
             old
         };
@@ -760,7 +809,7 @@ impl BlockDevice for Volume {
                 .state
                 .read()
                 .map_err(|_| image_format::Error::from(poisoned()))?;
-            Self::plan(&s, off, off + buf.len() as u64)
+            self.plan(&s, off, off + buf.len() as u64)
         };
         plan.read(buf, off)
     }

@@ -7,7 +7,7 @@ use super::*;
 use crate::chunker::cdc::xorshift_bytes;
 use crate::store::Access;
 use crate::store::gc::{GcOptions, gc};
-use crate::store::tests::{commit_disk, read_all};
+use crate::store::tests::{commit_disk, open_store, read_all};
 use crate::store::verify::verify;
 
 const CHUNK: u32 = 16384;
@@ -30,24 +30,33 @@ fn base_image(seed: u64) -> Vec<u8> {
     d
 }
 
-fn new_store(name: &str) -> (PathBuf, Arc<Store>, Vec<u8>) {
+fn new_store(name: &str, encrypted: bool) -> (PathBuf, Arc<Store>, Vec<u8>) {
     let dir = tmp(name);
-    let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
+    let store = Arc::new(open_store(&dir, Access::Write, encrypted));
     let base = base_image(1);
     commit_disk(&store, "vm", &base);
     (dir, store, base)
 }
 
 /// [`new_store`] and a volume `vol` over `vm`.
-fn new_volume(name: &str, vol: &str) -> (PathBuf, Arc<Store>, Vec<u8>, Arc<Volume>) {
-    let (dir, store, base) = new_store(name);
+fn new_volume(
+    name: &str,
+    vol: &str,
+    encrypted: bool,
+) -> (PathBuf, Arc<Store>, Vec<u8>, Arc<Volume>) {
+    let (dir, store, base) = new_store(name, encrypted);
     let volume = Volume::open_or_create(store.clone(), vol, "vm").unwrap();
     (dir, store, base, volume)
 }
 
-#[test]
-fn reads_merge_unaligned_writes_zeroes_and_discards_with_the_base() {
-    let (dir, store, base, vol) = new_volume("overlay", "vm");
+plain_and_encrypted!(
+    reads_merge_unaligned_writes_zeroes_and_discards_with_the_base_plain,
+    reads_merge_unaligned_writes_zeroes_and_discards_with_the_base_encrypted,
+    reads_merge_unaligned_writes_zeroes_and_discards_with_the_base
+);
+
+fn reads_merge_unaligned_writes_zeroes_and_discards_with_the_base(encrypted: bool) {
+    let (dir, store, base, vol) = new_volume(&format!("overlay-{encrypted}"), "vm", encrypted);
     let mut want = base.clone();
     let size = want.len() as u64;
     let random = xorshift_bytes(99, 8 * 5000);
@@ -114,7 +123,7 @@ fn reads_merge_unaligned_writes_zeroes_and_discards_with_the_base() {
 
 #[test]
 fn concurrent_writers_and_readers_see_whole_writes() {
-    let (dir, store, base, vol) = new_volume("threads", "vm");
+    let (dir, store, base, vol) = new_volume("threads", "vm", false);
     let size = base.len();
     let stripe = size / 8;
     std::thread::scope(|scope| {
@@ -156,7 +165,7 @@ fn concurrent_writers_and_readers_see_whole_writes() {
 
 #[test]
 fn a_second_opener_is_refused_while_the_volume_is_held() {
-    let (dir, store, _, vol) = new_volume("lock", "vm");
+    let (dir, store, _, vol) = new_volume("lock", "vm", false);
     let err = Volume::open(store.clone(), "vm").unwrap_err().to_string();
     assert!(
         err.contains("volume vm is in use by another process")
@@ -176,9 +185,14 @@ fn a_second_opener_is_refused_while_the_volume_is_held() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn a_torn_tail_is_cut_and_reported_and_flushed_writes_survive() {
-    let (dir, store, base, vol) = new_volume("torn", "vm");
+plain_and_encrypted!(
+    a_torn_tail_is_cut_and_reported_and_flushed_writes_survive_plain,
+    a_torn_tail_is_cut_and_reported_and_flushed_writes_survive_encrypted,
+    a_torn_tail_is_cut_and_reported_and_flushed_writes_survive
+);
+
+fn a_torn_tail_is_cut_and_reported_and_flushed_writes_survive(encrypted: bool) {
+    let (dir, store, base, vol) = new_volume(&format!("torn-{encrypted}"), "vm", encrypted);
     vol.write_at(&[7u8; 5000], 100).unwrap();
     vol.flush().unwrap();
     let flushed_end = vol.log_bytes().unwrap() + LOG_HEADER_LEN;
@@ -187,11 +201,12 @@ fn a_torn_tail_is_cut_and_reported_and_flushed_writes_survive() {
     drop(vol);
     // Cut the second record in its payload, as a crash in the middle of an append would.
     let f = File::options().write(true).open(&log_path).unwrap();
-    f.set_len(flushed_end + 32 + 1000).unwrap();
+    let header = log::record_header_len(encrypted);
+    f.set_len(flushed_end + header + 1000).unwrap();
     drop(f);
     let vol = Volume::open(store.clone(), "vm").unwrap();
     let (at, bytes, why) = vol.replay().torn.clone().unwrap();
-    assert_eq!((at, bytes), (flushed_end, 1032));
+    assert_eq!((at, bytes), (flushed_end, header + 1000));
     assert!(why.contains("record of 3000 bytes"), "{why}");
     let mut want = base.clone();
     want[100..5100].fill(7);
@@ -214,9 +229,14 @@ fn a_torn_tail_is_cut_and_reported_and_flushed_writes_survive() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn commit_makes_a_snapshot_of_base_plus_writes_and_rebases() {
-    let (dir, store, base) = new_store("commit");
+plain_and_encrypted!(
+    commit_makes_a_snapshot_of_base_plus_writes_and_rebases_plain,
+    commit_makes_a_snapshot_of_base_plus_writes_and_rebases_encrypted,
+    commit_makes_a_snapshot_of_base_plus_writes_and_rebases
+);
+
+fn commit_makes_a_snapshot_of_base_plus_writes_and_rebases(encrypted: bool) {
+    let (dir, store, base) = new_store(&format!("commit-{encrypted}"), encrypted);
     let base_id = store.head("vm").unwrap().unwrap();
     let vol = Volume::open_or_create(store.clone(), "vm", "vm").unwrap();
     let mut want = base.clone();
@@ -272,7 +292,7 @@ fn commit_makes_a_snapshot_of_base_plus_writes_and_rebases() {
 
 #[test]
 fn commit_when_the_name_moved_keeps_the_base_as_parent_and_says_so() {
-    let (dir, store, base) = new_store("moved");
+    let (dir, store, base) = new_store("moved", false);
     let base_id = store.head("vm").unwrap().unwrap();
     let vol = Volume::open_or_create(store.clone(), "other", "vm").unwrap();
     let moved = commit_disk(&store, "vm", &base_image(2));
@@ -295,7 +315,7 @@ fn commit_when_the_name_moved_keeps_the_base_as_parent_and_says_so() {
 
 #[test]
 fn gc_keeps_the_base_of_a_volume() {
-    let (dir, store, base, vol) = new_volume("gc", "keep");
+    let (dir, store, base, vol) = new_volume("gc", "keep", false);
     vol.write_at(&[1u8; 10], 0).unwrap();
     vol.flush().unwrap();
     drop(vol);
@@ -340,8 +360,15 @@ fn power_cut(plan: &crate::fault::plan::FaultPlan) {
     }
 }
 
-#[test]
-fn a_fault_at_any_operation_of_write_flush_commit_then_a_power_cut_loses_nothing_acknowledged() {
+plain_and_encrypted!(
+    a_fault_at_any_operation_of_write_flush_commit_then_a_power_cut_loses_nothing_acknowledged_plain,
+    a_fault_at_any_operation_of_write_flush_commit_then_a_power_cut_loses_nothing_acknowledged_encrypted,
+    a_fault_at_any_operation_of_write_flush_commit_then_a_power_cut_loses_nothing_acknowledged
+);
+
+fn a_fault_at_any_operation_of_write_flush_commit_then_a_power_cut_loses_nothing_acknowledged(
+    encrypted: bool,
+) {
     let base = base_image(3);
     let cs = CHUNK as usize;
     let mut with_a = base.clone();
@@ -351,12 +378,12 @@ fn a_fault_at_any_operation_of_write_flush_commit_then_a_power_cut_loses_nothing
     with_ab[9 * cs..10 * cs].fill(0);
     let mut n = 1;
     loop {
-        let dir = tmp(&format!("fault-{n}"));
+        let dir = tmp(&format!("fault-{encrypted}-{n}"));
         {
-            let store = Store::open(&dir, Access::Write).unwrap();
+            let store = open_store(&dir, Access::Write, encrypted);
             commit_disk(&store, "vm", &base);
         }
-        let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
+        let store = Arc::new(open_store(&dir, Access::Write, encrypted));
         let vol = Volume::open_or_create(store.clone(), "vm", "vm").unwrap();
         crate::fault::plan::arm(Some(n));
         let mut flushed = false;
@@ -372,7 +399,7 @@ fn a_fault_at_any_operation_of_write_flush_commit_then_a_power_cut_loses_nothing
         drop(vol);
         drop(store);
         power_cut(&plan);
-        let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
+        let store = Arc::new(open_store(&dir, Access::Write, encrypted));
         assert!(verify(&store).unwrap().is_clean(), "fault at op {n}");
         let vol = Volume::open(store.clone(), "vm").unwrap();
         let seen = read_dev(vol.as_ref());
@@ -421,12 +448,37 @@ fn a_fault_at_any_operation_of_write_flush_commit_then_a_power_cut_loses_nothing
 }
 
 #[test]
-fn an_encrypted_store_refuses_writable_volumes() {
-    let dir = crate::store::tests::tmp("vol-encrypted");
-    let store = Arc::new(crate::store::tests::open_store(&dir, Access::Write, true));
-    crate::store::tests::commit_disk(&store, "vm", &[7u8; 65536]);
-    let err = Volume::open_or_create(store.clone(), "vm", "vm").unwrap_err();
-    assert!(err.to_string().contains("is encrypted"), "{err}");
-    assert!(!dir.join("volumes/vm").exists());
+fn an_encrypted_store_s_volume_log_holds_no_plaintext_and_reads_back_after_reopening() {
+    let (dir, store, base, vol) = new_volume("sealed", "vm", true);
+    // A recognisable pattern, written twice: it must appear in no file under the volume.
+    let pattern = xorshift_bytes(77, 3 * CHUNK as usize);
+    vol.write_at(&pattern, 1000).unwrap();
+    vol.write_at(&pattern, 7 * CHUNK as u64).unwrap();
+    vol.flush().unwrap();
+    let mut want = base.clone();
+    want[1000..1000 + pattern.len()].copy_from_slice(&pattern);
+    want[7 * CHUNK as usize..10 * CHUNK as usize].copy_from_slice(&pattern);
+    // Reads of ranges that start and end inside records decrypt the right part.
+    let mut part = vec![0u8; 5000];
+    vol.read_at(&mut part, 7 * CHUNK as u64 + 12_345).unwrap();
+    assert_eq!(part, want[7 * CHUNK as usize + 12_345..][..5000]);
+    assert_eq!(read_dev(vol.as_ref()), want);
+    let log_path = dir.join("volumes/vm").join(&vol.file().unwrap().log);
+    let log = std::fs::read(&log_path).unwrap();
+    assert!(log.len() > 2 * pattern.len());
+    for probe in pattern.chunks(64) {
+        assert!(!log.windows(64).any(|w| w == probe), "plaintext in the log");
+    }
+    drop(vol);
+    drop(store);
+    // Reopened with the key: the same bytes, and a commit stores them.
+    let store = Arc::new(open_store(&dir, Access::Write, true));
+    let vol = Volume::open(store.clone(), "vm").unwrap();
+    assert_eq!(read_dev(vol.as_ref()), want);
+    let id = vol.commit(None).unwrap();
+    assert_eq!(read_all(&store, &format!("@{}", id.short())), want);
+    assert!(verify(&store).unwrap().is_clean());
+    drop(vol);
+    drop(store);
     let _ = std::fs::remove_dir_all(&dir);
 }
