@@ -524,15 +524,15 @@ fn a_source_that_cannot_be_opened_fails_the_mount_with_its_reason() {
     assert!(!is_mounted(&point));
 }
 
-/// The offline-patching workflow of issue 5: import an ext4 disk, mount it writable from the
-/// store, change a file through a loop mount, unmount both, and read the new snapshot back with
-/// debugfs, the old one unchanged.
 plain_and_encrypted!(
     offline_patching_commits_a_new_snapshot_and_keeps_the_old_one,
     offline_patching_of_an_encrypted_store_commits_a_new_snapshot_and_keeps_the_old_one,
     offline_patching_in
 );
 
+/// The offline-patching workflow of issue 5: import an ext4 disk, mount it writable from the
+/// store, change a file through a loop mount, unmount both, and read the new snapshot back with
+/// debugfs, the old one unchanged.
 fn offline_patching_in(encrypted: bool) {
     let dir = scratch(&format!("mount-patch-{encrypted}"));
     let raw = mbr_disk(&dir, "original\n");
