@@ -84,6 +84,10 @@ pub struct MountArgs {
     /// Internal: started by `vmnest mount` without `-f`; stdout is its readiness pipe.
     #[arg(long, hide = true)]
     daemon_child: bool,
+    /// Internal: with --daemon-child, the store's passphrase (asked by the parent on its
+    /// terminal) arrives on stdin.
+    #[arg(long, hide = true, requires = "daemon_child")]
+    passphrase_on_stdin: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -183,15 +187,35 @@ pub fn run_mount(args: MountArgs) -> Result<u8> {
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
     }
+    if args.passphrase_on_stdin {
+        let pass = dedup_store::crypt::read_passphrase(
+            std::io::stdin().lock(),
+            "the passphrase from the parent process",
+        )?;
+        crate::keys::set_handed_over(pass);
+    }
     if args.foreground || args.daemon_child {
         serve(&args, &mountpoint)
     } else {
-        start_daemon(&mountpoint)
+        // The background server has no terminal: ask for an encrypted store's passphrase
+        // here and hand it over on the child's stdin (never in its arguments or environment).
+        let local_store =
+            args.from.is_some() || crate::store_args::parse_store_source(&args.source).is_some();
+        let store = crate::store_args::store_dir();
+        let pass = if local_store
+            && crate::keys::given_key()?.is_none()
+            && dedup_store::store::Store::is_encrypted(&store)
+        {
+            crate::keys::prompt(&format!("store {}", store.display()), false)?
+        } else {
+            None
+        };
+        start_daemon(&mountpoint, pass)
     }
 }
 
 /// Starts `vmnest mount -f` in the background and waits until its mount is live.
-fn start_daemon(mountpoint: &Path) -> Result<u8> {
+fn start_daemon(mountpoint: &Path, passphrase: Option<Vec<u8>>) -> Result<u8> {
     let state = StateFiles::for_mountpoint(mountpoint)?;
     // A server already there keeps its log: refuse before touching it.
     if File::open(&state.lock).is_ok_and(|l| l.try_lock_shared().is_err()) {
@@ -206,6 +230,9 @@ fn start_daemon(mountpoint: &Path) -> Result<u8> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
+    if passphrase.is_some() {
+        command.arg("--passphrase-on-stdin").stdin(Stdio::piped());
+    }
     // SAFETY: setsid is async-signal-safe and the closure touches no memory of the parent.
     // A session of its own: closing the terminal or Ctrl-C there does not reach the server.
     unsafe {
@@ -215,6 +242,10 @@ fn start_daemon(mountpoint: &Path) -> Result<u8> {
         });
     }
     let mut child = command.spawn().context("starting the mount's server")?;
+    if let (Some(pass), Some(mut stdin)) = (passphrase, child.stdin.take()) {
+        // A child that exits early closes the pipe; its log says why.
+        let _ = stdin.write_all(&pass).and_then(|()| stdin.write_all(b"\n"));
+    }
     let mut text = String::new();
     if let Some(mut out) = child.stdout.take() {
         out.read_to_string(&mut text)

@@ -23,6 +23,15 @@ pub struct KeyArgs {
 
 static KEY_ARGS: OnceLock<KeyArgs> = OnceLock::new();
 
+/// A passphrase handed over by the parent process (`vmnest mount`'s background server reads it
+/// from its stdin: it has no terminal to prompt on).
+static HANDED_OVER: OnceLock<Vec<u8>> = OnceLock::new();
+
+/// Records a passphrase handed over by the parent process.
+pub fn set_handed_over(pass: Vec<u8>) {
+    let _ = HANDED_OVER.set(pass);
+}
+
 /// Records the global key options for the whole process.
 pub fn set_key_args(args: KeyArgs) {
     let _ = KEY_ARGS.set(args);
@@ -39,6 +48,9 @@ pub fn given_key() -> Result<Option<KeySource>> {
             dedup_store::crypt::read_passphrase_file(f).context("passphrase file")?,
         )));
     }
+    if let Some(pass) = HANDED_OVER.get() {
+        return Ok(Some(KeySource::Passphrase(pass.clone())));
+    }
     if let Some(f) = std::env::var_os("VMNEST_KEY_FILE").filter(|v| !v.is_empty()) {
         return Ok(Some(KeySource::KeyFile(f.into())));
     }
@@ -54,6 +66,11 @@ pub fn key_or_prompt(what: &str, confirm: bool) -> Result<Option<KeySource>> {
     if let Some(k) = given_key()? {
         return Ok(Some(k));
     }
+    Ok(prompt(what, confirm)?.map(KeySource::Passphrase))
+}
+
+/// A passphrase asked on the terminal (twice when `confirm`); None without a terminal.
+pub fn prompt(what: &str, confirm: bool) -> Result<Option<Vec<u8>>> {
     if !std::io::stdin().is_terminal() {
         return Ok(None);
     }
@@ -68,5 +85,5 @@ pub fn key_or_prompt(what: &str, confirm: bool) -> Result<Option<KeySource>> {
             bail!("the passphrases differ");
         }
     }
-    Ok(Some(KeySource::Passphrase(pass.into_bytes())))
+    Ok(Some(pass.into_bytes()))
 }

@@ -594,13 +594,27 @@ pub fn read_key_file(path: &Path) -> Result<[u8; KEY_LEN]> {
 /// [`MAX_SECRET_LEN`] bytes of file; an empty first line is an error.
 pub fn read_passphrase_file(path: &Path) -> Result<Vec<u8>> {
     let bytes = crate::store::read_capped(path, MAX_SECRET_LEN, "passphrase file")?;
+    first_line(&bytes, &path.display().to_string())
+}
+
+/// The passphrase on the first line of what `reader` gives (at most [`MAX_SECRET_LEN`] bytes
+/// are read); `what` names the source in errors.
+pub fn read_passphrase(reader: impl std::io::Read, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    reader
+        .take(MAX_SECRET_LEN)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
+    first_line(&bytes, what)
+}
+
+/// The first line of `bytes` without its line ending; empty is an error naming `what`.
+fn first_line(bytes: &[u8], what: &str) -> Result<Vec<u8>> {
     let line = bytes.split(|&b| b == b'\n').next().unwrap_or(&[]);
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "{}: empty first line",
-            path.display()
-        )));
+        return Err(Error::InvalidArgument(format!("{what}: empty first line")));
     }
     Ok(line.to_vec())
 }

@@ -673,3 +673,63 @@ fn a_remote_snapshot_mounts_with_its_partitions_and_damage_is_eio() {
     );
     eprintln!("damaged pack: {bad} of 48 MiB failed with EIO; umount said: {text}");
 }
+
+/// `vmnest mount` of an encrypted store from a terminal: the background server has none, so the
+/// parent asks for the passphrase and hands it over; a wrong one fails the mount and says so.
+/// `script` (util-linux) gives the command a terminal, and the passphrase is typed into it.
+#[test]
+fn mounting_an_encrypted_store_asks_for_the_passphrase_on_the_terminal() {
+    let dir = scratch("mount-prompt");
+    let raw = mbr_disk(&dir, "secret\n");
+    let store = dir.join("store");
+    run_ok(crate::store::st(&store).args(["init", "--encrypt"]));
+    run_ok(crate::store::st(&store).arg("import").arg(&raw).arg("vm"));
+    let point = dir.join("mnt");
+    std::fs::create_dir_all(&point).unwrap();
+    let typed = |pass: &str| {
+        let cmd = format!(
+            "{} --store {} mount store:vm {}",
+            vmnest().get_program().to_string_lossy(),
+            s(&store),
+            s(&point)
+        );
+        let mut child = Command::new(require("script"))
+            .env_remove("VMNEST_PASSPHRASE")
+            .env_remove("VMNEST_KEY_FILE")
+            .env("VMNEST_ARGON2_MEMORY_KIB", "64")
+            .env("VMNEST_ARGON2_ITERATIONS", "1")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The prompt turns echo off before it reads; typing early is fine, the pty buffers it.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{pass}\n").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = typed("not the passphrase");
+    assert!(!ok, "{out}");
+    assert!(out.contains("wrong passphrase"), "{out}");
+    assert!(!is_mounted(&point));
+    let (ok, out) = typed(crate::store::PASSPHRASE);
+    assert!(ok, "{out}");
+    assert!(out.contains("passphrase for store"), "{out}");
+    let m = Mounted {
+        point: point.clone(),
+        stdout: out,
+        stderr: String::new(),
+    };
+    same_raw(&raw, s(&m.file("disk")));
+    m.umount();
+}
