@@ -161,6 +161,12 @@ pub fn run_push(args: PushArgs) -> Result<u8> {
             for s in &r.snapshots_pushed {
                 println!("pushed {s}");
             }
+            if r.keys_replaced {
+                println!(
+                    "replaced the remote's keys object: it now unlocks with the store's current \
+                     passphrase or key file"
+                );
+            }
             println!(
                 "{} snapshots pushed ({} already there), {} chunks needed ({}); {} objects, {} uploaded \
                  ({} packs whole, {} built, {} found there); {} retries; {:.1} s",

@@ -87,3 +87,66 @@ pub fn prompt(what: &str, confirm: bool) -> Result<Option<Vec<u8>>> {
     }
     Ok(Some(pass.into_bytes()))
 }
+
+/// `vmnest key`.
+#[derive(Debug, clap::Subcommand)]
+pub enum KeyCommand {
+    /// Keep an encrypted store's key another way: under a new passphrase (asked twice on the
+    /// terminal, or --new-passphrase-file), or in a key file (--new-key-file). The current key
+    /// comes from the global --key-file / --passphrase-file, the environment, or the terminal.
+    /// Nothing stored changes but the store's config; the next push updates its remotes.
+    Change(ChangeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ChangeArgs {
+    /// File holding the new passphrase (its first line).
+    #[arg(long, value_name = "FILE", conflicts_with = "new_key_file")]
+    new_passphrase_file: Option<PathBuf>,
+    /// Keep the key in this file instead (created 0600 when missing; an existing one must hold
+    /// the store's key).
+    #[arg(long, value_name = "FILE")]
+    new_key_file: Option<PathBuf>,
+}
+
+pub fn run_key(command: KeyCommand) -> Result<u8> {
+    let KeyCommand::Change(args) = command;
+    let dir = crate::store_args::store_dir();
+    let current =
+        key_or_prompt(&format!("store {}", dir.display()), false)?.with_context(|| {
+            format!(
+                "store {}: give its current key with --key-file or --passphrase-file (or \
+             VMNEST_KEY_FILE / VMNEST_PASSPHRASE, or a terminal to ask on)",
+                dir.display()
+            )
+        })?;
+    let new = match (&args.new_key_file, &args.new_passphrase_file) {
+        (Some(f), _) => KeySource::KeyFile(f.clone()),
+        (None, Some(f)) => KeySource::Passphrase(
+            dedup_store::crypt::read_passphrase_file(f).context("new passphrase file")?,
+        ),
+        (None, None) => KeySource::Passphrase(
+            prompt("the new passphrase", true)?
+                .context("give --new-passphrase-file or --new-key-file (no terminal to ask on)")?,
+        ),
+    };
+    let store = dedup_store::store::Store::open_keyed(
+        &dir,
+        dedup_store::store::Access::Exclusive,
+        Some(&current),
+        &mut || eprintln!("waiting for other users of the store to finish"),
+    )
+    .with_context(|| format!("store {}", dir.display()))?;
+    let section = store.change_key(&current, &new, dedup_store::crypt::Argon2Costs::from_env())?;
+    let how = match new {
+        KeySource::KeyFile(f) => format!("in key file {}", f.display()),
+        KeySource::Passphrase(_) => "under the new passphrase".to_string(),
+    };
+    println!(
+        "store {}: key {} is now kept {how}; the old passphrase or key file no longer opens it \
+         (remotes are updated by the next push)",
+        dir.display(),
+        section.fingerprint
+    );
+    Ok(0)
+}

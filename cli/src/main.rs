@@ -92,6 +92,9 @@ enum Command {
     /// Writable volumes over stored snapshots: list, discard.
     #[command(subcommand)]
     Volume(cmd_volume::VolumeCommand),
+    /// An encrypted store's key: `key change` (a new passphrase, or a key file).
+    #[command(subcommand)]
+    Key(keys::KeyCommand),
 }
 
 fn main() -> ExitCode {
@@ -112,6 +115,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => (cmd_convert::run_convert(*args), 1),
         Command::Create(args) => (cmd_convert::run_create(args), 1),
         Command::Init(args) => (cmd_store::run_init(args), 1),
+        Command::Key(command) => (keys::run_key(command), 1),
         Command::Import(args) => (cmd_store::run_import(*args), 1),
         Command::Export(args) => (cmd_store::run_export(*args), 1),
         Command::Clone(args) => (cmd_store::run_clone(args), 1),

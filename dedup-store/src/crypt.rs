@@ -438,21 +438,11 @@ impl Keys {
             }
             KeySource::Passphrase(pass) => {
                 let master: [u8; KEY_LEN] = random_bytes()?;
-                let salt: [u8; 16] = random_bytes()?;
-                let lanes = 1;
-                let kek = derive_kek(pass, &salt, costs.memory_kib, costs.iterations, lanes)?;
-                let blob = seal(&XChaCha20Poly1305::new(&kek.into()), WRAP_LABEL, &master)?;
                 let keys = Keys::from_master(&master);
                 Ok((
                     EncryptionConfig {
                         cipher: CIPHER.into(),
-                        kdf: Kdf::Argon2id {
-                            memory_kib: costs.memory_kib,
-                            iterations: costs.iterations,
-                            lanes,
-                            salt: to_hex(&salt),
-                            wrapped_key: to_hex(&blob),
-                        },
+                        kdf: wrap(&master, pass, costs)?,
                         fingerprint: keys.fingerprint.clone(),
                     },
                     keys,
@@ -461,63 +451,127 @@ impl Keys {
         }
     }
 
+    /// The config section of the same master key kept another way: unlocked with `current`
+    /// (a wrong key is [`Error::WrongKey`]), then wrapped under the passphrase `new` (fresh
+    /// salt, `costs`), or kept in the key file `new` (created 0600 when missing; an existing
+    /// one must hold this very key). The fingerprint, and so every id and sealed byte, stays.
+    pub fn change(
+        store: &Path,
+        config: &EncryptionConfig,
+        current: &KeySource,
+        new: &KeySource,
+        costs: Argon2Costs,
+    ) -> Result<EncryptionConfig> {
+        let master = master_key(store, config, current)?;
+        let kdf = match new {
+            KeySource::Passphrase(pass) => wrap(&master, pass, costs)?,
+            KeySource::KeyFile(path) => {
+                match read_key_file(path) {
+                    Ok(k) if k == master => {}
+                    Ok(_) => {
+                        return Err(Error::InvalidArgument(format!(
+                            "key file {} holds another key",
+                            path.display()
+                        )));
+                    }
+                    Err(Error::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        write_key_file(path, &master)?
+                    }
+                    Err(e) => return Err(e),
+                }
+                Kdf::KeyFile
+            }
+        };
+        Ok(EncryptionConfig {
+            cipher: CIPHER.into(),
+            kdf,
+            fingerprint: config.fingerprint.clone(),
+        })
+    }
+
     /// Unlocks the keys of the store at `store` (named in errors) whose config section is
     /// `config`, with `source`. A wrong passphrase or key file is [`Error::WrongKey`].
     pub fn unlock(store: &Path, config: &EncryptionConfig, source: &KeySource) -> Result<Keys> {
-        let object = format!("{}/config", store.display());
-        let bad = |why: &str| Error::corrupt(&object, 0, format!("encryption section: {why}"));
-        if config.cipher != CIPHER {
-            return Err(bad(&format!("unknown cipher {:?}", config.cipher)));
-        }
-        let wrong = || Error::WrongKey(store.display().to_string());
-        let master = match (&config.kdf, source) {
-            (Kdf::KeyFile, KeySource::KeyFile(path)) => read_key_file(path)?,
-            (Kdf::KeyFile, KeySource::Passphrase(_)) => {
-                return Err(Error::InvalidArgument(format!(
-                    "store {} is encrypted with a key file, not a passphrase: give --key-file or VMNEST_KEY_FILE",
-                    store.display()
-                )));
-            }
-            (
-                Kdf::Argon2id {
-                    memory_kib,
-                    iterations,
-                    lanes,
-                    salt,
-                    wrapped_key,
-                },
-                KeySource::Passphrase(pass),
-            ) => {
-                let salt = from_hex(salt).ok_or_else(|| bad("salt is not hex"))?;
-                let blob = from_hex(wrapped_key).ok_or_else(|| bad("wrapped key is not hex"))?;
-                if blob.len() != NONCE_LEN + KEY_LEN + TAG_LEN {
-                    return Err(bad("wrapped key has the wrong length"));
-                }
-                if *memory_kib > MAX_ARGON2_MEMORY_KIB
-                    || *iterations > MAX_ARGON2_ITERATIONS
-                    || *lanes > MAX_ARGON2_LANES
-                {
-                    return Err(bad("argon2id costs are out of bounds"));
-                }
-                let kek = derive_kek(pass, &salt, *memory_kib, *iterations, *lanes)
-                    .map_err(|e| bad(&e.to_string()))?;
-                let master = open(&XChaCha20Poly1305::new(&kek.into()), WRAP_LABEL, &blob)
-                    .ok_or_else(wrong)?;
-                master.try_into().map_err(|_| wrong())?
-            }
-            (Kdf::Argon2id { .. }, KeySource::KeyFile(_)) => {
-                return Err(Error::InvalidArgument(format!(
-                    "store {} is encrypted with a passphrase, not a key file: give --passphrase-file or VMNEST_PASSPHRASE",
-                    store.display()
-                )));
-            }
-        };
-        let keys = Keys::from_master(&master);
-        if keys.fingerprint != config.fingerprint {
-            return Err(wrong());
-        }
-        Ok(keys)
+        master_key(store, config, source).map(|master| Keys::from_master(&master))
     }
+}
+
+/// The master key of the store at `store` (named in errors) whose config section is `config`,
+/// unwrapped with `source` and checked against the fingerprint.
+fn master_key(
+    store: &Path,
+    config: &EncryptionConfig,
+    source: &KeySource,
+) -> Result<[u8; KEY_LEN]> {
+    let object = format!("{}/config", store.display());
+    let bad = |why: &str| Error::corrupt(&object, 0, format!("encryption section: {why}"));
+    if config.cipher != CIPHER {
+        return Err(bad(&format!("unknown cipher {:?}", config.cipher)));
+    }
+    let wrong = || Error::WrongKey(store.display().to_string());
+    let master = match (&config.kdf, source) {
+        (Kdf::KeyFile, KeySource::KeyFile(path)) => read_key_file(path)?,
+        (Kdf::KeyFile, KeySource::Passphrase(_)) => {
+            return Err(Error::InvalidArgument(format!(
+                "store {} is encrypted with a key file, not a passphrase: give --key-file or VMNEST_KEY_FILE",
+                store.display()
+            )));
+        }
+        (
+            Kdf::Argon2id {
+                memory_kib,
+                iterations,
+                lanes,
+                salt,
+                wrapped_key,
+            },
+            KeySource::Passphrase(pass),
+        ) => {
+            let salt = from_hex(salt).ok_or_else(|| bad("salt is not hex"))?;
+            let blob = from_hex(wrapped_key).ok_or_else(|| bad("wrapped key is not hex"))?;
+            if blob.len() != NONCE_LEN + KEY_LEN + TAG_LEN {
+                return Err(bad("wrapped key has the wrong length"));
+            }
+            if *memory_kib > MAX_ARGON2_MEMORY_KIB
+                || *iterations > MAX_ARGON2_ITERATIONS
+                || *lanes > MAX_ARGON2_LANES
+            {
+                return Err(bad("argon2id costs are out of bounds"));
+            }
+            let kek = derive_kek(pass, &salt, *memory_kib, *iterations, *lanes)
+                .map_err(|e| bad(&e.to_string()))?;
+            let master =
+                open(&XChaCha20Poly1305::new(&kek.into()), WRAP_LABEL, &blob).ok_or_else(wrong)?;
+            master.try_into().map_err(|_| wrong())?
+        }
+        (Kdf::Argon2id { .. }, KeySource::KeyFile(_)) => {
+            return Err(Error::InvalidArgument(format!(
+                "store {} is encrypted with a passphrase, not a key file: give --passphrase-file or VMNEST_PASSPHRASE",
+                store.display()
+            )));
+        }
+    };
+    if Keys::from_master(&master).fingerprint != config.fingerprint {
+        return Err(wrong());
+    }
+    Ok(master)
+}
+
+/// `master` wrapped under a key derived from `pass` with argon2id at `costs`, fresh salt.
+fn wrap(master: &[u8; KEY_LEN], pass: &[u8], costs: Argon2Costs) -> Result<Kdf> {
+    let salt: [u8; 16] = random_bytes()?;
+    let lanes = 1;
+    let kek = derive_kek(pass, &salt, costs.memory_kib, costs.iterations, lanes)?;
+    let blob = seal(&XChaCha20Poly1305::new(&kek.into()), WRAP_LABEL, master)?;
+    Ok(Kdf::Argon2id {
+        memory_kib: costs.memory_kib,
+        iterations: costs.iterations,
+        lanes,
+        salt: to_hex(&salt),
+        wrapped_key: to_hex(&blob),
+    })
 }
 
 /// The fields of a manifest that an encrypted store seals.

@@ -309,3 +309,72 @@ fn a_store_of_another_key_is_refused_before_any_transfer() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `vmnest key change`: the store opens with the new passphrase only and reads the same; the
+/// next push replaces the remote's `keys` object, so a new site unlocks it with the new
+/// passphrase (and no longer with the old one); a key file made from the store opens it too.
+#[test]
+fn a_changed_passphrase_reaches_the_remote_with_the_next_push() {
+    let dir = scratch("remote-crypt-key-change");
+    let raw = dir.join("disk.raw");
+    disk(&raw);
+    let moto = Moto::start();
+    let remote = dir.join("remote");
+    let (old, new) = (Some(PASSPHRASE), Some("a new passphrase 0815"));
+    let src = dir.join("src");
+    run_ok(st(&src, &moto, old).args(["init", "--encrypt"]));
+    run_ok(st(&src, &moto, old).arg("import").arg(&raw).arg("vm"));
+    run_ok(st(&src, &moto, old).args(["remote", "add", "d", s(&remote)]));
+    run_ok(st(&src, &moto, old).args(["push", "d"]));
+    let keys_before = std::fs::read(remote.join("keys")).unwrap();
+
+    let new_file = dir.join("new.pass");
+    std::fs::write(&new_file, "a new passphrase 0815\n").unwrap();
+    let out = run_ok(
+        st(&src, &moto, old)
+            .args(["key", "change", "--new-passphrase-file"])
+            .arg(&new_file),
+    );
+    assert!(out.contains("under the new passphrase"), "{out}");
+    let out = run(st(&src, &moto, old).arg("ls"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong passphrase"));
+    let exported = dir.join("exported.raw");
+    run_ok(st(&src, &moto, new).args(["export", "vm"]).arg(&exported));
+    same(&raw, &exported);
+    // Nothing to send, but the keys object is replaced.
+    let out = run_ok(st(&src, &moto, new).args(["push", "d"]));
+    assert!(out.contains("replaced the remote's keys object"), "{out}");
+    assert_ne!(std::fs::read(remote.join("keys")).unwrap(), keys_before);
+    let out = run_ok(st(&src, &moto, new).args(["push", "d"]));
+    assert!(!out.contains("replaced"), "{out}");
+
+    let url = s(&remote);
+    let dst = dir.join("dst");
+    let out = run(st(&dst, &moto, old).args(["init", "--encrypt", "--from-remote", url]));
+    assert!(!out.status.success());
+    run_ok(st(&dst, &moto, new).args(["init", "--encrypt", "--from-remote", url]));
+    run_ok(st(&dst, &moto, new).args(["remote", "add", "d", url]));
+    run_ok(st(&dst, &moto, new).args(["pull", "d", "vm"]));
+    let pulled = dir.join("pulled.raw");
+    run_ok(st(&dst, &moto, new).args(["export", "vm"]).arg(&pulled));
+    same(&raw, &pulled);
+
+    // To a key file: it opens the store (the passphrase no longer does).
+    let key_file = dir.join("store.key");
+    run_ok(
+        st(&src, &moto, new)
+            .args(["key", "change", "--new-key-file"])
+            .arg(&key_file),
+    );
+    run_ok(
+        st(&src, &moto, None)
+            .arg("--key-file")
+            .arg(&key_file)
+            .args(["export", "vm", "--force"])
+            .arg(&exported),
+    );
+    same(&raw, &exported);
+    assert!(!run(st(&src, &moto, new).arg("ls")).status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -528,20 +528,32 @@ impl Remote {
     }
 
     /// Writes `section` as the remote's `keys` object unless it has one (If-None-Match: *);
-    /// one that appeared meanwhile must have the same fingerprint.
-    pub fn publish_keys(&self, section: &EncryptionConfig) -> Result<()> {
+    /// one that appeared meanwhile must have the same fingerprint. When the one there keeps
+    /// the same key another way (the store's passphrase or key file was changed since,
+    /// `vmnest key change`), it is replaced, so that a new site unlocks the remote the way the
+    /// store is unlocked now; returns whether it was. (Two stores of one key kept under two
+    /// passphrases would replace each other's: the last push wins, and either passphrase
+    /// opens the key it wraps.)
+    pub fn publish_keys(&self, section: &EncryptionConfig) -> Result<bool> {
         let bytes = serde_json::to_vec_pretty(section)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        if !self.block_on(self.put_new("keys", Bytes::from(bytes)))? {
-            let there = self.encryption()?;
-            if there.as_ref().map(|t| &t.fingerprint) != Some(&section.fingerprint) {
-                return Err(Error::InvalidArgument(format!(
+        if self.block_on(self.put_new("keys", Bytes::from(bytes.clone())))? {
+            return Ok(false);
+        }
+        let there = self.encryption()?;
+        match there {
+            Some(t) if t.fingerprint != section.fingerprint => {
+                Err(Error::InvalidArgument(format!(
                     "remote {}: another key was published there meanwhile",
                     self.name
-                )));
+                )))
+            }
+            Some(t) if t == *section => Ok(false),
+            _ => {
+                self.block_on(self.put("keys", Bytes::from(bytes)))?;
+                Ok(true)
             }
         }
-        Ok(())
     }
 
     /// Limits uploads to `rate` bytes a second.

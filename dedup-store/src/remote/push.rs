@@ -105,6 +105,8 @@ pub struct PushReport {
     pub retries: u64,
     /// Passes started over because a gc condemned something the push relied on.
     pub restarts: u64,
+    /// The remote's `keys` object was replaced: it wrapped the store's key the old way.
+    pub keys_replaced: bool,
     /// Wall time.
     pub seconds: f64,
 }
@@ -227,8 +229,10 @@ fn push_pass(
     // anything is sent, and publish this store's encryption section before any object.
     let section = store.config().encryption.as_ref();
     remote.check_keys(store.root(), section)?;
-    if let Some(section) = section {
-        remote.publish_keys(section)?;
+    if let Some(section) = section
+        && remote.publish_keys(section)?
+    {
+        report.keys_replaced = true;
     }
     remote.set_keys(store.keys().cloned());
     remote.refresh_index()?;

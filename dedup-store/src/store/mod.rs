@@ -429,6 +429,33 @@ impl Store {
         self.keys.as_ref()
     }
 
+    /// Keeps an encrypted store's master key another way (a new passphrase, or a key file; see
+    /// [`Keys::change`]): `current` unlocks it, and the config is replaced atomically (temporary
+    /// file, fsync, rename, directory fsync), so a crash leaves the old config or the new one,
+    /// each whole. Chunk ids and sealed bytes do not change. Needs the store opened
+    /// [`Access::Exclusive`] (no other process holds the old config in hand meanwhile). Remotes
+    /// keep the key wrapped the old way until the next push replaces their `keys` object.
+    pub fn change_key(
+        &self,
+        current: &KeySource,
+        new: &KeySource,
+        costs: Argon2Costs,
+    ) -> Result<EncryptionConfig> {
+        let Some(section) = &self.config.encryption else {
+            return Err(Error::InvalidArgument(format!(
+                "store {} is not encrypted",
+                self.root.display()
+            )));
+        };
+        let changed = Keys::change(&self.root, section, current, new, costs)?;
+        let mut config = self.config.clone();
+        config.encryption = Some(changed.clone());
+        let bytes = serde_json::to_vec_pretty(&config)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        write_atomic(&self.root, &self.root.join("config"), &bytes)?;
+        Ok(changed)
+    }
+
     /// What opening the chunk store found and repaired.
     pub fn report(&self) -> &OpenReport {
         self.chunks.report()

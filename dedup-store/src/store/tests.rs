@@ -514,3 +514,80 @@ fn a_manifest_too_long_to_read_back_is_never_written() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_changed_passphrase_or_key_file_opens_the_same_store_and_a_power_cut_keeps_one_whole() {
+    let base = xorshift_bytes(41, 5 * 16384 + 3);
+    let new_pass = KeySource::Passphrase(b"the new one".to_vec());
+    let mut n = 1;
+    loop {
+        let dir = tmp(&format!("key-change-{n}"));
+        {
+            let store = open_store(&dir, Access::Write, true);
+            commit_disk(&store, "vm", &base);
+        }
+        let store =
+            Store::open_keyed(&dir, Access::Exclusive, Some(&test_key()), &mut || {}).unwrap();
+        let fingerprint = store.keys().unwrap().fingerprint().to_string();
+        crate::fault::plan::arm(Some(n));
+        let result = store.change_key(&test_key(), &new_pass, TEST_COSTS);
+        let plan = crate::fault::plan::disarm();
+        drop(store);
+        for path in &plan.unsynced {
+            if path.exists() {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(0))
+                    .unwrap();
+            }
+        }
+        // Exactly one of the two passphrases opens the store, and it reads the same.
+        let open_with = |k: &KeySource| Store::open_keyed(&dir, Access::Read, Some(k), &mut || {});
+        let (old, new) = (open_with(&test_key()), open_with(&new_pass));
+        assert!(old.is_ok() != new.is_ok(), "op {n}: {old:?} / {new:?}");
+        let store = Arc::new(old.or(new).unwrap());
+        assert_eq!(store.keys().unwrap().fingerprint(), fingerprint);
+        assert_eq!(read_all(&store, "vm"), base, "op {n}");
+        let landed = store.config().encryption == result.as_ref().ok().cloned();
+        assert_eq!(landed, result.is_ok(), "op {n}");
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+        if result.is_ok() {
+            assert!(n > 2, "changing had only {} operations", n - 1);
+            break;
+        }
+        n += 1;
+        assert!(n < 100);
+    }
+
+    // To a key file and back: a key file made from the store holds its key; another key's
+    // file is refused; the old passphrase no longer opens the store.
+    let dir = tmp("key-change-file");
+    {
+        let store = open_store(&dir, Access::Write, true);
+        commit_disk(&store, "vm", &base);
+    }
+    let key_file = dir.join("master.key");
+    let store = Store::open_keyed(&dir, Access::Exclusive, Some(&test_key()), &mut || {}).unwrap();
+    let as_file = KeySource::KeyFile(key_file.clone());
+    store.change_key(&test_key(), &as_file, TEST_COSTS).unwrap();
+    drop(store);
+    let err = Store::open_keyed(&dir, Access::Read, Some(&test_key()), &mut || {}).unwrap_err();
+    assert!(err.to_string().contains("key file"), "{err}");
+    let store =
+        Arc::new(Store::open_keyed(&dir, Access::Exclusive, Some(&as_file), &mut || {}).unwrap());
+    assert_eq!(read_all(&store, "vm"), base);
+    let other = dir.join("other.key");
+    std::fs::write(&other, format!("{}\n", "ab".repeat(32))).unwrap();
+    let err = store
+        .change_key(&as_file, &KeySource::KeyFile(other), TEST_COSTS)
+        .unwrap_err();
+    assert!(err.to_string().contains("holds another key"), "{err}");
+    let err = store
+        .change_key(&test_key(), &new_pass, TEST_COSTS)
+        .unwrap_err();
+    assert!(err.to_string().contains("key file"), "{err}");
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
