@@ -177,7 +177,7 @@ struct ReadPlan {
     log_path: PathBuf,
     /// For a sealed log: the keys, and for each piece read from the log (in order), the payload
     /// offset and nonce of the record it lies in.
-    sealed: Option<(LogKeys, Vec<SealedRecord>)>,
+    sealed: Option<(LogKeys, Vec<Option<SealedRecord>>)>,
 }
 
 impl ReadPlan {
@@ -199,7 +199,7 @@ impl ReadPlan {
                             source: e,
                         })?;
                     if let Some((keys, records)) = &mut records {
-                        let Some((payload_at, nonce)) = records.next() else {
+                        let Some(Some((payload_at, nonce))) = records.next() else {
                             return Err(image_format::Error::Corrupt {
                                 path: self.log_path.clone(),
                                 structure: "volume log",
@@ -601,11 +601,12 @@ impl Volume {
             let records = pieces
                 .iter()
                 .filter_map(|p| match p.source {
-                    Some(Source::Log(at)) => s
-                        .nonces
-                        .range(..=at)
-                        .next_back()
-                        .map(|(&payload_at, &nonce)| (payload_at, nonce)),
+                    Some(Source::Log(at)) => Some(
+                        s.nonces
+                            .range(..=at)
+                            .next_back()
+                            .map(|(&payload_at, &nonce)| (payload_at, nonce)),
+                    ),
                     _ => None,
                 })
                 .collect();
