@@ -9,14 +9,14 @@
 
 #![no_main]
 
-use dedup_store::crypt::{Keys, LogKeys};
+use dedup_store::crypt::Keys;
 use dedup_store::store::SnapshotId;
 use dedup_store::store::volume::log::{self, RecordKind};
 use dedup_store::store::volume::overlay::{Overlay, Source};
 use libfuzzer_sys::fuzz_target;
 
-fn build(rest: &[u8], disk_size: u64, keys: Option<&LogKeys>) -> Vec<u8> {
-    let mut out = log::header(&SnapshotId([3; 32]), keys.is_some()).to_vec();
+fn build(rest: &[u8], disk_size: u64, sealing: Option<&log::Sealing>) -> Vec<u8> {
+    let mut out = log::header(&SnapshotId([3; 32]), sealing.is_some()).to_vec();
     let (body, tail) = rest.split_at(rest.len() - rest.len() % 6);
     for g in body.chunks(6) {
         let kind = if g[0] & 1 == 0 {
@@ -26,18 +26,20 @@ fn build(rest: &[u8], disk_size: u64, keys: Option<&LogKeys>) -> Vec<u8> {
         };
         let off = u64::from(u16::from_le_bytes([g[1], g[2]])) % disk_size;
         let len = (1 + u64::from(u16::from_le_bytes([g[3], g[4]]))).min(disk_size - off);
-        let mut payload: Vec<u8> = match kind {
+        let payload: Vec<u8> = match kind {
             RecordKind::Data => (0..len).map(|i| g[5] ^ i as u8).collect(),
             RecordKind::Zero => Vec::new(),
         };
-        match keys {
-            None => out.extend_from_slice(&log::record_header(kind, off, len, &payload)),
-            Some(k) => {
-                let h = log::seal_record(k, kind, off, len, &mut payload).expect("sealing");
-                out.extend_from_slice(&h);
+        match sealing {
+            None => {
+                out.extend_from_slice(&log::record_header(kind, off, len, &payload));
+                out.extend_from_slice(&payload);
+            }
+            Some(s) => {
+                let at = out.len() as u64;
+                log::seal_record(s, at, kind, off, len, &payload, &mut out).expect("sealing");
             }
         }
-        out.extend_from_slice(&payload);
     }
     if let [cut, flip, ..] = tail {
         let at = log::LOG_HEADER_LEN as usize
@@ -57,16 +59,21 @@ fuzz_target!(|data: &[u8]| {
     };
     let disk_size = 1 + u64::from(mode >> 2) * 97;
     let keys = Keys::from_master(&[5; 32]);
-    let keys = (mode & 2 != 0).then(|| keys.log_keys());
+    let sealing = (mode & 2 != 0).then(|| log::Sealing {
+        keys: keys.log_keys(),
+        log_id: b"fuzz/log-1".to_vec(),
+        base: SnapshotId([3; 32]),
+    });
+    let sealing = sealing.as_ref();
     let bytes = if mode & 1 == 0 {
-        build(rest, disk_size, keys)
+        build(rest, disk_size, sealing)
     } else {
-        let mut b = log::header(&SnapshotId([3; 32]), keys.is_some()).to_vec();
+        let mut b = log::header(&SnapshotId([3; 32]), sealing.is_some()).to_vec();
         b.extend_from_slice(rest);
         b
     };
     let mut records = Vec::new();
-    let Ok(end) = log::scan(&bytes[..], "fuzz", disk_size, keys, &mut |r| records.push(r)) else {
+    let Ok(end) = log::scan(&bytes[..], "fuzz", disk_size, sealing, &mut |r| records.push(r)) else {
         return;
     };
     assert_eq!(end.valid_end + end.torn_bytes, bytes.len() as u64);
@@ -75,28 +82,20 @@ fuzz_target!(|data: &[u8]| {
     let mut model: Vec<Option<Source>> = vec![None; disk_size as usize];
     for r in &records {
         assert!(r.len >= 1 && r.guest_off + r.len <= disk_size);
-        let src = match r.kind {
-            RecordKind::Data => {
-                assert!(r.payload_at + r.len <= end.valid_end);
-                Source::Log(r.payload_at)
-            }
-            RecordKind::Zero => Source::Zero,
-        };
+        if r.kind == RecordKind::Data {
+            assert!(r.payload_at + r.len <= end.valid_end);
+            assert_eq!(r.nonce.is_some(), sealing.is_some());
+        }
+        let src = r.source();
         overlay.insert(r.guest_off, r.guest_off + r.len, src);
         for b in r.guest_off..r.guest_off + r.len {
-            model[b as usize] = Some(match src {
-                Source::Log(at) => Source::Log(at + (b - r.guest_off)),
-                Source::Zero => Source::Zero,
-            });
+            model[b as usize] = Some(src.advance(b - r.guest_off));
         }
     }
     let mut seen = Vec::with_capacity(disk_size as usize);
     for p in overlay.pieces(0, disk_size) {
         for b in p.start..p.end {
-            seen.push(p.source.map(|s| match s {
-                Source::Log(at) => Source::Log(at + (b - p.start)),
-                Source::Zero => Source::Zero,
-            }));
+            seen.push(p.source.map(|s| s.advance(b - p.start)));
         }
     }
     assert_eq!(seen, model);

@@ -15,11 +15,13 @@
 //! matches. The first record that is not accepted ends the log (a write torn by a crash); what
 //! follows it is reported and cut off by the caller.
 //!
-//! The volumes of an encrypted store write sealed logs ([`LogKeys`]): a data record's payload is
+//! The volumes of an encrypted store write sealed logs ([`Sealing`]): a data record's payload is
 //! XChaCha20-encrypted under a fresh random nonce (a torn record's offset is reused by the next
-//! write, so the nonce cannot come from the offset), and the keyed MAC covers the first 48 bytes
-//! of the record header and the ciphertext. Guest offsets and lengths stay visible, as the
-//! allocation of stored disks does (docs/architecture.md, "Encryption").
+//! write, so the nonce cannot come from the offset), and the keyed MAC covers the volume and log
+//! file names, the base snapshot, the record's log offset, the first 48 bytes of the record
+//! header and the ciphertext: a record cannot be moved, reordered, or taken into another log.
+//! Guest offsets and lengths stay visible, as the allocation of stored disks does
+//! (docs/architecture.md, "Encryption").
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -27,6 +29,7 @@ use std::os::unix::fs::FileExt;
 use crate::crypt::{LOG_MAC_LEN, LogKeys, NONCE_LEN};
 use crate::error::{Error, Result};
 use crate::store::SnapshotId;
+use crate::store::volume::overlay::Source;
 
 /// Bytes of the log header.
 pub const LOG_HEADER_LEN: u64 = 48;
@@ -63,8 +66,49 @@ pub struct Record {
     pub len: u64,
     /// Log offset of the payload (data records).
     pub payload_at: u64,
-    /// The payload's nonce (sealed logs; zeros in a plain one).
-    pub nonce: [u8; NONCE_LEN],
+    /// The payload's nonce (sealed logs).
+    pub nonce: Option<[u8; NONCE_LEN]>,
+}
+
+impl Record {
+    /// Where the overlay reads this record's bytes from.
+    pub fn source(&self) -> Source {
+        match (self.kind, self.nonce) {
+            (RecordKind::Zero, _) => Source::Zero,
+            (RecordKind::Data, None) => Source::Log(self.payload_at),
+            (RecordKind::Data, Some(nonce)) => Source::Sealed {
+                at: self.payload_at,
+                payload_at: self.payload_at,
+                nonce,
+            },
+        }
+    }
+}
+
+/// How the records of a sealed log are sealed and checked.
+#[derive(Debug)]
+pub struct Sealing<'a> {
+    /// The store's log keys.
+    pub keys: &'a LogKeys,
+    /// What the MACs bind records to besides their position: the volume and log file names.
+    pub log_id: Vec<u8>,
+    /// The snapshot the log is over.
+    pub base: SnapshotId,
+}
+
+impl Sealing<'_> {
+    /// The MAC of the record at log offset `at` whose header starts with `covered` (its first
+    /// 48 bytes) and whose payload is `payload`.
+    fn mac(&self, at: u64, covered: &[u8], payload: &[u8]) -> [u8; LOG_MAC_LEN] {
+        self.keys.mac(&[
+            &(self.log_id.len() as u64).to_le_bytes(),
+            &self.log_id,
+            &self.base.0,
+            &at.to_le_bytes(),
+            covered,
+            payload,
+        ])
+    }
 }
 
 /// How a scan of a log ended.
@@ -169,29 +213,35 @@ fn kind_byte(kind: RecordKind) -> u8 {
     }
 }
 
-/// Seals a record in place: `payload` (the data of a data record, empty for zeros) becomes its
-/// ciphertext under a fresh nonce, and the record header is returned.
+/// Appends to `out` the sealed record at log offset `at` of `sealing`'s log: its header, then
+/// for a data record `payload` encrypted under a fresh nonce, which is returned.
 pub fn seal_record(
-    keys: &LogKeys,
+    sealing: &Sealing,
+    at: u64,
     kind: RecordKind,
     guest_off: u64,
     len: u64,
-    payload: &mut [u8],
-) -> Result<[u8; SEALED_RECORD_HEADER_LEN as usize]> {
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<[u8; NONCE_LEN]> {
     let nonce: [u8; NONCE_LEN] = crate::crypt::random_bytes()?;
-    keys.apply(&nonce, 0, payload);
     let mut h = [0u8; SEALED_RECORD_HEADER_LEN as usize];
     h[0] = kind_byte(kind);
     h[8..16].copy_from_slice(&guest_off.to_le_bytes());
     h[16..24].copy_from_slice(&len.to_le_bytes());
     h[24..SEALED_MAC_COVERS].copy_from_slice(&nonce);
-    let mac = keys.mac(&[&h[..SEALED_MAC_COVERS], payload]);
-    h[SEALED_MAC_COVERS..].copy_from_slice(&mac);
-    Ok(h)
+    let start = out.len();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(payload);
+    let body = &mut out[start + h.len()..];
+    sealing.keys.apply(&nonce, 0, body);
+    let mac = sealing.mac(at, &h[..SEALED_MAC_COVERS], body);
+    out[start + SEALED_MAC_COVERS..start + h.len()].copy_from_slice(&mac);
+    Ok(nonce)
 }
 
 /// Reads the log in `src` (`object` names it in errors) of a `disk_size`-byte disk, calling
-/// `on_record` for each accepted record in order. `keys` are an encrypted store's, whose logs
+/// `on_record` for each accepted record in order. `sealing` is an encrypted store's, whose logs
 /// must be sealed (and a plain store's must not be). A bad header is an error; a bad record ends
 /// the scan (see the module documentation). Memory: one payload buffer of at most
 /// [`MAX_RECORD_PAYLOAD`] bytes.
@@ -199,7 +249,7 @@ pub fn scan<S: LogSource + ?Sized>(
     src: &S,
     object: &str,
     disk_size: u64,
-    keys: Option<&LogKeys>,
+    sealing: Option<&Sealing>,
     on_record: &mut dyn FnMut(Record),
 ) -> Result<ScanEnd> {
     let io = |e: std::io::Error| Error::corrupt(object, 0, format!("cannot read: {e}"));
@@ -213,7 +263,7 @@ pub fn scan<S: LogSource + ?Sized>(
         ));
     }
     src.read_exact_at(&mut h, 0).map_err(io)?;
-    match (&h[..8], keys) {
+    match (&h[..8], sealing) {
         (m, None) if m == MAGIC => {}
         (m, Some(_)) if m == MAGIC_SEALED => {}
         (m, Some(_)) if m == MAGIC => {
@@ -251,7 +301,7 @@ pub fn scan<S: LogSource + ?Sized>(
     let mut payload = Vec::new();
     let mut at = LOG_HEADER_LEN;
     while at < len {
-        match read_record(src, at, len, disk_size, keys, &mut payload) {
+        match read_record(src, at, len, disk_size, sealing, &mut payload) {
             Ok(rec) => {
                 on_record(rec);
                 end.records += 1;
@@ -278,10 +328,10 @@ fn read_record<S: LogSource + ?Sized>(
     at: u64,
     len: u64,
     disk_size: u64,
-    keys: Option<&LogKeys>,
+    sealing: Option<&Sealing>,
     payload: &mut Vec<u8>,
 ) -> std::result::Result<Record, String> {
-    let header_len = record_header_len(keys.is_some());
+    let header_len = record_header_len(sealing.is_some());
     if len - at < header_len {
         return Err(format!(
             "{} bytes where a record header needs {header_len}",
@@ -325,21 +375,27 @@ fn read_record<S: LogSource + ?Sized>(
         src.read_exact_at(payload, payload_at)
             .map_err(|e| format!("cannot read: {e}"))?;
     }
-    let mut nonce = [0u8; NONCE_LEN];
-    match keys {
+    let nonce = match sealing {
         None => {
             if check_of(&[&h[..24], payload]) != u64_at(h, 24) {
                 return Err("record check mismatch".into());
             }
+            None
         }
-        Some(keys) => {
-            let mac = keys.mac(&[&h[..SEALED_MAC_COVERS], payload]);
-            if mac[..] != h[SEALED_MAC_COVERS..SEALED_MAC_COVERS + LOG_MAC_LEN] {
-                return Err("record MAC mismatch (damaged, or sealed with another key)".into());
+        Some(sealing) => {
+            let mac = sealing.mac(at, &h[..SEALED_MAC_COVERS], payload);
+            let stored = &h[SEALED_MAC_COVERS..SEALED_MAC_COVERS + LOG_MAC_LEN];
+            // Compared without an early exit.
+            if mac.iter().zip(stored).fold(0u8, |d, (a, b)| d | (a ^ b)) != 0 {
+                return Err(
+                    "record MAC mismatch (damaged, moved, or sealed with another key)".into(),
+                );
             }
+            let mut nonce = [0u8; NONCE_LEN];
             nonce.copy_from_slice(&h[24..SEALED_MAC_COVERS]);
+            Some(nonce)
         }
-    }
+    };
     Ok(Record {
         kind,
         guest_off,
@@ -425,23 +481,34 @@ mod tests {
             .clone()
     }
 
-    fn sealed_log_of(keys: &LogKeys, records: &[(RecordKind, u64, Vec<u8>, u64)]) -> Vec<u8> {
+    fn sealing<'a>(keys: &'a LogKeys, log_id: &str) -> Sealing<'a> {
+        Sealing {
+            keys,
+            log_id: log_id.as_bytes().to_vec(),
+            base: SnapshotId([7; 32]),
+        }
+    }
+
+    fn sealed_log_of(s: &Sealing, records: &[(RecordKind, u64, Vec<u8>, u64)]) -> Vec<u8> {
         let mut out = header(&SnapshotId([7; 32]), true).to_vec();
         for (kind, off, data, len) in records {
-            let mut payload = data.clone();
-            let h = seal_record(keys, *kind, *off, *len, &mut payload).unwrap();
-            out.extend_from_slice(&h);
-            out.extend_from_slice(&payload);
+            let at = out.len() as u64;
+            seal_record(s, at, *kind, *off, *len, data, &mut out).unwrap();
         }
         out
+    }
+
+    fn nonce_of(r: &Record) -> [u8; NONCE_LEN] {
+        r.nonce.expect("a sealed record")
     }
 
     #[test]
     fn sealed_records_hide_their_payload_and_decrypt_from_any_offset() {
         let keys = test_keys(3);
+        let s = sealing(&keys, "vm/log-1");
         let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let log = sealed_log_of(
-            &keys,
+            &s,
             &[
                 (RecordKind::Data, 4096, data.clone(), data.len() as u64),
                 (RecordKind::Zero, 0, Vec::new(), 512),
@@ -451,10 +518,11 @@ mod tests {
         // The same plaintext twice: neither copy shows, and the two ciphertexts differ.
         assert!(!log.windows(64).any(|w| w == &data[1000..1064]));
         let mut seen = Vec::new();
-        let end = scan(&log[..], "log", 1 << 20, Some(&keys), &mut |r| seen.push(r)).unwrap();
+        let end = scan(&log[..], "log", 1 << 20, Some(&s), &mut |r| seen.push(r)).unwrap();
         assert_eq!((end.records, end.torn_bytes), (3, 0));
         let (a, b) = (seen[0], seen[2]);
-        assert_ne!(a.nonce, b.nonce);
+        assert_ne!(nonce_of(&a), nonce_of(&b));
+        assert_eq!(seen[1].source(), Source::Zero);
         let at = |r: &Record| r.payload_at as usize;
         assert_ne!(&log[at(&a)..at(&a) + 64], &log[at(&b)..at(&b) + 64]);
         // Any byte range decrypts on its own: the stream is seeked, not replayed.
@@ -466,7 +534,7 @@ mod tests {
             (64, 8192),
         ] {
             let mut part = log[at(&b) + from..at(&b) + to].to_vec();
-            keys.apply(&b.nonce, from as u64, &mut part);
+            keys.apply(&nonce_of(&b), from as u64, &mut part);
             assert_eq!(part, &data[from..to], "{from}..{to}");
         }
         // Sealed and plain logs are not taken for each other, and another key fails every MAC.
@@ -474,19 +542,59 @@ mod tests {
         assert!(err.to_string().contains("vol/log-1"), "{err}");
         assert!(err.to_string().contains("sealed volume log"), "{err}");
         let plain = log_of(&[(RecordKind::Zero, 0, Vec::new(), 1)]);
-        let err = scan(&plain[..], "l", 1 << 20, Some(&keys), &mut |_| {}).unwrap_err();
+        let err = scan(&plain[..], "l", 1 << 20, Some(&s), &mut |_| {}).unwrap_err();
         assert!(err.to_string().contains("plain volume log"), "{err}");
         let other = test_keys(9);
-        let end = scan(&log[..], "l", 1 << 20, Some(&other), &mut |_| {}).unwrap();
+        let end = scan(
+            &log[..],
+            "l",
+            1 << 20,
+            Some(&sealing(&other, "vm/log-1")),
+            &mut |_| {},
+        )
+        .unwrap();
         assert_eq!(end.records, 0);
         assert!(end.torn_reason.unwrap().contains("MAC"));
     }
 
     #[test]
+    fn sealed_records_cannot_move_between_positions_logs_or_bases() {
+        let keys = test_keys(3);
+        let s = sealing(&keys, "vm/log-1");
+        let log = sealed_log_of(
+            &s,
+            &[
+                (RecordKind::Data, 0, vec![1; 100], 100),
+                (RecordKind::Data, 0, vec![2; 100], 100),
+            ],
+        );
+        let rec = (log.len() - LOG_HEADER_LEN as usize) / 2;
+        // The two records swapped (an older write made to win): the first is refused.
+        let mut swapped = log[..LOG_HEADER_LEN as usize].to_vec();
+        swapped.extend_from_slice(&log[LOG_HEADER_LEN as usize + rec..]);
+        swapped.extend_from_slice(&log[LOG_HEADER_LEN as usize..LOG_HEADER_LEN as usize + rec]);
+        let end = scan(&swapped[..], "l", 1 << 20, Some(&s), &mut |_| {}).unwrap();
+        assert_eq!(end.records, 0);
+        // The same bytes read as another volume's log, another log of this volume, or a log
+        // over another base: refused.
+        for other in [sealing(&keys, "web/log-1"), sealing(&keys, "vm/log-2")] {
+            let end = scan(&log[..], "l", 1 << 20, Some(&other), &mut |_| {}).unwrap();
+            assert_eq!(end.records, 0);
+        }
+        let mut rebased = sealing(&keys, "vm/log-1");
+        rebased.base = SnapshotId([8; 32]);
+        let end = scan(&log[..], "l", 1 << 20, Some(&rebased), &mut |_| {}).unwrap();
+        assert_eq!(end.records, 0);
+        let end = scan(&log[..], "l", 1 << 20, Some(&s), &mut |_| {}).unwrap();
+        assert_eq!(end.records, 2);
+    }
+
+    #[test]
     fn a_flipped_bit_anywhere_in_a_sealed_record_ends_the_scan_there() {
         let keys = test_keys(3);
+        let s = sealing(&keys, "vm/log-1");
         let log = sealed_log_of(
-            &keys,
+            &s,
             &[
                 (RecordKind::Data, 0, vec![1, 2, 3], 3),
                 (RecordKind::Zero, 10, Vec::new(), 20),
@@ -496,12 +604,12 @@ mod tests {
         for i in LOG_HEADER_LEN as usize..log.len() {
             let mut bad = log.clone();
             bad[i] ^= 0x04;
-            let end = scan(&bad[..], "log", 1 << 20, Some(&keys), &mut |_| {}).unwrap();
+            let end = scan(&bad[..], "log", 1 << 20, Some(&s), &mut |_| {}).unwrap();
             let want = if i < first_end { 0 } else { 1 };
             assert_eq!(end.records, want, "flip at {i}");
         }
         for cut in first_end + 1..log.len() {
-            let end = scan(&log[..cut], "log", 1 << 20, Some(&keys), &mut |_| {}).unwrap();
+            let end = scan(&log[..cut], "log", 1 << 20, Some(&s), &mut |_| {}).unwrap();
             assert_eq!(end.records, 1, "cut at {cut}");
         }
     }

@@ -41,7 +41,7 @@ use image_format::{Image, ImageInfo};
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkId, ChunkStore, is_zero_chunk};
-use crate::crypt::{LogKeys, NONCE_LEN};
+use crate::crypt::Keys;
 use crate::error::{Error, Result};
 use crate::map::{Map, MapRoot};
 use crate::pack::{io_err, sync_dir};
@@ -162,12 +162,7 @@ struct State {
     overlay: Overlay,
     log: Arc<File>,
     log_path: PathBuf,
-    /// A sealed log's data records: payload offset -> nonce (empty for a plain log).
-    nonces: BTreeMap<u64, [u8; NONCE_LEN]>,
 }
-
-/// A sealed data record: its payload's log offset and its nonce.
-type SealedRecord = (u64, [u8; NONCE_LEN]);
 
 /// The pieces of one read and the files they come from.
 struct ReadPlan {
@@ -175,44 +170,49 @@ struct ReadPlan {
     base: Arc<StoredDisk>,
     log: Arc<File>,
     log_path: PathBuf,
-    /// For a sealed log: the keys, and for each piece read from the log (in order), the payload
-    /// offset and nonce of the record it lies in.
-    sealed: Option<(LogKeys, Vec<Option<SealedRecord>>)>,
+    /// The store's keys, when the log is sealed.
+    keys: Option<Arc<Keys>>,
 }
 
 impl ReadPlan {
     /// Fills `buf`, which starts at guest offset `off`.
     fn read(&self, buf: &mut [u8], off: u64) -> image_format::Result<()> {
-        let mut records = self.sealed.as_ref().map(|(k, r)| (k, r.iter()));
         for p in &self.pieces {
             let dst = &mut buf[(p.start - off) as usize..(p.end - off) as usize];
             match p.source {
                 None => self.base.read_at(dst, p.start)?,
                 Some(Source::Zero) => dst.fill(0),
-                Some(Source::Log(at)) => {
-                    self.log
-                        .read_exact_at(dst, at)
-                        .map_err(|e| image_format::Error::Io {
+                Some(Source::Log(at)) => self.read_log(dst, at)?,
+                Some(Source::Sealed {
+                    at,
+                    payload_at,
+                    nonce,
+                }) => {
+                    let Some(keys) = &self.keys else {
+                        return Err(image_format::Error::Corrupt {
                             path: self.log_path.clone(),
-                            op: "read volume log",
+                            structure: "volume log",
                             offset: at,
-                            source: e,
-                        })?;
-                    if let Some((keys, records)) = &mut records {
-                        let Some(Some((payload_at, nonce))) = records.next() else {
-                            return Err(image_format::Error::Corrupt {
-                                path: self.log_path.clone(),
-                                structure: "volume log",
-                                offset: at,
-                                reason: "no sealed record holds this log offset".into(),
-                            });
-                        };
-                        keys.apply(nonce, at - payload_at, dst);
-                    }
+                            reason: "a sealed record, and no key".into(),
+                        });
+                    };
+                    self.read_log(dst, at)?;
+                    keys.log_keys().apply(&nonce, at - payload_at, dst);
                 }
             }
         }
         Ok(())
+    }
+
+    fn read_log(&self, dst: &mut [u8], at: u64) -> image_format::Result<()> {
+        self.log
+            .read_exact_at(dst, at)
+            .map_err(|e| image_format::Error::Io {
+                path: self.log_path.clone(),
+                op: "read volume log",
+                offset: at,
+                source: e,
+            })
     }
 }
 
@@ -234,8 +234,6 @@ pub struct Volume {
     state: RwLock<State>,
     append: Mutex<Append>,
     replay: ReplayReport,
-    /// An encrypted store's log keys: the log is sealed.
-    seal: Option<LogKeys>,
     _lock: File,
 }
 
@@ -323,6 +321,19 @@ fn create_log(dir: &Path, path: &Path, base: &SnapshotId, sealed: bool) -> Resul
         .map_err(io_err(path, "write volume log"))?;
     sync_dir(dir)?;
     Ok(f)
+}
+
+/// What a sealed log's MACs bind a record to besides its position: the volume and the log
+/// file, so that records cannot move between volumes or between a volume's logs.
+fn log_id(volume: &str, log: &str) -> Vec<u8> {
+    format!("{volume}/{log}").into_bytes()
+}
+
+/// The file name of `path`, as text.
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn write_volume_file(dir: &Path, vf: &VolumeFile) -> Result<()> {
@@ -448,20 +459,14 @@ impl Volume {
         let log_path = dir.join(&vf.log);
         let file = open_log(&log_path)?;
         let object = log_path.display().to_string();
-        let seal = store.keys().map(|k| k.log_keys().clone());
+        let sealing = store.keys().map(|k| log::Sealing {
+            keys: k.log_keys(),
+            log_id: log_id(name, &vf.log),
+            base: vf.base,
+        });
         let mut overlay = Overlay::default();
-        let mut nonces = BTreeMap::new();
-        let end = log::scan(&file, &object, vf.size, seal.as_ref(), &mut |r| {
-            let src = match r.kind {
-                RecordKind::Data => {
-                    if seal.is_some() {
-                        nonces.insert(r.payload_at, r.nonce);
-                    }
-                    Source::Log(r.payload_at)
-                }
-                RecordKind::Zero => Source::Zero,
-            };
-            overlay.insert(r.guest_off, r.guest_off + r.len, src);
+        let end = log::scan(&file, &object, vf.size, sealing.as_ref(), &mut |r| {
+            overlay.insert(r.guest_off, r.guest_off + r.len, r.source());
         })?;
         if end.base != vf.base {
             return Err(Error::corrupt(
@@ -503,14 +508,12 @@ impl Volume {
                 overlay,
                 log: Arc::new(file),
                 log_path,
-                nonces,
             }),
             append: Mutex::new(Append {
                 end: end.valid_end,
                 broken: None,
             }),
             replay,
-            seal,
             _lock: lock,
         }))
     }
@@ -549,45 +552,56 @@ impl Volume {
                 self.name
             )));
         }
-        let (file, path) = {
+        let (file, path, base) = {
             let s = self.state.read().map_err(|_| poisoned())?;
-            (s.log.clone(), s.log_path.clone())
-        };
-        let mut sealed_payload;
-        let (header, data, nonce) = match &self.seal {
-            None => (
-                log::record_header(kind, off, len, data).to_vec(),
-                data,
-                None,
-            ),
-            Some(keys) => {
-                sealed_payload = data.to_vec();
-                let h = log::seal_record(keys, kind, off, len, &mut sealed_payload)?;
-                let mut nonce = [0u8; NONCE_LEN];
-                nonce.copy_from_slice(&h[24..24 + NONCE_LEN]);
-                (h.to_vec(), &sealed_payload[..], Some(nonce))
-            }
+            (s.log.clone(), s.log_path.clone(), s.file.base)
         };
         let at = a.end;
-        let payload_at = at + header.len() as u64;
-        let written = crate::fault::check("write", &path)
-            .and_then(|()| file.write_all_at(&header, at))
-            .and_then(|()| file.write_all_at(data, payload_at));
+        let fault = crate::fault::check("write", &path);
+        let (written, source, end) = match self.store.keys() {
+            None => {
+                let header = log::record_header(kind, off, len, data);
+                let payload_at = at + header.len() as u64;
+                let written = fault
+                    .and_then(|()| file.write_all_at(&header, at))
+                    .and_then(|()| file.write_all_at(data, payload_at));
+                let end = payload_at + data.len() as u64;
+                (written, Source::Log(payload_at), end)
+            }
+            Some(keys) => {
+                // Header and ciphertext in one buffer, one write.
+                let sealing = log::Sealing {
+                    keys: keys.log_keys(),
+                    log_id: log_id(&self.name, &file_name(&path)),
+                    base,
+                };
+                let mut record = Vec::new();
+                let nonce = log::seal_record(&sealing, at, kind, off, len, data, &mut record)?;
+                let payload_at = at + log::SEALED_RECORD_HEADER_LEN;
+                let written = fault.and_then(|()| file.write_all_at(&record, at));
+                let source = Source::Sealed {
+                    at: payload_at,
+                    payload_at,
+                    nonce,
+                };
+                (written, source, at + record.len() as u64)
+            }
+        };
         if let Err(e) = written {
             // Cut what may have been written; replay would refuse it anyway.
             let _ = file.set_len(at);
             return Err(io_err(&path, "append to volume log")(e));
         }
-        a.end = payload_at + data.len() as u64;
+        a.end = end;
         let source = match kind {
-            RecordKind::Data => Source::Log(payload_at),
+            RecordKind::Data => source,
             RecordKind::Zero => Source::Zero,
         };
-        let mut s = self.state.write().map_err(|_| poisoned())?;
-        if let (RecordKind::Data, Some(nonce)) = (kind, nonce) {
-            s.nonces.insert(payload_at, nonce);
-        }
-        s.overlay.insert(off, off + len, source);
+        self.state
+            .write()
+            .map_err(|_| poisoned())?
+            .overlay
+            .insert(off, off + len, source);
         Ok(())
     }
 
@@ -596,28 +610,12 @@ impl Volume {
     /// and a commit replaces the base and the log with new ones, leaving the old ones readable
     /// (open, and kept from gc by the store lock) until the plan is dropped.
     fn plan(&self, s: &State, off: u64, end: u64) -> ReadPlan {
-        let pieces = s.overlay.pieces(off, end);
-        let sealed = self.seal.as_ref().map(|keys| {
-            let records = pieces
-                .iter()
-                .filter_map(|p| match p.source {
-                    Some(Source::Log(at)) => Some(
-                        s.nonces
-                            .range(..=at)
-                            .next_back()
-                            .map(|(&payload_at, &nonce)| (payload_at, nonce)),
-                    ),
-                    _ => None,
-                })
-                .collect();
-            (keys.clone(), records)
-        });
         ReadPlan {
-            pieces,
+            pieces: s.overlay.pieces(off, end),
             base: s.base.clone(),
             log: s.log.clone(),
             log_path: s.log_path.clone(),
-            sealed,
+            keys: self.store.keys().cloned(),
         }
     }
 
@@ -725,7 +723,7 @@ impl Volume {
         new_vf.base = id;
         new_vf.log = format!("log-{}", vf.generation() + 1);
         let new_log_path = self.dir.join(&new_vf.log);
-        let new_log = create_log(&self.dir, &new_log_path, &id, self.seal.is_some())?;
+        let new_log = create_log(&self.dir, &new_log_path, &id, self.store.keys().is_some())?;
         drop(s);
         if let Err(e) = write_volume_file(&self.dir, &new_vf) {
             // The rename may or may not have happened (or may not survive a power cut): stop
@@ -742,7 +740,6 @@ impl Volume {
                 overlay: Overlay::default(),
                 log: Arc::new(new_log),
                 log_path: new_log_path,
-                nonces: BTreeMap::new(),
             };
             old
         };
@@ -823,7 +820,7 @@ impl BlockDevice for Volume {
             .map_err(|_| image_format::Error::from(poisoned()))?;
         if let Some((_, end, src)) = s.overlay.at(off) {
             let kind = match src {
-                Source::Log(_) => ExtentKind::Data,
+                Source::Log(_) | Source::Sealed { .. } => ExtentKind::Data,
                 Source::Zero => ExtentKind::Zero,
             };
             return Ok(Extent::new(kind, (end - off).min(len)));

@@ -11,14 +11,33 @@ use std::collections::BTreeMap;
 pub enum Source {
     /// The log, from this log offset on (byte `k` of the segment is at offset + k).
     Log(u64),
+    /// A sealed log's record, from log offset `at` on: its ciphertext, whose keystream starts
+    /// at `payload_at` under `nonce` (byte `k` of the segment is at `at + k`, keystream
+    /// position `at + k - payload_at`). A segment never spans two records: log segments do
+    /// not merge.
+    Sealed {
+        at: u64,
+        payload_at: u64,
+        nonce: [u8; crate::crypt::NONCE_LEN],
+    },
     /// Zeros.
     Zero,
 }
 
 impl Source {
-    fn advance(self, n: u64) -> Source {
+    /// The source of the bytes `n` further on.
+    pub fn advance(self, n: u64) -> Source {
         match self {
             Source::Log(at) => Source::Log(at + n),
+            Source::Sealed {
+                at,
+                payload_at,
+                nonce,
+            } => Source::Sealed {
+                at: at + n,
+                payload_at,
+                nonce,
+            },
             Source::Zero => Source::Zero,
         }
     }

@@ -121,9 +121,14 @@ fn reads_merge_unaligned_writes_zeroes_and_discards_with_the_base(encrypted: boo
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn concurrent_writers_and_readers_see_whole_writes() {
-    let (dir, store, base, vol) = new_volume("threads", "vm", false);
+plain_and_encrypted!(
+    concurrent_writers_and_readers_see_whole_writes_plain,
+    concurrent_writers_and_readers_see_whole_writes_encrypted,
+    concurrent_writers_and_readers_see_whole_writes
+);
+
+fn concurrent_writers_and_readers_see_whole_writes(encrypted: bool) {
+    let (dir, store, base, vol) = new_volume(&format!("threads-{encrypted}"), "vm", encrypted);
     let size = base.len();
     let stripe = size / 8;
     std::thread::scope(|scope| {
