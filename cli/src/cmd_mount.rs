@@ -197,19 +197,11 @@ pub fn run_mount(args: MountArgs) -> Result<u8> {
     if args.foreground || args.daemon_child {
         serve(&args, &mountpoint)
     } else {
-        // The background server has no terminal: ask for an encrypted store's passphrase
-        // here and hand it over on the child's stdin (never in its arguments or environment).
-        let local_store =
-            args.from.is_some() || crate::store_args::parse_store_source(&args.source).is_some();
-        let store = crate::store_args::store_dir();
-        let pass = if local_store
-            && crate::keys::given_key()?.is_none()
-            && dedup_store::store::Store::is_encrypted(&store)
-        {
-            crate::keys::prompt(&format!("store {}", store.display()), false)?
-        } else {
-            None
-        };
+        // The background server has no terminal: ask for an encrypted store's (or remote's)
+        // passphrase here and hand it over on the child's stdin (never in its arguments or
+        // environment).
+        let pass =
+            crate::store_args::passphrase_for_background(args.from.as_deref(), &args.source)?;
         start_daemon(&mountpoint, pass)
     }
 }

@@ -167,6 +167,13 @@ pub fn run_push(args: PushArgs) -> Result<u8> {
                      passphrase or key file"
                 );
             }
+            if r.keys_outdated {
+                eprintln!(
+                    "vmnest: warning: the remote keeps the key a newer way than this store (its \
+                     passphrase or key file was changed elsewhere); run `vmnest key change` here \
+                     to match"
+                );
+            }
             println!(
                 "{} snapshots pushed ({} already there), {} chunks needed ({}); {} objects, {} uploaded \
                  ({} packs whole, {} built, {} found there); {} retries; {:.1} s",

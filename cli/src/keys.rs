@@ -120,6 +120,13 @@ pub fn run_key(command: KeyCommand) -> Result<u8> {
                 dir.display()
             )
         })?;
+    let mut store = dedup_store::store::Store::open_keyed(
+        &dir,
+        dedup_store::store::Access::Exclusive,
+        Some(&current),
+        &mut || eprintln!("waiting for other users of the store to finish"),
+    )
+    .with_context(|| format!("store {}", dir.display()))?;
     let new = match (&args.new_key_file, &args.new_passphrase_file) {
         (Some(f), _) => KeySource::KeyFile(f.clone()),
         (None, Some(f)) => KeySource::Passphrase(
@@ -130,23 +137,41 @@ pub fn run_key(command: KeyCommand) -> Result<u8> {
                 .context("give --new-passphrase-file or --new-key-file (no terminal to ask on)")?,
         ),
     };
-    let store = dedup_store::store::Store::open_keyed(
-        &dir,
-        dedup_store::store::Access::Exclusive,
-        Some(&current),
-        &mut || eprintln!("waiting for other users of the store to finish"),
-    )
-    .with_context(|| format!("store {}", dir.display()))?;
-    let section = store.change_key(&current, &new, dedup_store::crypt::Argon2Costs::from_env())?;
-    let how = match new {
-        KeySource::KeyFile(f) => format!("in key file {}", f.display()),
-        KeySource::Passphrase(_) => "under the new passphrase".to_string(),
+    let section = store.change_key(&new, dedup_store::crypt::Argon2Costs::from_env())?;
+    // What still opens the store's key afterwards, case by case.
+    let (now, left) = match (&current, &new) {
+        (_, KeySource::Passphrase(_)) => (
+            "under the new passphrase".to_string(),
+            match &current {
+                KeySource::KeyFile(old) => format!(
+                    "key file {} still holds the key itself: delete it (or keep it somewhere safe)",
+                    old.display()
+                ),
+                KeySource::Passphrase(_) => {
+                    "the old passphrase no longer opens the store".to_string()
+                }
+            },
+        ),
+        (KeySource::KeyFile(old), KeySource::KeyFile(f)) => (
+            format!("in key file {}", f.display()),
+            format!(
+                "any file holding the key opens the store, key file {} too: delete it if it \
+                 should not",
+                old.display()
+            ),
+        ),
+        (KeySource::Passphrase(_), KeySource::KeyFile(f)) => (
+            format!("in key file {}", f.display()),
+            "the old passphrase no longer opens the store".to_string(),
+        ),
     };
     println!(
-        "store {}: key {} is now kept {how}; the old passphrase or key file no longer opens it \
-         (remotes are updated by the next push)",
+        "store {}: key {} is now kept {now} (generation {}); {left}. The key itself did not \
+         change: remotes, and copies of the old config, open with the old passphrase or key \
+         file until the next push replaces each remote's copy",
         dir.display(),
-        section.fingerprint
+        section.fingerprint,
+        section.generation
     );
     Ok(0)
 }

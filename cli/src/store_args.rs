@@ -156,6 +156,34 @@ pub fn unlock_remote(remote: &Remote) -> Result<()> {
     Ok(())
 }
 
+/// The passphrase to ask for now, on this terminal, on behalf of a process that will have none
+/// (`vmnest mount`'s background server): None when a key is given some other way, or when what
+/// `source` (a `store:` spec, or with `from` a snapshot of that remote) needs is not encrypted.
+pub fn passphrase_for_background(from: Option<&str>, source: &str) -> Result<Option<Vec<u8>>> {
+    if crate::keys::given_key()?.is_some() {
+        return Ok(None);
+    }
+    let what = match from {
+        Some(name) => {
+            let remote =
+                Remote::open(&store_dir(), name).with_context(|| format!("remote {name}"))?;
+            if remote
+                .encryption()
+                .with_context(|| format!("remote {name}"))?
+                .is_none()
+            {
+                return Ok(None);
+            }
+            format!("remote {name}")
+        }
+        None if parse_store_source(source).is_some() && Store::is_encrypted(&store_dir()) => {
+            format!("store {}", store_dir().display())
+        }
+        None => return Ok(None),
+    };
+    crate::keys::prompt(&what, false)
+}
+
 /// Finds `spec` on remote `name`: the snapshot and a reader of the remote's chunks.
 pub fn resolve_remote(name: &str, spec: &str) -> Result<(Resolved, Arc<RemoteChunks>)> {
     let remote =

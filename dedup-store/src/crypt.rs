@@ -162,6 +162,14 @@ pub struct EncryptionConfig {
     pub kdf: Kdf,
     /// The key's fingerprint, hex (a derived value of the id key; see the module docs).
     pub fingerprint: String,
+    /// How many times the key was kept another way since the store was made (`vmnest key
+    /// change`); a push replaces a remote's `keys` object only with a higher generation.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// argon2id costs for a new passphrase-protected store.
@@ -202,6 +210,8 @@ impl Argon2Costs {
 /// The subkeys of an unlocked encrypted store.
 #[derive(Clone)]
 pub struct Keys {
+    /// Kept for [`Keys::change`] only.
+    master: [u8; KEY_LEN],
     id: [u8; KEY_LEN],
     frame: XChaCha20Poly1305,
     manifest_seal: XChaCha20Poly1305,
@@ -289,6 +299,7 @@ impl Keys {
         let manifest = blake3::derive_key(CONTEXT_MANIFEST, master);
         let fingerprint = to_hex(&blake3::derive_key(CONTEXT_FINGERPRINT, &id)[..16]);
         Keys {
+            master: *master,
             id,
             frame: XChaCha20Poly1305::new(&frame.into()),
             manifest_seal: XChaCha20Poly1305::new(
@@ -432,6 +443,7 @@ impl Keys {
                         cipher: CIPHER.into(),
                         kdf: Kdf::KeyFile,
                         fingerprint: keys.fingerprint.clone(),
+                        generation: 0,
                     },
                     keys,
                 ))
@@ -444,6 +456,7 @@ impl Keys {
                         cipher: CIPHER.into(),
                         kdf: wrap(&master, pass, costs)?,
                         fingerprint: keys.fingerprint.clone(),
+                        generation: 0,
                     },
                     keys,
                 ))
@@ -451,23 +464,21 @@ impl Keys {
         }
     }
 
-    /// The config section of the same master key kept another way: unlocked with `current`
-    /// (a wrong key is [`Error::WrongKey`]), then wrapped under the passphrase `new` (fresh
-    /// salt, `costs`), or kept in the key file `new` (created 0600 when missing; an existing
-    /// one must hold this very key). The fingerprint, and so every id and sealed byte, stays.
+    /// The config section `current` with this master key kept another way: wrapped under the
+    /// passphrase `new` (fresh salt, `costs`), or in the key file `new` (created 0600 when
+    /// missing; an existing one must hold this very key); one generation later. The
+    /// fingerprint, and so every id and sealed byte, stays.
     pub fn change(
-        store: &Path,
-        config: &EncryptionConfig,
-        current: &KeySource,
+        &self,
+        current: &EncryptionConfig,
         new: &KeySource,
         costs: Argon2Costs,
     ) -> Result<EncryptionConfig> {
-        let master = master_key(store, config, current)?;
         let kdf = match new {
-            KeySource::Passphrase(pass) => wrap(&master, pass, costs)?,
+            KeySource::Passphrase(pass) => wrap(&self.master, pass, costs)?,
             KeySource::KeyFile(path) => {
                 match read_key_file(path) {
-                    Ok(k) if k == master => {}
+                    Ok(k) if k == self.master => {}
                     Ok(_) => {
                         return Err(Error::InvalidArgument(format!(
                             "key file {} holds another key",
@@ -477,7 +488,7 @@ impl Keys {
                     Err(Error::Io { source, .. })
                         if source.kind() == std::io::ErrorKind::NotFound =>
                     {
-                        write_key_file(path, &master)?
+                        write_key_file(path, &self.master)?
                     }
                     Err(e) => return Err(e),
                 }
@@ -487,7 +498,8 @@ impl Keys {
         Ok(EncryptionConfig {
             cipher: CIPHER.into(),
             kdf,
-            fingerprint: config.fingerprint.clone(),
+            fingerprint: current.fingerprint.clone(),
+            generation: current.generation + 1,
         })
     }
 
@@ -657,9 +669,14 @@ pub fn read_passphrase(reader: impl std::io::Read, what: &str) -> Result<Vec<u8>
     use std::io::Read;
     let mut bytes = Vec::new();
     reader
-        .take(MAX_SECRET_LEN)
+        .take(MAX_SECRET_LEN + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
+    if bytes.len() as u64 > MAX_SECRET_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: larger than {MAX_SECRET_LEN} bytes"
+        )));
+    }
     first_line(&bytes, what)
 }
 

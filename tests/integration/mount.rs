@@ -686,9 +686,9 @@ fn mounting_an_encrypted_store_asks_for_the_passphrase_on_the_terminal() {
     run_ok(crate::store::st(&store).arg("import").arg(&raw).arg("vm"));
     let point = dir.join("mnt");
     std::fs::create_dir_all(&point).unwrap();
-    let typed = |pass: &str| {
+    let typed = |pass: &str, source: &str| {
         let cmd = format!(
-            "{} --store {} mount store:vm {}",
+            "{} --store {} mount {source} {}",
             vmnest().get_program().to_string_lossy(),
             s(&store),
             s(&point)
@@ -718,13 +718,29 @@ fn mounting_an_encrypted_store_asks_for_the_passphrase_on_the_terminal() {
             String::from_utf8_lossy(&out.stdout).into_owned(),
         )
     };
-    let (ok, out) = typed("not the passphrase");
+    let (ok, out) = typed("not the passphrase", "store:vm");
     assert!(!ok, "{out}");
     assert!(out.contains("wrong passphrase"), "{out}");
     assert!(!is_mounted(&point));
-    let (ok, out) = typed(crate::store::PASSPHRASE);
+    let (ok, out) = typed(crate::store::PASSPHRASE, "store:vm");
     assert!(ok, "{out}");
     assert!(out.contains("passphrase for store"), "{out}");
+    let m = Mounted {
+        point: point.clone(),
+        stdout: out,
+        stderr: String::new(),
+    };
+    same_raw(&raw, s(&m.file("disk")));
+    m.umount();
+    drop(m);
+
+    // mount --from an encrypted remote: the passphrase asked for is the remote's.
+    let remote = dir.join("remote");
+    run_ok(crate::store::st(&store).args(["remote", "add", "d", s(&remote)]));
+    run_ok(crate::store::st(&store).args(["push", "d"]));
+    let (ok, out) = typed(crate::store::PASSPHRASE, "--from d vm");
+    assert!(ok, "{out}");
+    assert!(out.contains("passphrase for remote d"), "{out}");
     let m = Mounted {
         point: point.clone(),
         stdout: out,

@@ -376,5 +376,20 @@ fn a_changed_passphrase_reaches_the_remote_with_the_next_push() {
     );
     same(&raw, &exported);
     assert!(!run(st(&src, &moto, new).arg("ls")).status.success());
+    let with_file = || {
+        let mut c = st(&src, &moto, None);
+        c.arg("--key-file").arg(&key_file);
+        c
+    };
+    let out = run_ok(with_file().args(["push", "d"]));
+    assert!(out.contains("replaced the remote's keys object"), "{out}");
+    let keys_now = std::fs::read(remote.join("keys")).unwrap();
+    // The other site still keeps the key under the older passphrase: its push leaves the
+    // remote's newer keys object alone and says so.
+    let out = run(st(&dst, &moto, new).args(["push", "d"]));
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("keeps the key a newer way"), "{err}");
+    assert_eq!(std::fs::read(remote.join("keys")).unwrap(), keys_now);
     let _ = std::fs::remove_dir_all(&dir);
 }

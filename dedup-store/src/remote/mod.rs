@@ -370,6 +370,17 @@ fn timeout_from_env() -> Duration {
         .map_or(DEFAULT_TIMEOUT, Duration::from_secs_f64)
 }
 
+/// What [`Remote::publish_keys`] did with the remote's `keys` object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeysPublished {
+    /// Written where there was none, or left as it was (the same generation).
+    Kept,
+    /// Replaced: it kept the key an older way than the store does now.
+    Replaced,
+    /// Left: it keeps the key a newer way than this store (whose key should be changed too).
+    RemoteNewer,
+}
+
 impl Remote {
     /// Opens remote `name` of the store at `store_root` (no request is made).
     pub fn open(store_root: &Path, name: &str) -> Result<Remote> {
@@ -527,32 +538,38 @@ impl Remote {
         Ok(remote)
     }
 
-    /// Writes `section` as the remote's `keys` object unless it has one (If-None-Match: *);
-    /// one that appeared meanwhile must have the same fingerprint. When the one there keeps
-    /// the same key another way (the store's passphrase or key file was changed since,
-    /// `vmnest key change`), it is replaced, so that a new site unlocks the remote the way the
-    /// store is unlocked now; returns whether it was. (Two stores of one key kept under two
-    /// passphrases would replace each other's: the last push wins, and either passphrase
-    /// opens the key it wraps.)
-    pub fn publish_keys(&self, section: &EncryptionConfig) -> Result<bool> {
+    /// Publishes `section` as the remote's `keys` object, given `there`, the one the remote has
+    /// ([`Remote::check_keys`] returned it; same fingerprint). None there: written with
+    /// If-None-Match (one that appeared meanwhile must have the same fingerprint). One of an
+    /// older generation (the store's key was changed since, `vmnest key change`) is replaced, so
+    /// that a new site unlocks the remote the way the store is unlocked now; one of a newer
+    /// generation is kept (this store keeps the key an older way).
+    pub fn publish_keys(
+        &self,
+        section: &EncryptionConfig,
+        there: Option<&EncryptionConfig>,
+    ) -> Result<KeysPublished> {
         let bytes = serde_json::to_vec_pretty(section)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        if self.block_on(self.put_new("keys", Bytes::from(bytes.clone())))? {
-            return Ok(false);
-        }
-        let there = self.encryption()?;
         match there {
-            Some(t) if t.fingerprint != section.fingerprint => {
-                Err(Error::InvalidArgument(format!(
-                    "remote {}: another key was published there meanwhile",
-                    self.name
-                )))
+            None => {
+                if !self.block_on(self.put_new("keys", Bytes::from(bytes)))? {
+                    let now = self.encryption()?;
+                    if now.as_ref().map(|t| &t.fingerprint) != Some(&section.fingerprint) {
+                        return Err(Error::InvalidArgument(format!(
+                            "remote {}: another key was published there meanwhile",
+                            self.name
+                        )));
+                    }
+                }
+                Ok(KeysPublished::Kept)
             }
-            Some(t) if t == *section => Ok(false),
-            _ => {
+            Some(t) if t.generation < section.generation => {
                 self.block_on(self.put("keys", Bytes::from(bytes)))?;
-                Ok(true)
+                Ok(KeysPublished::Replaced)
             }
+            Some(t) if t.generation > section.generation => Ok(KeysPublished::RemoteNewer),
+            Some(_) => Ok(KeysPublished::Kept),
         }
     }
 

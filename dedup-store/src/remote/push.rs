@@ -33,7 +33,7 @@ use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::pack::{ChunkLoc, PackId, PackReader, PackWriter, TRAILER_LEN, parse_trailer};
 use crate::remote::gc::{COMMIT_WINDOW, Condemned};
-use crate::remote::{Remote, member_ids};
+use crate::remote::{KeysPublished, Remote, member_ids};
 use crate::store::{Manifest, SnapshotId, Store};
 
 /// How to push.
@@ -105,8 +105,11 @@ pub struct PushReport {
     pub retries: u64,
     /// Passes started over because a gc condemned something the push relied on.
     pub restarts: u64,
-    /// The remote's `keys` object was replaced: it wrapped the store's key the old way.
+    /// The remote's `keys` object was replaced: it kept the store's key an older way.
     pub keys_replaced: bool,
+    /// The remote's `keys` object keeps the key a newer way than this store (after a `key
+    /// change` elsewhere): this store's should be changed too.
+    pub keys_outdated: bool,
     /// Wall time.
     pub seconds: f64,
 }
@@ -228,11 +231,13 @@ fn push_pass(
     // Keys first: refuse a remote of another key (or a plain one holding objects) before
     // anything is sent, and publish this store's encryption section before any object.
     let section = store.config().encryption.as_ref();
-    remote.check_keys(store.root(), section)?;
-    if let Some(section) = section
-        && remote.publish_keys(section)?
-    {
-        report.keys_replaced = true;
+    let there = remote.check_keys(store.root(), section)?;
+    if let Some(section) = section {
+        match remote.publish_keys(section, there.as_ref())? {
+            KeysPublished::Kept => {}
+            KeysPublished::Replaced => report.keys_replaced = true,
+            KeysPublished::RemoteNewer => report.keys_outdated = true,
+        }
     }
     remote.set_keys(store.keys().cloned());
     remote.refresh_index()?;

@@ -378,7 +378,8 @@ impl Store {
             config.compression_level,
             keys.clone(),
         )?);
-        for dir in ["snapshots", "refs"] {
+        // The root too: a config rewritten by `key change` goes through a temporary there.
+        for dir in ["", "snapshots", "refs"] {
             Self::remove_stale_temps(&root.join(dir));
         }
         Ok(Store {
@@ -429,30 +430,39 @@ impl Store {
         self.keys.as_ref()
     }
 
-    /// Keeps an encrypted store's master key another way (a new passphrase, or a key file; see
-    /// [`Keys::change`]): `current` unlocks it, and the config is replaced atomically (temporary
-    /// file, fsync, rename, directory fsync), so a crash leaves the old config or the new one,
-    /// each whole. Chunk ids and sealed bytes do not change. Needs the store opened
+    /// Keeps an encrypted store's master key another way: under the passphrase `new`, or in
+    /// the key file `new` ([`Keys::change`]); the config section's generation goes up by one.
+    /// The config is replaced atomically (temporary file, fsync, rename, directory fsync), so a
+    /// crash leaves the old config or the new one, each whole; an error after the rename says
+    /// that the new key is in place. Chunk ids and sealed bytes do not change. Open the store
     /// [`Access::Exclusive`] (no other process holds the old config in hand meanwhile). Remotes
     /// keep the key wrapped the old way until the next push replaces their `keys` object.
-    pub fn change_key(
-        &self,
-        current: &KeySource,
-        new: &KeySource,
-        costs: Argon2Costs,
-    ) -> Result<EncryptionConfig> {
-        let Some(section) = &self.config.encryption else {
+    pub fn change_key(&mut self, new: &KeySource, costs: Argon2Costs) -> Result<EncryptionConfig> {
+        let (Some(section), Some(keys)) = (&self.config.encryption, &self.keys) else {
             return Err(Error::InvalidArgument(format!(
                 "store {} is not encrypted",
                 self.root.display()
             )));
         };
-        let changed = Keys::change(&self.root, section, current, new, costs)?;
+        let changed = keys.change(section, new, costs)?;
         let mut config = self.config.clone();
         config.encryption = Some(changed.clone());
         let bytes = serde_json::to_vec_pretty(&config)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        write_atomic(&self.root, &self.root.join("config"), &bytes)?;
+        let path = self.root.join("config");
+        if let Err(e) = write_atomic(&self.root, &path, &bytes) {
+            let now = read_capped(&path, MAX_CONFIG_LEN, "store config").ok();
+            if now.as_deref() == Some(&bytes[..]) {
+                self.config = config;
+                return Err(Error::InvalidArgument(format!(
+                    "store {}: the config holds the new key already, but making that durable \
+                     failed ({e}): the new passphrase or key file opens the store",
+                    self.root.display()
+                )));
+            }
+            return Err(e);
+        }
+        self.config = config;
         Ok(changed)
     }
 
