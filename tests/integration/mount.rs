@@ -722,30 +722,25 @@ fn mounting_an_encrypted_store_asks_for_the_passphrase_on_the_terminal() {
     assert!(!ok, "{out}");
     assert!(out.contains("wrong passphrase"), "{out}");
     assert!(!is_mounted(&point));
-    let (ok, out) = typed(crate::store::PASSPHRASE, "store:vm");
-    assert!(ok, "{out}");
-    assert!(out.contains("passphrase for store"), "{out}");
-    let m = Mounted {
-        point: point.clone(),
-        stdout: out,
-        stderr: String::new(),
+    // Mounted: the disk reads as the source, and unmounts.
+    let mounted_like_raw = |ok: bool, out: String, asked: &str| {
+        assert!(ok, "{out}");
+        assert!(out.contains(asked), "{out}");
+        let m = Mounted {
+            point: point.clone(),
+            stdout: out,
+            stderr: String::new(),
+        };
+        same_raw(&raw, s(&m.file("disk")));
+        m.umount();
     };
-    same_raw(&raw, s(&m.file("disk")));
-    m.umount();
-    drop(m);
+    let (ok, out) = typed(crate::store::PASSPHRASE, "store:vm");
+    mounted_like_raw(ok, out, "passphrase for store");
 
     // mount --from an encrypted remote: the passphrase asked for is the remote's.
     let remote = dir.join("remote");
     run_ok(crate::store::st(&store).args(["remote", "add", "d", s(&remote)]));
     run_ok(crate::store::st(&store).args(["push", "d"]));
     let (ok, out) = typed(crate::store::PASSPHRASE, "--from d vm");
-    assert!(ok, "{out}");
-    assert!(out.contains("passphrase for remote d"), "{out}");
-    let m = Mounted {
-        point: point.clone(),
-        stdout: out,
-        stderr: String::new(),
-    };
-    same_raw(&raw, s(&m.file("disk")));
-    m.umount();
+    mounted_like_raw(ok, out, "passphrase for remote d");
 }

@@ -33,6 +33,19 @@ pub(crate) fn open_store(dir: &Path, access: Access, encrypted: bool) -> Store {
     Store::open_keyed(dir, access, key.as_ref(), &mut || {}).unwrap()
 }
 
+/// The power cut after an injected fault: files never fsynced lose their content.
+fn drop_unsynced(plan: &crate::fault::plan::FaultPlan) {
+    for path in &plan.unsynced {
+        if path.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_len(0))
+                .unwrap();
+        }
+    }
+}
+
 pub(crate) fn tmp(name: &str) -> PathBuf {
     image_format::scratch::path("store", name)
 }
@@ -334,15 +347,7 @@ fn a_write_failing_at_any_point_then_a_power_cut_loses_nothing_committed() {
         let plan = crate::fault::plan::disarm();
         drop(store);
         // The power cut: whatever was written and not fsynced is gone.
-        for path in &plan.unsynced {
-            if path.exists() {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .and_then(|f| f.set_len(0))
-                    .unwrap();
-            }
-        }
+        drop_unsynced(&plan);
         let store = Arc::new(Store::open(&dir, Access::Write).unwrap());
         let report = verify(&store).unwrap();
         assert!(report.is_clean(), "fault at op {n}: {report:?}");
@@ -459,15 +464,7 @@ fn creating_an_encrypted_store_failing_at_any_point_leaves_none_or_a_whole_one()
         let result =
             Store::create_encrypted(&dir, StoreConfig::default(), &test_key(), TEST_COSTS, None);
         let plan = crate::fault::plan::disarm();
-        for path in &plan.unsynced {
-            if path.exists() {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .and_then(|f| f.set_len(0))
-                    .unwrap();
-            }
-        }
+        drop_unsynced(&plan);
         let ok = result.is_ok();
         drop(result);
         if dir.join("config").exists() {
@@ -533,15 +530,7 @@ fn a_changed_passphrase_or_key_file_opens_the_same_store_and_a_power_cut_keeps_o
         let result = store.change_key(&new_pass, TEST_COSTS);
         let plan = crate::fault::plan::disarm();
         drop(store);
-        for path in &plan.unsynced {
-            if path.exists() {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .and_then(|f| f.set_len(0))
-                    .unwrap();
-            }
-        }
+        drop_unsynced(&plan);
         // Exactly one of the two passphrases opens the store, and it reads the same.
         let open_with = |k: &KeySource| Store::open_keyed(&dir, Access::Read, Some(k), &mut || {});
         let (old, new) = (open_with(&test_key()), open_with(&new_pass));
