@@ -78,6 +78,9 @@ pub struct ReadStats {
     pub disk_hits: AtomicUsize,
     /// Frames in the disk cache that failed their checks (and were fetched again).
     pub disk_bad: AtomicUsize,
+    /// Frames decoded and checked (fetched, or read back from the disk cache): each chunk is
+    /// hashed once per frame checked, not once per read.
+    pub frames_checked: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -176,6 +179,31 @@ impl RemoteChunks {
         &self.inner.stats
     }
 
+    /// Calls `f` with chunk `id`'s bytes inside its cached frame (no copy of the chunk). The
+    /// frame was checked, every chunk in it against its id, before it was cached.
+    fn with_chunk<R>(&self, id: &ChunkId, f: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
+        let inner = &self.inner;
+        let Some((pack, loc, info)) = inner.remote.locate(id) else {
+            return Err(Error::Remote {
+                object: inner.remote.url().to_string(),
+                reason: format!("chunk {id} is in no pack the remote's index objects list"),
+            });
+        };
+        let plain = inner.frame(pack, &info, loc.frame)?;
+        let s = loc.offset as usize;
+        let Some(data) = s
+            .checked_add(loc.len as usize)
+            .and_then(|e| plain.get(s..e))
+        else {
+            return Err(Error::corrupt(
+                inner.object(&pack),
+                0,
+                format!("chunk {id} runs past frame {}", loc.frame),
+            ));
+        };
+        f(data)
+    }
+
     /// Bytes in the disk cache, if there is one.
     pub fn disk_cache_bytes(&self) -> Option<u64> {
         self.inner.disk.as_ref().map(DiskFrameCache::bytes)
@@ -205,12 +233,9 @@ impl Inner {
         let bytes = disk.get(&pack, n, FRAME_HEADER_LEN + u64::from(f.stored_len))?;
         let object = format!("frame cache copy of {}", self.object(&pack));
         let (h, stored) = bytes.split_at(FRAME_HEADER_LEN as usize);
-        let plain = check_frame_header(&object, n, f, h)
-            .and_then(|()| decode_frame(&object, n, f, stored, self.remote.keys().as_deref()));
-        match plain {
+        match self.decode_checked(&object, info, n, h, stored) {
             Ok(p) => {
                 self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                let p = Arc::new(p);
                 self.cache.insert((pack, n), p.clone());
                 Some(p)
             }
@@ -220,6 +245,54 @@ impl Inner {
                 None
             }
         }
+    }
+
+    /// Frame `n` of a pack (`info`) from its header `h` and stored bytes: the header checked
+    /// against the frame table, the body checked and decoded, and every chunk the pack's index
+    /// places in the frame hashed against its id (unless [`RemoteReadOptions::check_ids`] is
+    /// off). A frame is checked once, here, before it is cached: a cached frame's chunks are
+    /// read without hashing them again.
+    fn decode_checked(
+        &self,
+        object: &str,
+        info: &RemotePack,
+        n: u32,
+        h: &[u8],
+        stored: &[u8],
+    ) -> Result<Arc<Vec<u8>>> {
+        let Some(f) = info.frames.get(n as usize) else {
+            return Err(Error::corrupt(object, 0, format!("no frame {n}")));
+        };
+        check_frame_header(object, n, f, h)?;
+        let plain = decode_frame(object, n, f, stored, self.remote.keys().as_deref())?;
+        if self.check_ids {
+            let hasher = self.hasher();
+            for e in info.frame_entries(n) {
+                let (s, len) = (e.loc.offset as usize, e.loc.len as usize);
+                let Some(data) = s.checked_add(len).and_then(|end| plain.get(s..end)) else {
+                    return Err(Error::corrupt(
+                        object,
+                        f.offset,
+                        format!("chunk {} runs past frame {n}", e.id),
+                    ));
+                };
+                if hasher.id(data) != e.id {
+                    return Err(Error::corrupt(
+                        object,
+                        f.offset,
+                        format!("chunk {} in frame {n} does not match its id", e.id),
+                    ));
+                }
+            }
+        }
+        self.stats.frames_checked.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(plain))
+    }
+
+    fn hasher(&self) -> crate::crypt::IdHasher {
+        self.remote
+            .keys()
+            .map_or(crate::crypt::IdHasher::Plain, |k| k.hasher())
     }
 
     /// Claims frames `first..` of `pack` that are neither cached nor being fetched, within
@@ -235,7 +308,7 @@ impl Inner {
         let mut g = self.lock_inflight();
         // Being fetched, or landed since the caller looked: the caller waits (not at all in
         // the second case) and looks again.
-        if g.contains(&(pack, first)) || self.cache.get((pack, first)).is_some() {
+        if g.contains(&(pack, first)) || self.cache.contains((pack, first)) {
             return None;
         }
         let start = info.frames.get(first as usize)?.offset;
@@ -243,10 +316,7 @@ impl Inner {
         for (i, f) in info.frames.iter().enumerate().skip(first as usize + 1) {
             let i = i as u32;
             let f_end = f.offset + FRAME_HEADER_LEN + u64::from(f.stored_len);
-            if f_end - start > window
-                || g.contains(&(pack, i))
-                || self.cache.get((pack, i)).is_some()
-            {
+            if f_end - start > window || g.contains(&(pack, i)) || self.cache.contains((pack, i)) {
                 break;
             }
             last = i;
@@ -296,9 +366,7 @@ impl Inner {
                     format!("frame {n} cut short"),
                 ));
             };
-            check_frame_header(&object, n, f, h)?;
-            let keys = self.remote.keys();
-            let plain = Arc::new(decode_frame(&object, n, f, stored, keys.as_deref())?);
+            let plain = self.decode_checked(&object, info, n, h, stored)?;
             self.cache.insert((pack, n), plain.clone());
             if let Some(d) = &self.disk {
                 d.put(&pack, n, &bytes[at..stop]);
@@ -356,7 +424,7 @@ impl Inner {
         if self.read_ahead == 0 {
             return;
         }
-        if n > 0 && self.cache.get((pack, n - 1)).is_none() {
+        if n > 0 && !self.cache.contains((pack, n - 1)) {
             return;
         }
         // The first frame after n not in memory, within one read-ahead window.
@@ -371,7 +439,7 @@ impl Inner {
             if f.offset - base > self.read_ahead {
                 return;
             }
-            if self.cache.get((pack, next)).is_none() {
+            if !self.cache.contains((pack, next)) {
                 break;
             }
             next += 1;
@@ -433,35 +501,11 @@ impl ChunkStore for RemoteChunks {
     }
 
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let inner = &self.inner;
-        let Some((pack, loc, info)) = inner.remote.locate(id) else {
-            return Err(Error::Remote {
-                object: inner.remote.url().to_string(),
-                reason: format!("chunk {id} is in no pack the remote's index objects list"),
-            });
-        };
-        let plain = inner.frame(pack, &info, loc.frame)?;
-        let s = loc.offset as usize;
-        let object = inner.object(&pack);
-        let Some(data) = s
-            .checked_add(loc.len as usize)
-            .and_then(|e| plain.get(s..e))
-        else {
-            return Err(Error::corrupt(
-                object,
-                0,
-                format!("chunk {id} runs past frame {}", loc.frame),
-            ));
-        };
-        if inner.check_ids && self.id_hasher().id(data) != *id {
-            let at = info.frames.get(loc.frame as usize).map_or(0, |f| f.offset);
-            return Err(Error::corrupt(
-                object,
-                at,
-                format!("chunk {id} in frame {} does not match its id", loc.frame),
-            ));
-        }
-        Ok(data.to_vec())
+        self.with_chunk(id, |data| Ok(data.to_vec()))
+    }
+
+    fn read_into(&self, id: &ChunkId, len: usize, from: usize, dst: &mut [u8]) -> Result<()> {
+        self.with_chunk(id, |data| crate::chunk::copy_part(id, data, len, from, dst))
     }
 
     fn contains(&self, id: &ChunkId) -> Result<bool> {

@@ -293,6 +293,70 @@ pub struct Traffic {
 pub(crate) struct RemotePack {
     pub(crate) frames: Vec<FrameInfo>,
     pub(crate) len: u64,
+    /// The pack's entries, in the index object's order (by id).
+    pub(crate) entries: Arc<Vec<crate::pack::PackEntry>>,
+    /// Indices into `entries` grouped by frame: frame `n`'s are
+    /// `by_frame[frame_starts[n]..frame_starts[n + 1]]`.
+    by_frame: Vec<usize>,
+    frame_starts: Vec<usize>,
+}
+
+impl RemotePack {
+    pub(crate) fn new(
+        frames: Vec<FrameInfo>,
+        len: u64,
+        entries: Arc<Vec<crate::pack::PackEntry>>,
+    ) -> RemotePack {
+        let mut by_frame: Vec<usize> = (0..entries.len())
+            .filter(|&i| (entries[i].loc.frame as usize) < frames.len())
+            .collect();
+        by_frame.sort_by_key(|&i| (entries[i].loc.frame, entries[i].loc.offset));
+        let mut frame_starts = Vec::with_capacity(frames.len() + 1);
+        let mut k = 0;
+        for n in 0..frames.len() {
+            frame_starts.push(k);
+            while by_frame
+                .get(k)
+                .is_some_and(|&i| entries[i].loc.frame as usize == n)
+            {
+                k += 1;
+            }
+        }
+        frame_starts.push(k);
+        RemotePack {
+            frames,
+            len,
+            entries,
+            by_frame,
+            frame_starts,
+        }
+    }
+
+    /// The entries of the chunks in frame `n`, by offset.
+    pub(crate) fn frame_entries(&self, n: u32) -> impl Iterator<Item = &crate::pack::PackEntry> {
+        let n = n as usize;
+        let (a, b) = match (self.frame_starts.get(n), self.frame_starts.get(n + 1)) {
+            (Some(&a), Some(&b)) => (a, b),
+            _ => (0, 0),
+        };
+        let picked = self.by_frame.get(a..b).unwrap_or(&[]);
+        picked.iter().filter_map(|&i| self.entries.get(i))
+    }
+}
+
+/// A snapshot found on a remote ([`Remote::resolve`]).
+#[derive(Debug)]
+pub struct RemoteSnapshot {
+    /// The name it was found under (for `@HEX`, the name its manifest records).
+    pub name: String,
+    /// Its id.
+    pub id: SnapshotId,
+    /// Whether it is the name's current snapshot on the remote.
+    pub is_head: bool,
+    /// The manifest's bytes as stored (they hash to `id`).
+    pub bytes: Bytes,
+    /// The manifest, parsed (and opened, on an encrypted remote).
+    pub manifest: Manifest,
 }
 
 /// The remote's chunk set, from its index objects.
@@ -301,7 +365,7 @@ pub(crate) struct RemoteIndex {
     pub(crate) chunks: HashMap<ChunkId, (PackId, ChunkLoc)>,
     pub(crate) packs: HashMap<PackId, Arc<RemotePack>>,
     /// Each indexed pack's entries (excluded packs included).
-    pub(crate) entries: HashMap<PackId, Vec<crate::pack::PackEntry>>,
+    pub(crate) entries: HashMap<PackId, Arc<Vec<crate::pack::PackEntry>>>,
 }
 
 /// An open remote.
@@ -730,17 +794,51 @@ impl Remote {
     }
 
     /// The whole of object `rel`, which must be at most `cap` bytes; None when it does not exist.
+    /// One GET: the size the answer declares is checked before its body is read, and no more
+    /// than `cap` bytes of the body are read whatever it declared.
     pub(crate) async fn get_small(&self, rel: &str, cap: u64) -> Result<Option<Bytes>> {
-        let Some(size) = self.head(rel).await? else {
-            return Ok(None);
-        };
-        if size > cap {
-            return Err(self.err(rel, format!("{size} bytes, more than {cap}")));
+        let key = self.key(rel);
+        let got = self
+            .retry(rel, || async {
+                let answer = match self.os.get(&key).await {
+                    Ok(a) => a,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                let size = answer.meta.size;
+                if size > cap {
+                    return Ok(Some(Err(format!("{size} bytes, more than {cap}"))));
+                }
+                let mut body = Vec::with_capacity(size as usize);
+                let mut parts = answer.into_stream();
+                while let Some(part) = parts.next().await {
+                    let part = part?;
+                    if (body.len() + part.len()) as u64 > size {
+                        return Ok(Some(Err(format!(
+                            "more bytes than the {size} its answer declared"
+                        ))));
+                    }
+                    body.extend_from_slice(&part);
+                }
+                if body.len() as u64 != size {
+                    return Ok(Some(Err(format!(
+                        "{} bytes where its answer declared {size}",
+                        body.len()
+                    ))));
+                }
+                Ok(Some(Ok(Bytes::from(body))))
+            })
+            .await?;
+        match got {
+            None => Ok(None),
+            Some(Err(why)) => Err(self.err(rel, why)),
+            Some(Ok(b)) => {
+                self.traffic
+                    .bytes_down
+                    .fetch_add(b.len() as u64, Ordering::Relaxed);
+                Ok(Some(b))
+            }
         }
-        if size == 0 {
-            return Ok(Some(Bytes::new()));
-        }
-        self.get_range(rel, 0..size).await.map(Some)
     }
 
     /// Writes object `rel` (replacing it), paced by the bandwidth limit.
@@ -903,9 +1001,9 @@ impl Remote {
     }
 
     /// Finds a snapshot on the remote: `NAME` (its ref), `NAME@HEX` (a snapshot of that name by
-    /// an id prefix of at least 4 hex digits), `@HEX` (any). Returns the name, the id and
-    /// whether it is the name's current snapshot there.
-    pub fn resolve(&self, spec: &str) -> Result<(String, SnapshotId, bool)> {
+    /// an id prefix of at least 4 hex digits), `@HEX` (any). Returns it with its manifest, which
+    /// is fetched once, here.
+    pub fn resolve(&self, spec: &str) -> Result<RemoteSnapshot> {
         let (name, sel) = match spec.split_once('@') {
             Some((n, s)) => (n, Some(s)),
             None => (spec, None),
@@ -923,7 +1021,14 @@ impl Remote {
                         self.name
                     ))
                 })?;
-                Ok((name.to_string(), id, true))
+                let (bytes, manifest) = self.manifest_there(&id)?;
+                Ok(RemoteSnapshot {
+                    name: name.to_string(),
+                    id,
+                    is_head: true,
+                    bytes,
+                    manifest,
+                })
             }
             Some(prefix) => {
                 let prefix = prefix.to_ascii_lowercase();
@@ -944,17 +1049,27 @@ impl Remote {
                         self.name
                     )));
                 };
-                let (_, m) = self
-                    .manifest(id)?
-                    .ok_or_else(|| self.err(&format!("snapshots/{}", id.to_hex()), "vanished"))?;
+                let (bytes, manifest) = self.manifest_there(id)?;
                 let name = if name.is_empty() {
-                    m.name.clone()
+                    manifest.name.clone()
                 } else {
                     name.to_string()
                 };
-                Ok((name, *id, head == Some(*id)))
+                Ok(RemoteSnapshot {
+                    name,
+                    id: *id,
+                    is_head: head == Some(*id),
+                    bytes,
+                    manifest,
+                })
             }
         }
+    }
+
+    /// [`Remote::manifest`] of a snapshot that must be there (a ref or a listing named it).
+    fn manifest_there(&self, id: &SnapshotId) -> Result<(Bytes, Manifest)> {
+        self.manifest(id)?
+            .ok_or_else(|| self.err(&format!("snapshots/{}", id.to_hex()), "not found"))
     }
 
     /// Re-reads the remote's chunk set: lists `index/`, fetches index objects not cached yet
@@ -1015,8 +1130,11 @@ impl Remote {
             for e in entries.iter().filter(|_| !excluded.contains(&id)) {
                 fresh.chunks.entry(e.id).or_insert((id, e.loc));
             }
-            fresh.entries.insert(id, entries);
-            fresh.packs.insert(id, Arc::new(RemotePack { frames, len }));
+            let entries = Arc::new(entries);
+            fresh.entries.insert(id, entries.clone());
+            fresh
+                .packs
+                .insert(id, Arc::new(RemotePack::new(frames, len, entries)));
         }
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for ent in rd.flatten() {

@@ -295,9 +295,12 @@ fn lazy_reads_fetch_ahead_once_and_reuse_the_disk_cache() {
     let read = |read_ahead: u64| {
         let r = remote_at(&dst, &dir.join("remote"));
         r.refresh_index().unwrap();
-        let (name, id, _) = r.resolve("disk").unwrap();
-        let (_, manifest) = r.manifest(&id).unwrap().unwrap();
-        let snap = Resolved { name, id, manifest };
+        let found = r.resolve("disk").unwrap();
+        let snap = Resolved {
+            name: found.name,
+            id: found.id,
+            manifest: found.manifest,
+        };
         let options = RemoteReadOptions {
             memory_cache: 64 << 20,
             disk_cache: Some((cache.clone(), 64 << 20)),
