@@ -78,9 +78,11 @@ pub struct ReadStats {
     pub disk_hits: AtomicUsize,
     /// Frames in the disk cache that failed their checks (and were fetched again).
     pub disk_bad: AtomicUsize,
-    /// Frames decoded and checked (fetched, or read back from the disk cache): each chunk is
-    /// hashed once per frame checked, not once per read.
+    /// Frames decoded and checked (fetched, or read back from the disk cache).
     pub frames_checked: AtomicUsize,
+    /// Chunks hashed against their ids: those of each frame checked, once per frame checked,
+    /// not once per read.
+    pub chunks_checked: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -276,6 +278,7 @@ impl Inner {
                         format!("chunk {} runs past frame {n}", e.id),
                     ));
                 };
+                self.stats.chunks_checked.fetch_add(1, Ordering::Relaxed);
                 if hasher.id(data) != e.id {
                     return Err(Error::corrupt(
                         object,
