@@ -976,10 +976,27 @@ impl FrameCache {
 
     pub(crate) fn insert(&self, key: FrameKey, frame: std::sync::Arc<Vec<u8>>) {
         let Ok(mut g) = self.inner.lock() else { return };
-        self.insert_locked(&mut g, key, frame);
+        self.insert_locked(&mut g, key, frame, HashSet::new());
     }
 
-    fn insert_locked(&self, g: &mut CacheInner, key: FrameKey, frame: std::sync::Arc<Vec<u8>>) {
+    /// Caches frame `key` with the chunks (offset, length, id) already checked in it.
+    pub(crate) fn insert_checked(
+        &self,
+        key: FrameKey,
+        frame: std::sync::Arc<Vec<u8>>,
+        checked: HashSet<(u32, u32, ChunkId)>,
+    ) {
+        let Ok(mut g) = self.inner.lock() else { return };
+        self.insert_locked(&mut g, key, frame, checked);
+    }
+
+    fn insert_locked(
+        &self,
+        g: &mut CacheInner,
+        key: FrameKey,
+        frame: std::sync::Arc<Vec<u8>>,
+        checked: HashSet<(u32, u32, ChunkId)>,
+    ) {
         if frame.len() > self.max_bytes {
             return;
         }
@@ -989,7 +1006,7 @@ impl FrameCache {
         let entry = CachedFrame {
             plain: frame,
             tick,
-            checked: HashSet::new(),
+            checked,
         };
         if let Some(old) = g.map.insert(key, entry) {
             g.bytes -= old.plain.len();
@@ -1033,7 +1050,7 @@ impl FrameCache {
         if let Ok(mut g) = self.inner.lock() {
             g.loading.remove(&key);
             if let Ok(frame) = &result {
-                self.insert_locked(&mut g, key, frame.clone());
+                self.insert_locked(&mut g, key, frame.clone(), HashSet::new());
             }
         }
         self.ready.notify_all();
@@ -1042,7 +1059,7 @@ impl FrameCache {
 
     /// Whether chunk `id` at `offset..offset + len` of the cached frame `plain` (this very
     /// decoded copy) has been checked against its id.
-    fn is_checked(
+    pub(crate) fn is_checked(
         &self,
         key: FrameKey,
         plain: &std::sync::Arc<Vec<u8>>,
@@ -1056,7 +1073,7 @@ impl FrameCache {
     }
 
     /// Records that `chunk` of the cached frame `plain` matched its id.
-    fn mark_checked(
+    pub(crate) fn mark_checked(
         &self,
         key: FrameKey,
         plain: &std::sync::Arc<Vec<u8>>,

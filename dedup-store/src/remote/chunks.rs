@@ -3,7 +3,10 @@
 //! A chunk is located through the remote's index objects ([`Remote::refresh_index`]), its frame
 //! is fetched with a range GET, checked (frame header against the frame table, CRC-32C,
 //! decompressed length) and the chunk's BLAKE3 compared with its id: a damaged object is an
-//! error naming it, never wrong data. A miss fetches the frame *and the frames after it* in the
+//! error naming it, never wrong data. A chunk is hashed once while its frame stays cached (the
+//! cache remembers which chunks of the frame matched), not at every read: the chunks of a frame
+//! fetched ahead are all hashed when it lands, in the background; those of a frame a reader
+//! fetched, each at its first read (a random reader hashes only what it reads). A miss fetches the frame *and the frames after it* in the
 //! same pack (up to [`RemoteReadOptions::fetch_window`] stored bytes) in one request, since a
 //! pack holds an image's chunks mostly in address order. Decoded frames go to a bounded memory
 //! cache and, when configured, their stored bytes to a bounded directory
@@ -79,9 +82,9 @@ pub struct ReadStats {
     /// Frames in the disk cache that failed their checks (and were fetched again).
     pub disk_bad: AtomicUsize,
     /// Frames decoded and checked (fetched, or read back from the disk cache).
-    pub frames_checked: AtomicUsize,
-    /// Chunks hashed against their ids: those of each frame checked, once per frame checked,
-    /// not once per read.
+    pub frames_decoded: AtomicUsize,
+    /// Chunks hashed against their ids: once per chunk while its frame stays cached, not once
+    /// per read.
     pub chunks_checked: AtomicUsize,
 }
 
@@ -181,8 +184,8 @@ impl RemoteChunks {
         &self.inner.stats
     }
 
-    /// Calls `f` with chunk `id`'s bytes inside its cached frame (no copy of the chunk). The
-    /// frame was checked, every chunk in it against its id, before it was cached.
+    /// Calls `f` with chunk `id`'s bytes inside its cached frame (no copy of the chunk), hashed
+    /// against `id` first unless they were since the frame was cached.
     fn with_chunk<R>(&self, id: &ChunkId, f: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
         let inner = &self.inner;
         let Some((pack, loc, info)) = inner.remote.locate(id) else {
@@ -192,17 +195,23 @@ impl RemoteChunks {
             });
         };
         let plain = inner.frame(pack, &info, loc.frame)?;
-        let s = loc.offset as usize;
-        let Some(data) = s
-            .checked_add(loc.len as usize)
-            .and_then(|e| plain.get(s..e))
-        else {
-            return Err(Error::corrupt(
-                inner.object(&pack),
-                0,
-                format!("chunk {id} runs past frame {}", loc.frame),
-            ));
-        };
+        let key = (pack, loc.frame);
+        let chunk = (loc.offset, loc.len, *id);
+        if inner.check_ids && inner.cache.is_checked(key, &plain, chunk) {
+            let s = loc.offset as usize;
+            if let Some(data) = s
+                .checked_add(loc.len as usize)
+                .and_then(|e| plain.get(s..e))
+            {
+                return f(data);
+            }
+        }
+        let object = inner.object(&pack);
+        let data =
+            inner.check_chunk(&object, &info, loc.frame, id, (loc.offset, loc.len), &plain)?;
+        if inner.check_ids {
+            inner.cache.mark_checked(key, &plain, chunk);
+        }
         f(data)
     }
 
@@ -235,7 +244,7 @@ impl Inner {
         let bytes = disk.get(&pack, n, FRAME_HEADER_LEN + u64::from(f.stored_len))?;
         let object = format!("frame cache copy of {}", self.object(&pack));
         let (h, stored) = bytes.split_at(FRAME_HEADER_LEN as usize);
-        match self.decode_checked(&object, info, n, h, stored) {
+        match self.decode(&object, info, n, h, stored) {
             Ok(p) => {
                 self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
                 self.cache.insert((pack, n), p.clone());
@@ -250,11 +259,10 @@ impl Inner {
     }
 
     /// Frame `n` of a pack (`info`) from its header `h` and stored bytes: the header checked
-    /// against the frame table, the body checked and decoded, and every chunk the pack's index
-    /// places in the frame hashed against its id (unless [`RemoteReadOptions::check_ids`] is
-    /// off). A frame is checked once, here, before it is cached: a cached frame's chunks are
-    /// read without hashing them again.
-    fn decode_checked(
+    /// against the frame table, the body checked (CRC-32C, or the seal) and decoded. Its chunks
+    /// are hashed against their ids separately: [`Inner::check_chunks`] for a frame fetched
+    /// ahead, else each at its first read ([`RemoteChunks`]' `with_chunk`).
+    fn decode(
         &self,
         object: &str,
         info: &RemotePack,
@@ -267,29 +275,59 @@ impl Inner {
         };
         check_frame_header(object, n, f, h)?;
         let plain = decode_frame(object, n, f, stored, self.remote.keys().as_deref())?;
+        self.stats.frames_decoded.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(plain))
+    }
+
+    /// Hashes chunk `id` at `offset..offset + len` of frame `n` (decoded: `plain`) against its
+    /// id: the bytes, or an error naming the object, frame and chunk.
+    #[allow(clippy::too_many_arguments)]
+    fn check_chunk<'a>(
+        &self,
+        object: &str,
+        info: &RemotePack,
+        n: u32,
+        id: &ChunkId,
+        (offset, len): (u32, u32),
+        plain: &'a [u8],
+    ) -> Result<&'a [u8]> {
+        let at = info.frames.get(n as usize).map_or(0, |f| f.offset);
+        let s = offset as usize;
+        let Some(data) = s.checked_add(len as usize).and_then(|e| plain.get(s..e)) else {
+            return Err(Error::corrupt(
+                object,
+                at,
+                format!("chunk {id} runs past frame {n}"),
+            ));
+        };
         if self.check_ids {
-            let hasher = self.hasher();
-            for e in info.frame_entries(n) {
-                let (s, len) = (e.loc.offset as usize, e.loc.len as usize);
-                let Some(data) = s.checked_add(len).and_then(|end| plain.get(s..end)) else {
-                    return Err(Error::corrupt(
-                        object,
-                        f.offset,
-                        format!("chunk {} runs past frame {n}", e.id),
-                    ));
-                };
-                self.stats.chunks_checked.fetch_add(1, Ordering::Relaxed);
-                if hasher.id(data) != e.id {
-                    return Err(Error::corrupt(
-                        object,
-                        f.offset,
-                        format!("chunk {} in frame {n} does not match its id", e.id),
-                    ));
-                }
+            self.stats.chunks_checked.fetch_add(1, Ordering::Relaxed);
+            if self.hasher().id(data) != *id {
+                return Err(Error::corrupt(
+                    object,
+                    at,
+                    format!("chunk {id} in frame {n} does not match its id"),
+                ));
             }
         }
-        self.stats.frames_checked.fetch_add(1, Ordering::Relaxed);
-        Ok(Arc::new(plain))
+        Ok(data)
+    }
+
+    /// Hashes every chunk the pack's index places in frame `n` against its id: the set of
+    /// chunks checked, for the cache.
+    fn check_chunks(
+        &self,
+        object: &str,
+        info: &RemotePack,
+        n: u32,
+        plain: &[u8],
+    ) -> Result<HashSet<(u32, u32, ChunkId)>> {
+        let mut checked = HashSet::new();
+        for e in info.frame_entries(n) {
+            self.check_chunk(object, info, n, &e.id, (e.loc.offset, e.loc.len), plain)?;
+            checked.insert((e.loc.offset, e.loc.len, e.id));
+        }
+        Ok(checked)
     }
 
     fn hasher(&self) -> crate::crypt::IdHasher {
@@ -351,8 +389,16 @@ impl Inner {
     }
 
     /// Checks and decodes the fetched bytes of the claimed frames, caching them; returns the
-    /// first.
-    fn land(&self, claim: &Claim, info: &RemotePack, bytes: &Bytes) -> Result<Arc<Vec<u8>>> {
+    /// first. Fetched `ahead` of a reader (in the background), every chunk of each frame is
+    /// hashed against its id here, off the reader's path, and a frame with a bad chunk is not
+    /// cached; else each chunk is hashed at its first read.
+    fn land(
+        &self,
+        claim: &Claim,
+        info: &RemotePack,
+        bytes: &Bytes,
+        ahead: bool,
+    ) -> Result<Arc<Vec<u8>>> {
         let pack = claim.pack;
         let object = self.object(&pack);
         let start = info.frames[*claim.frames.start() as usize].offset;
@@ -369,8 +415,13 @@ impl Inner {
                     format!("frame {n} cut short"),
                 ));
             };
-            let plain = self.decode_checked(&object, info, n, h, stored)?;
-            self.cache.insert((pack, n), plain.clone());
+            let plain = self.decode(&object, info, n, h, stored)?;
+            if ahead && self.check_ids {
+                let checked = self.check_chunks(&object, info, n, &plain)?;
+                self.cache.insert_checked((pack, n), plain.clone(), checked);
+            } else {
+                self.cache.insert((pack, n), plain.clone());
+            }
             if let Some(d) = &self.disk {
                 d.put(&pack, n, &bytes[at..stop]);
             }
@@ -413,7 +464,7 @@ impl Inner {
             let rel = format!("packs/{}", pack.file_name());
             self.stats.fetches.fetch_add(1, Ordering::Relaxed);
             let bytes = self.remote.block_on(self.remote.get_range(&rel, range))?;
-            let plain = self.land(&claim, info, &bytes)?;
+            let plain = self.land(&claim, info, &bytes, false)?;
             drop(claim);
             self.read_ahead(pack, info, first);
             return Ok(plain);
@@ -479,7 +530,7 @@ impl Inner {
                     let c = claim.take();
                     let _ = tokio::task::spawn_blocking(move || {
                         if let Some(c) = c {
-                            let _ = m.land(&c, &info, &bytes);
+                            let _ = m.land(&c, &info, &bytes, true);
                         }
                     })
                     .await;
