@@ -616,6 +616,11 @@ pub fn export_from(args: ExportArgs, remote: Option<(&str, usize)>) -> Result<u8
         Some((r, _)) => format!("restore {}@{} from remote {r}", snap.name, snap.id.short()),
         None => format!("export {}@{}", snap.name, snap.id.short()),
     };
+    let mut open = args.open;
+    if let Some((_, frame_cache)) = remote {
+        // The convert engine opens the `remote:` source itself, with this bound.
+        open.remote_frame_cache = Some(frame_cache);
+    }
     run_convert(ConvertArgs {
         source_format: None,
         format,
@@ -629,7 +634,7 @@ pub fn export_from(args: ExportArgs, remote: Option<(&str, usize)>) -> Result<u8
         force: args.force,
         no_sync: args.no_sync,
         job: args.job,
-        open: args.open,
+        open,
         src: PathBuf::from(src),
         dst: args.dst,
     })

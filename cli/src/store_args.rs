@@ -264,12 +264,14 @@ fn resolve_on(chunks: &RemoteChunks, spec: &str) -> Result<Resolved> {
 /// sequential readers are served by the read-ahead behind it.
 const LAZY_FETCH_WINDOW: u64 = 1 << 20;
 
-/// Opens `remote:REMOTE:NAME[@SNAP][/MEMBER]` as an image read from the remote.
+/// Opens `remote:REMOTE:NAME[@SNAP][/MEMBER]` as an image read from the remote, keeping up to
+/// `frame_cache` bytes of decoded frames in memory.
 pub fn open_remote_stored(
     remote: &str,
     spec: &str,
     member: Option<&str>,
+    frame_cache: usize,
 ) -> Result<Arc<StoredDisk>> {
-    let (snap, chunks) = resolve_remote(remote, spec, dedup_store::remote::REMOTE_FRAME_CACHE)?;
+    let (snap, chunks) = resolve_remote(remote, spec, frame_cache)?;
     Ok(Arc::new(StoredDisk::open_remote(chunks, &snap, member)?))
 }

@@ -207,6 +207,42 @@ fn the_frame_cache_option_bounds_what_a_remote_reader_keeps_and_opening_makes_no
 }
 
 #[test]
+fn restore_reads_through_the_frame_cache_it_is_given() {
+    let (dir, raw, moto, _src, dst) = pushed_disk("restore-frames", "vmnest-restore-frames");
+    let proxy = FaultProxy::start(moto.port, "NONE", Vec::new());
+    let mut gets = Vec::new();
+    for frame_cache in ["4K", "128M"] {
+        proxy.log.lock().unwrap().clear();
+        let out = dir.join(format!("restored-{frame_cache}.raw"));
+        run_ok(
+            crate::remote::st(&dst, Some(&proxy.endpoint()))
+                .args([
+                    "restore",
+                    "r",
+                    "gold",
+                    "-O",
+                    "raw",
+                    "--frame-cache",
+                    frame_cache,
+                ])
+                .arg(&out),
+        );
+        same_raw(&raw, &out.display().to_string());
+        gets.push(proxy.count("GET", "/packs/"));
+        assert_eq!(proxy.count("HEAD", ""), 0, "{:?}", proxy.log);
+        std::fs::remove_file(&out).unwrap();
+    }
+    println!(
+        "restore: {} pack GETs with --frame-cache 4K, {} with 128M",
+        gets[0], gets[1]
+    );
+    // A fetch brings up to 8 MiB of frames: in 1 MiB of memory most are gone before they are
+    // read, and fetched again.
+    assert!(gets[0] > 2 * gets[1], "{gets:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_damaged_pack_gives_read_errors_never_wrong_data() {
     let (dir, raw, moto, _src, dst) = pushed_disk("serve-from-damage", "vmnest-lazy-dmg");
     // Damage the largest pack in its first frame's body.

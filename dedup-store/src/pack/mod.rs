@@ -976,27 +976,10 @@ impl FrameCache {
 
     pub(crate) fn insert(&self, key: FrameKey, frame: std::sync::Arc<Vec<u8>>) {
         let Ok(mut g) = self.inner.lock() else { return };
-        self.insert_locked(&mut g, key, frame, HashSet::new());
+        self.insert_locked(&mut g, key, frame);
     }
 
-    /// Caches frame `key` with the chunks (offset, length, id) already checked in it.
-    pub(crate) fn insert_checked(
-        &self,
-        key: FrameKey,
-        frame: std::sync::Arc<Vec<u8>>,
-        checked: HashSet<(u32, u32, ChunkId)>,
-    ) {
-        let Ok(mut g) = self.inner.lock() else { return };
-        self.insert_locked(&mut g, key, frame, checked);
-    }
-
-    fn insert_locked(
-        &self,
-        g: &mut CacheInner,
-        key: FrameKey,
-        frame: std::sync::Arc<Vec<u8>>,
-        checked: HashSet<(u32, u32, ChunkId)>,
-    ) {
+    fn insert_locked(&self, g: &mut CacheInner, key: FrameKey, frame: std::sync::Arc<Vec<u8>>) {
         if frame.len() > self.max_bytes {
             return;
         }
@@ -1006,7 +989,7 @@ impl FrameCache {
         let entry = CachedFrame {
             plain: frame,
             tick,
-            checked,
+            checked: HashSet::new(),
         };
         if let Some(old) = g.map.insert(key, entry) {
             g.bytes -= old.plain.len();
@@ -1050,7 +1033,7 @@ impl FrameCache {
         if let Ok(mut g) = self.inner.lock() {
             g.loading.remove(&key);
             if let Ok(frame) = &result {
-                self.insert_locked(&mut g, key, frame.clone(), HashSet::new());
+                self.insert_locked(&mut g, key, frame.clone());
             }
         }
         self.ready.notify_all();

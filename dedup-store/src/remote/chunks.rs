@@ -4,9 +4,8 @@
 //! is fetched with a range GET, checked (frame header against the frame table, CRC-32C,
 //! decompressed length) and the chunk's BLAKE3 compared with its id: a damaged object is an
 //! error naming it, never wrong data. A chunk is hashed once while its frame stays cached (the
-//! cache remembers which chunks of the frame matched), not at every read: the chunks of a frame
-//! fetched ahead are all hashed when it lands, in the background; those of a frame a reader
-//! fetched, each at its first read (a random reader hashes only what it reads). A miss fetches the frame *and the frames after it* in the
+//! cache remembers which chunks of the frame matched), at its first read, not at every read: a
+//! random reader hashes only what it reads, and the readers' threads share the hashing. A miss fetches the frame *and the frames after it* in the
 //! same pack (up to [`RemoteReadOptions::fetch_window`] stored bytes) in one request, since a
 //! pack holds an image's chunks mostly in address order. Decoded frames go to a bounded memory
 //! cache and, when configured, their stored bytes to a bounded directory
@@ -260,8 +259,7 @@ impl Inner {
 
     /// Frame `n` of a pack (`info`) from its header `h` and stored bytes: the header checked
     /// against the frame table, the body checked (CRC-32C, or the seal) and decoded. Its chunks
-    /// are hashed against their ids separately: [`Inner::check_chunks`] for a frame fetched
-    /// ahead, else each at its first read ([`RemoteChunks`]' `with_chunk`).
+    /// are hashed against their ids each at its first read ([`RemoteChunks`]' `with_chunk`).
     fn decode(
         &self,
         object: &str,
@@ -311,23 +309,6 @@ impl Inner {
             }
         }
         Ok(data)
-    }
-
-    /// Hashes every chunk the pack's index places in frame `n` against its id: the set of
-    /// chunks checked, for the cache.
-    fn check_chunks(
-        &self,
-        object: &str,
-        info: &RemotePack,
-        n: u32,
-        plain: &[u8],
-    ) -> Result<HashSet<(u32, u32, ChunkId)>> {
-        let mut checked = HashSet::new();
-        for e in info.frame_entries(n) {
-            self.check_chunk(object, info, n, &e.id, (e.loc.offset, e.loc.len), plain)?;
-            checked.insert((e.loc.offset, e.loc.len, e.id));
-        }
-        Ok(checked)
     }
 
     fn hasher(&self) -> crate::crypt::IdHasher {
@@ -389,16 +370,8 @@ impl Inner {
     }
 
     /// Checks and decodes the fetched bytes of the claimed frames, caching them; returns the
-    /// first. Fetched `ahead` of a reader (in the background), every chunk of each frame is
-    /// hashed against its id here, off the reader's path, and a frame with a bad chunk is not
-    /// cached; else each chunk is hashed at its first read.
-    fn land(
-        &self,
-        claim: &Claim,
-        info: &RemotePack,
-        bytes: &Bytes,
-        ahead: bool,
-    ) -> Result<Arc<Vec<u8>>> {
+    /// first.
+    fn land(&self, claim: &Claim, info: &RemotePack, bytes: &Bytes) -> Result<Arc<Vec<u8>>> {
         let pack = claim.pack;
         let object = self.object(&pack);
         let start = info.frames[*claim.frames.start() as usize].offset;
@@ -416,12 +389,7 @@ impl Inner {
                 ));
             };
             let plain = self.decode(&object, info, n, h, stored)?;
-            if ahead && self.check_ids {
-                let checked = self.check_chunks(&object, info, n, &plain)?;
-                self.cache.insert_checked((pack, n), plain.clone(), checked);
-            } else {
-                self.cache.insert((pack, n), plain.clone());
-            }
+            self.cache.insert((pack, n), plain.clone());
             if let Some(d) = &self.disk {
                 d.put(&pack, n, &bytes[at..stop]);
             }
@@ -464,7 +432,7 @@ impl Inner {
             let rel = format!("packs/{}", pack.file_name());
             self.stats.fetches.fetch_add(1, Ordering::Relaxed);
             let bytes = self.remote.block_on(self.remote.get_range(&rel, range))?;
-            let plain = self.land(&claim, info, &bytes, false)?;
+            let plain = self.land(&claim, info, &bytes)?;
             drop(claim);
             self.read_ahead(pack, info, first);
             return Ok(plain);
@@ -530,7 +498,7 @@ impl Inner {
                     let c = claim.take();
                     let _ = tokio::task::spawn_blocking(move || {
                         if let Some(c) = c {
-                            let _ = m.land(&c, &info, &bytes, true);
+                            let _ = m.land(&c, &info, &bytes);
                         }
                     })
                     .await;

@@ -293,55 +293,6 @@ pub struct Traffic {
 pub(crate) struct RemotePack {
     pub(crate) frames: Vec<FrameInfo>,
     pub(crate) len: u64,
-    /// The pack's entries, in the index object's order (by id).
-    pub(crate) entries: Arc<Vec<crate::pack::PackEntry>>,
-    /// Indices into `entries` grouped by frame: frame `n`'s are
-    /// `by_frame[frame_starts[n]..frame_starts[n + 1]]`.
-    by_frame: Vec<usize>,
-    frame_starts: Vec<usize>,
-}
-
-impl RemotePack {
-    pub(crate) fn new(
-        frames: Vec<FrameInfo>,
-        len: u64,
-        entries: Arc<Vec<crate::pack::PackEntry>>,
-    ) -> RemotePack {
-        let mut by_frame: Vec<usize> = (0..entries.len())
-            .filter(|&i| (entries[i].loc.frame as usize) < frames.len())
-            .collect();
-        by_frame.sort_by_key(|&i| (entries[i].loc.frame, entries[i].loc.offset));
-        let mut frame_starts = Vec::with_capacity(frames.len() + 1);
-        let mut k = 0;
-        for n in 0..frames.len() {
-            frame_starts.push(k);
-            while by_frame
-                .get(k)
-                .is_some_and(|&i| entries[i].loc.frame as usize == n)
-            {
-                k += 1;
-            }
-        }
-        frame_starts.push(k);
-        RemotePack {
-            frames,
-            len,
-            entries,
-            by_frame,
-            frame_starts,
-        }
-    }
-
-    /// The entries of the chunks in frame `n`, by offset.
-    pub(crate) fn frame_entries(&self, n: u32) -> impl Iterator<Item = &crate::pack::PackEntry> {
-        let n = n as usize;
-        let (a, b) = match (self.frame_starts.get(n), self.frame_starts.get(n + 1)) {
-            (Some(&a), Some(&b)) => (a, b),
-            _ => (0, 0),
-        };
-        let picked = self.by_frame.get(a..b).unwrap_or(&[]);
-        picked.iter().filter_map(|&i| self.entries.get(i))
-    }
 }
 
 /// A snapshot found on a remote ([`Remote::resolve`]).
@@ -365,7 +316,7 @@ pub(crate) struct RemoteIndex {
     pub(crate) chunks: HashMap<ChunkId, (PackId, ChunkLoc)>,
     pub(crate) packs: HashMap<PackId, Arc<RemotePack>>,
     /// Each indexed pack's entries (excluded packs included).
-    pub(crate) entries: HashMap<PackId, Arc<Vec<crate::pack::PackEntry>>>,
+    pub(crate) entries: HashMap<PackId, Vec<crate::pack::PackEntry>>,
 }
 
 /// An open remote.
@@ -1130,11 +1081,8 @@ impl Remote {
             for e in entries.iter().filter(|_| !excluded.contains(&id)) {
                 fresh.chunks.entry(e.id).or_insert((id, e.loc));
             }
-            let entries = Arc::new(entries);
-            fresh.entries.insert(id, entries.clone());
-            fresh
-                .packs
-                .insert(id, Arc::new(RemotePack::new(frames, len, entries)));
+            fresh.entries.insert(id, entries);
+            fresh.packs.insert(id, Arc::new(RemotePack { frames, len }));
         }
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for ent in rd.flatten() {
