@@ -5,27 +5,30 @@
 #            (--cache-size 0): every frame is fetched from the remote (MiB/s)
 #   rand     fio's nbd engine, 4 KiB random reads over the whole disk for RUNTIME seconds, iodepth
 #            4, from a server just started, no disk cache (IOPS)
-#   rand-dc  the same from a server whose disk cache holds the whole disk (filled by an nbdcopy
-#            through a first server): frames read back from the cache directory, checked (IOPS)
-# Each server keeps 64 MiB of decoded frames in memory (--frame-cache 64M; the memory cache of
-# `serve --from` was fixed at 64 MiB before it became that option), fetch window and read-ahead
-# as built. Rounds alternate the binaries.
+#   rand-mem the same on the server that has just read the whole disk (nbdcopy) with a disk
+#            cache: what its memory holds is read from memory (IOPS)
+#   rand-dc  the same from a new server over that disk cache: frames read back from the cache
+#            directory, checked (IOPS)
+# Each server is given --frame-cache FRAME_CACHE (default 64M: the memory cache of `serve --from`
+# was fixed at 64 MiB before it became that option, so a binary from before keeps 64 MiB
+# whatever is given), fetch window and read-ahead as built. Rounds alternate the binaries.
 #
-# Usage: bench/serve-from.sh [--size 1G] [--rounds 2] [--runtime 20] BIN_A BIN_B
+# Usage: bench/serve-from.sh [--size 1G] [--rounds 2] [--runtime 20] [--frame-cache 64M] BIN_A BIN_B
 # Writes bench/work/serve-from/summary.md.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
-size=1G rounds=2 runtime=20
+size=1G rounds=2 runtime=20 frame_cache=64M
 while [ $# -gt 2 ]; do
   case $1 in
     --size) size=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
     --runtime) runtime=$2; shift 2 ;;
+    --frame-cache) frame_cache=$2; shift 2 ;;
     *) echo "serve-from.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
-[ $# -eq 2 ] || { sed -n '2,17p' "$0" >&2; exit 2; }
+[ $# -eq 2 ] || { sed -n '2,20p' "$0" >&2; exit 2; }
 bins=("$1" "$2")
 for b in "${bins[@]}"; do [ -x "$b" ] || { echo "serve-from.sh: $b is not executable" >&2; exit 1; }; done
 for t in nbdcopy fio; do command -v "$t" >/dev/null || { echo "serve-from.sh: $t missing" >&2; exit 1; }; done
@@ -65,7 +68,7 @@ rm -f "$work/disk.raw"
 # serve BIN STORE CACHE_SIZE: starts `serve --from` in the background; sets url and serve_pid.
 serve() {
   rm -f "$work/serve.out"
-  "$1" --store "$2" serve --from r disk --cache-size "$3" --frame-cache 64M \
+  "$1" --store "$2" serve --from r disk --cache-size "$3" --frame-cache "$frame_cache" \
     --listen 127.0.0.1:0 >"$work/serve.out" 2>"$work/serve.err" &
   serve_pid=$!
   for _ in $(seq 300); do grep -q '^serving' "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
@@ -100,30 +103,34 @@ for round in $(seq "$rounds"); do
     unserve
     serve "$b" "$st" 4G
     nbdcopy "$url" null:
+    rand_mem=$(rand_iops "$url")
     unserve
     serve "$b" "$st" 4G
     rand_dc=$(rand_iops "$url")
     unserve
     mibs=$(echo "scale=1; $bytes / 1048576 / $seq_s" | bc)
-    printf '%s\t%s\t%s\t%s\t%s\n' "$i" "$round" "$mibs" "$rand" "$rand_dc" | tee -a "$results"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "$round" "$mibs" "$rand" "$rand_mem" "$rand_dc" |
+      tee -a "$results"
     rm -rf "$st"
   done
 done
 
-python3 - "$results" "${bins[0]}" "${bins[1]}" "$size" "$runtime" >"$work/summary.md" <<'EOF'
+python3 - "$results" "${bins[0]}" "${bins[1]}" "$size" "$runtime" "$frame_cache" >"$work/summary.md" <<'EOF'
 import statistics, sys
 rows = [l.split('\t') for l in open(sys.argv[1]).read().split('\n') if l]
 names = sys.argv[2:4]
 def med(i, col):
     return statistics.median(float(r[col]) for r in rows if r[0] == str(i))
-print(f"serve --from over moto, {sys.argv[4]} disk of random bytes, fio {sys.argv[5]} s, "
-      f"medians of {len(rows) // 2} rounds\n")
-print("| | seq MiB/s (no disk cache) | 4 KiB rand IOPS (no disk cache) | 4 KiB rand IOPS (disk cache warm) |")
-print("|---|---|---|---|")
+print(f"serve --from over moto, {sys.argv[4]} disk of random bytes, --frame-cache {sys.argv[6]}, "
+      f"fio {sys.argv[5]} s, medians of {len(rows) // 2} rounds\n")
+print("| | seq MiB/s (cold) | 4 KiB rand IOPS (cold) | rand IOPS (after a full read, same server) "
+      "| rand IOPS (new server, disk cache warm) |")
+print("|---|---|---|---|---|")
 for i in (0, 1):
-    print(f"| {names[i]} | {med(i, 2):.1f} | {med(i, 3):.0f} | {med(i, 4):.0f} |")
-print(f"| B / A | {med(1, 2) / med(0, 2):.2f} | {med(1, 3) / med(0, 3):.2f} | {med(1, 4) / med(0, 4):.2f} |")
-print("\nPer round (binary, round, seq MiB/s, rand IOPS, rand IOPS warm):\n")
+    print(f"| {names[i]} | " + " | ".join(f"{med(i, c):.1f}" if c == 2 else f"{med(i, c):.0f}"
+                                       for c in (2, 3, 4, 5)) + " |")
+print("| B / A | " + " | ".join(f"{med(1, c) / med(0, c):.2f}" for c in (2, 3, 4, 5)) + " |")
+print("\nPer round (binary, round, seq MiB/s, rand IOPS cold, after a full read, disk cache warm):\n")
 for r in rows:
     print("    " + "  ".join(r))
 EOF
