@@ -75,6 +75,10 @@ pub struct MountArgs {
     /// With --from: bytes of fetched frames kept on disk at most (`0` keeps none).
     #[arg(long, value_name = "SIZE", default_value = "1G", requires = "from")]
     cache_size: String,
+    /// Decoded frames of a stored snapshot (`store:` source, or with --from the remote's) kept
+    /// in memory at most (an upper bound, reached only when that much is read).
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    frame_cache: String,
     /// FUSE threads.
     #[arg(long, default_value_t = fusefs::DEFAULT_THREADS as u16,
           value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -179,7 +183,9 @@ pub fn run_mount(args: MountArgs) -> Result<u8> {
         bail!("{RW_FROM}");
     }
     // Random reads of a stored snapshot decode each frame once (as `vmnest serve` does).
-    dedup_store::pack::set_frame_cache_bytes(crate::cmd_serve::SERVE_FRAME_CACHE);
+    dedup_store::pack::set_frame_cache_bytes(crate::cmd_serve::frame_cache_size(
+        &args.frame_cache,
+    )?);
     let mountpoint = args
         .mountpoint
         .canonicalize()
@@ -342,7 +348,11 @@ fn open_from(remote: &str, args: &MountArgs) -> Result<Opened> {
             args.cache_size
         )
     })?;
-    let disks = store_args::open_lazy_disks(remote, &args.source, cache)
+    let caches = store_args::LazyCaches {
+        memory: crate::cmd_serve::frame_cache_size(&args.frame_cache)?,
+        disk: cache,
+    };
+    let disks = store_args::open_lazy_disks(remote, &args.source, caches)
         .with_context(|| format!("mount --from {remote}"))?;
     Ok(Opened {
         disks: read_only(disks),

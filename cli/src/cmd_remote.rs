@@ -83,6 +83,9 @@ pub struct PullArgs {
 pub struct RestoreArgs {
     /// The remote.
     remote: String,
+    /// Decoded frames of the remote kept in memory at most.
+    #[arg(long, value_name = "SIZE", default_value = "128M")]
+    frame_cache: String,
     #[command(flatten)]
     export: ExportArgs,
 }
@@ -250,7 +253,8 @@ pub fn run_pull(args: PullArgs) -> Result<u8> {
 }
 
 pub fn run_restore(args: RestoreArgs) -> Result<u8> {
-    export_from(args.export, Some(&args.remote))
+    let frame_cache = crate::cmd_serve::frame_cache_size(&args.frame_cache)?;
+    export_from(args.export, Some((&args.remote, frame_cache)))
 }
 
 pub fn run_verify_remote(name: &str, output: Output) -> Result<u8> {

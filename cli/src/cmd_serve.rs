@@ -16,9 +16,6 @@ use image_format::BlockDevice;
 use crate::cmd_volume::open_volume_export;
 use crate::common::{OpenArgs, SourceOptions, open_source, open_source_mut};
 
-/// The frame cache `vmnest mount` gives stored snapshots (serve's `--frame-cache` default).
-pub const SERVE_FRAME_CACHE: usize = 1 << 30;
-
 /// The IANA port of NBD.
 const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 /// Threads for device I/O per CPU core. Requests of all connections run on them. Measured on 2
@@ -42,8 +39,9 @@ pub struct Args {
     /// With --from: bytes of fetched frames kept on disk at most (`0` keeps none).
     #[arg(long, value_name = "SIZE", default_value = "1G", requires = "from")]
     cache_size: String,
-    /// Decoded frames of stored snapshots (`store:` sources) kept in memory at most, so that
-    /// random reads decode each frame once (an upper bound, reached only when that much is read).
+    /// Decoded frames of stored snapshots (`store:` sources, and with --from the remote's)
+    /// kept in memory at most, so that random reads decode each frame once (an upper bound,
+    /// reached only when that much is read).
     #[arg(long, value_name = "SIZE", default_value = "1G")]
     frame_cache: String,
     /// TCP address to listen on (port 0 picks a free port; the line printed names it).
@@ -94,13 +92,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<u8> {
-    let frame_cache = image_format::create::parse_size(&args.frame_cache).with_context(|| {
-        format!(
-            "--frame-cache {:?}: expected a size (1G, 512M)",
-            args.frame_cache
-        )
-    })?;
-    dedup_store::pack::set_frame_cache_bytes(usize::try_from(frame_cache).unwrap_or(usize::MAX));
+    let frame_cache = frame_cache_size(&args.frame_cache)?;
+    dedup_store::pack::set_frame_cache_bytes(frame_cache);
     if args.export_names.len() > args.sources.len() {
         bail!(
             "{} export names for {} sources",
@@ -126,7 +119,7 @@ pub fn run(args: Args) -> Result<u8> {
     let mut exports = Vec::new();
     let mut volumes = Vec::new();
     let lazy = match &args.from {
-        Some(remote) => Some(open_from(remote, &args)?),
+        Some(remote) => Some(open_from(remote, &args, frame_cache)?),
         None => None,
     };
     for (i, spec) in args.sources.iter().enumerate() {
@@ -225,8 +218,16 @@ fn listen_addr(text: &str, allow_remote: bool) -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// Opens the sources of `serve --from REMOTE`.
-fn open_from(remote: &str, args: &Args) -> Result<Vec<Arc<StoredDisk>>> {
+/// A `--frame-cache` size.
+pub fn frame_cache_size(text: &str) -> Result<usize> {
+    let bytes = image_format::create::parse_size(text)
+        .with_context(|| format!("--frame-cache {text:?}: expected a size (1G, 512M)"))?;
+    Ok(usize::try_from(bytes).unwrap_or(usize::MAX))
+}
+
+/// Opens the sources of `serve --from REMOTE`, keeping up to `frame_cache` bytes of decoded
+/// frames in memory.
+fn open_from(remote: &str, args: &Args, frame_cache: usize) -> Result<Vec<Arc<StoredDisk>>> {
     if args.rw {
         bail!(
             "--rw with --from is not built: a snapshot on a remote is served read-only (pull it, \
@@ -240,7 +241,11 @@ fn open_from(remote: &str, args: &Args) -> Result<Vec<Arc<StoredDisk>>> {
         )
     })?;
     let started = std::time::Instant::now();
-    let (disks, chunks) = crate::store_args::open_lazy(remote, &args.sources, cache)
+    let caches = crate::store_args::LazyCaches {
+        memory: frame_cache,
+        disk: cache,
+    };
+    let (disks, chunks) = crate::store_args::open_lazy(remote, &args.sources, caches)
         .with_context(|| format!("serve --from {remote}"))?;
     eprintln!(
         "vmnest: remote {remote}: {} chunks indexed, {} snapshots opened in {:.3} s",

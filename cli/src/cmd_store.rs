@@ -535,10 +535,10 @@ pub fn run_export(args: ExportArgs) -> Result<u8> {
     export_from(args, None)
 }
 
-/// Export (`remote` None) or restore (from remote `remote`, without a local copy): a disk goes
-/// through the convert engine from `store:` or `remote:` sources; a byte stream is
-/// concatenated.
-pub fn export_from(args: ExportArgs, remote: Option<&str>) -> Result<u8> {
+/// Export (`remote` None) or restore (from remote `remote`, through a frame cache of that many
+/// bytes, without a local copy): a disk goes through the convert engine from `store:` or
+/// `remote:` sources; a byte stream is concatenated.
+pub fn export_from(args: ExportArgs, remote: Option<(&str, usize)>) -> Result<u8> {
     // Held to the end: the store's shared lock keeps gc from removing packs mid-export.
     let mut _store = None;
     let (snap, chunks, src_prefix): (Resolved, DiskChunks, String) = match remote {
@@ -551,8 +551,9 @@ pub fn export_from(args: ExportArgs, remote: Option<&str>) -> Result<u8> {
                 "store:".into(),
             )
         }
-        Some(name) => {
-            let (snap, chunks) = crate::store_args::resolve_remote(name, &args.snapshot)?;
+        Some((name, frame_cache)) => {
+            let (snap, chunks) =
+                crate::store_args::resolve_remote(name, &args.snapshot, frame_cache)?;
             (snap, DiskChunks::Remote(chunks), format!("remote:{name}:"))
         }
     };
@@ -612,9 +613,14 @@ pub fn export_from(args: ExportArgs, remote: Option<&str>) -> Result<u8> {
         args.format
     };
     let what = match remote {
-        Some(r) => format!("restore {}@{} from remote {r}", snap.name, snap.id.short()),
+        Some((r, _)) => format!("restore {}@{} from remote {r}", snap.name, snap.id.short()),
         None => format!("export {}@{}", snap.name, snap.id.short()),
     };
+    let mut open = args.open;
+    if let Some((_, frame_cache)) = remote {
+        // The convert engine opens the `remote:` source itself, with this bound.
+        open.remote_frame_cache = Some(frame_cache);
+    }
     run_convert(ConvertArgs {
         source_format: None,
         format,
@@ -628,7 +634,7 @@ pub fn export_from(args: ExportArgs, remote: Option<&str>) -> Result<u8> {
         force: args.force,
         no_sync: args.no_sync,
         job: args.job,
-        open: args.open,
+        open,
         src: PathBuf::from(src),
         dst: args.dst,
     })

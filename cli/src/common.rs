@@ -39,6 +39,10 @@ pub struct OpenArgs {
     /// Cap on the number of images in a backing chain.
     #[arg(long, default_value_t = image_format::registry::DEFAULT_MAX_CHAIN_DEPTH)]
     pub max_chain_depth: usize,
+    /// Bytes of decoded frames a `remote:` source keeps in memory (set by `restore
+    /// --frame-cache`; default [`dedup_store::remote::REMOTE_FRAME_CACHE`]).
+    #[arg(skip)]
+    pub remote_frame_cache: Option<usize>,
 }
 
 /// The arguments of a subcommand that reads one image: `[-f FMT] [--output human|json] IMAGE`.
@@ -76,7 +80,15 @@ pub fn open_image(path: &Path, format: Option<&str>, args: &OpenArgs) -> Result<
         .to_str()
         .and_then(crate::store_args::parse_remote_source)
     {
-        return Ok(crate::store_args::open_remote_stored(remote, spec, member)?);
+        let frame_cache = args
+            .remote_frame_cache
+            .unwrap_or(dedup_store::remote::REMOTE_FRAME_CACHE);
+        return Ok(crate::store_args::open_remote_stored(
+            remote,
+            spec,
+            member,
+            frame_cache,
+        )?);
     }
     let options = OpenOptions {
         format: format.map(str::to_string),

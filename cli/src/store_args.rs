@@ -184,39 +184,48 @@ pub fn passphrase_for_background(from: Option<&str>, source: &str) -> Result<Opt
     crate::keys::prompt(&what, false)
 }
 
-/// Finds `spec` on remote `name`: the snapshot and a reader of the remote's chunks.
-pub fn resolve_remote(name: &str, spec: &str) -> Result<(Resolved, Arc<RemoteChunks>)> {
+/// Finds `spec` on remote `name`: the snapshot and a reader of the remote's chunks keeping up
+/// to `frame_cache` bytes of decoded frames in memory.
+pub fn resolve_remote(
+    name: &str,
+    spec: &str,
+    frame_cache: usize,
+) -> Result<(Resolved, Arc<RemoteChunks>)> {
     let remote =
         Arc::new(Remote::open(&store_dir(), name).with_context(|| format!("remote {name}"))?);
     unlock_remote(&remote)?;
     remote.refresh_index()?;
-    let (snap_name, id, _) = remote.resolve(spec)?;
-    let (_, manifest) = remote
-        .manifest(&id)?
-        .with_context(|| format!("remote {name}: snapshot {} vanished", id.short()))?;
-    let chunks = Arc::new(RemoteChunks::new(
-        remote,
-        dedup_store::remote::REMOTE_FRAME_CACHE,
-    ));
-    Ok((
-        Resolved {
-            name: snap_name,
-            id,
-            manifest,
-        },
-        chunks,
-    ))
+    let found = remote.resolve(spec)?;
+    let chunks = Arc::new(RemoteChunks::new(remote, frame_cache));
+    Ok((resolved(found), chunks))
+}
+
+fn resolved(found: dedup_store::remote::RemoteSnapshot) -> Resolved {
+    Resolved {
+        name: found.name,
+        id: found.id,
+        manifest: found.manifest,
+    }
+}
+
+/// The caches of a lazy reader of a remote (`serve --from`, `mount --from`).
+#[derive(Clone, Copy, Debug)]
+pub struct LazyCaches {
+    /// Bytes of decoded frames kept in memory at most.
+    pub memory: usize,
+    /// Bytes of fetched frames kept in `remotes/NAME/cache/frames/` at most (0: none).
+    pub disk: u64,
 }
 
 /// Opens `NAME[@SNAP][/MEMBER]` specs of remote `name` as disks read lazily through one
 /// reader of the remote: frames fetched on demand and ahead of sequential reads, kept in
-/// memory and in `remotes/NAME/cache/frames/` (at most `disk_cache` bytes) for `serve --from`.
+/// memory and in `remotes/NAME/cache/frames/`, as bounded by `caches`, for `serve --from`.
 pub fn open_lazy(
     name: &str,
     specs: &[String],
-    disk_cache: u64,
+    caches: LazyCaches,
 ) -> Result<(Vec<Arc<StoredDisk>>, Arc<RemoteChunks>)> {
-    let chunks = lazy_reader(name, disk_cache)?;
+    let chunks = lazy_reader(name, caches)?;
     let mut disks = Vec::new();
     for text in specs {
         let (spec, member) = split_member(text);
@@ -236,9 +245,9 @@ pub fn open_lazy(
 pub fn open_lazy_disks(
     name: &str,
     text: &str,
-    disk_cache: u64,
+    caches: LazyCaches,
 ) -> Result<Vec<(String, Arc<StoredDisk>)>> {
-    let chunks = lazy_reader(name, disk_cache)?;
+    let chunks = lazy_reader(name, caches)?;
     let (spec, member) = split_member(text);
     let snap = resolve_on(&chunks, spec)?;
     disk_members(text, &snap, member)?
@@ -258,15 +267,15 @@ fn split_member(text: &str) -> (&str, Option<&str>) {
 }
 
 /// One reader of remote `name` for lazy reads: its index listed, frames fetched on demand and
-/// ahead, kept in memory and in `remotes/NAME/cache/frames/` (at most `disk_cache` bytes).
-fn lazy_reader(name: &str, disk_cache: u64) -> Result<Arc<RemoteChunks>> {
+/// ahead, kept in memory and in `remotes/NAME/cache/frames/` as `caches` bound them.
+fn lazy_reader(name: &str, caches: LazyCaches) -> Result<Arc<RemoteChunks>> {
     let remote =
         Arc::new(Remote::open(&store_dir(), name).with_context(|| format!("remote {name}"))?);
     unlock_remote(&remote)?;
     remote.refresh_index()?;
     let options = RemoteReadOptions {
-        memory_cache: LAZY_MEMORY_CACHE,
-        disk_cache: (disk_cache > 0).then(|| (remote.frame_cache_dir(), disk_cache)),
+        memory_cache: caches.memory,
+        disk_cache: (caches.disk > 0).then(|| (remote.frame_cache_dir(), caches.disk)),
         fetch_window: LAZY_FETCH_WINDOW,
         read_ahead: READ_AHEAD,
         ..Default::default()
@@ -276,30 +285,21 @@ fn lazy_reader(name: &str, disk_cache: u64) -> Result<Arc<RemoteChunks>> {
 
 /// Finds snapshot `spec` on the remote `chunks` reads.
 fn resolve_on(chunks: &RemoteChunks, spec: &str) -> Result<Resolved> {
-    let remote = chunks.remote();
-    let (snap_name, id, _) = remote.resolve(spec)?;
-    let (_, manifest) = remote
-        .manifest(&id)?
-        .with_context(|| format!("remote {}: snapshot {} vanished", remote.name(), id.short()))?;
-    Ok(Resolved {
-        name: snap_name,
-        id,
-        manifest,
-    })
+    Ok(resolved(chunks.remote().resolve(spec)?))
 }
 
-/// Memory for decoded frames of `serve --from`.
-const LAZY_MEMORY_CACHE: usize = 64 << 20;
 /// What one miss of `serve --from` fetches at most: small, so that the first reply is quick;
 /// sequential readers are served by the read-ahead behind it.
 const LAZY_FETCH_WINDOW: u64 = 1 << 20;
 
-/// Opens `remote:REMOTE:NAME[@SNAP][/MEMBER]` as an image read from the remote.
+/// Opens `remote:REMOTE:NAME[@SNAP][/MEMBER]` as an image read from the remote, keeping up to
+/// `frame_cache` bytes of decoded frames in memory.
 pub fn open_remote_stored(
     remote: &str,
     spec: &str,
     member: Option<&str>,
+    frame_cache: usize,
 ) -> Result<Arc<StoredDisk>> {
-    let (snap, chunks) = resolve_remote(remote, spec)?;
+    let (snap, chunks) = resolve_remote(remote, spec, frame_cache)?;
     Ok(Arc::new(StoredDisk::open_remote(chunks, &snap, member)?))
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use vmnest_tests::s3::Moto;
+use vmnest_tests::s3::{FaultProxy, Moto};
 use vmnest_tests::{data_ranges_from_json, poke, require, run, run_ok, same_raw, scratch, vmnest};
 
 use crate::nbd::{Served, nbd_data_ranges};
@@ -161,6 +161,85 @@ fn a_remote_snapshot_is_served_lazily_with_a_bounded_cache() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not built"), "{err}");
+}
+
+#[test]
+fn the_frame_cache_option_bounds_what_a_remote_reader_keeps_and_opening_makes_no_head_request() {
+    let (dir, raw, moto, _src, dst) = pushed_disk("serve-from-frames", "vmnest-frames");
+    // Every request of the server goes through a proxy that logs it.
+    let proxy = FaultProxy::start(moto.port, "NONE", Vec::new());
+    let mut second_pass = Vec::new();
+    for frame_cache in ["1M", "256M"] {
+        proxy.log.lock().unwrap().clear();
+        let served = Served::start_cmd(
+            crate::remote::st(&dst, Some(&proxy.endpoint())),
+            &dir,
+            &[
+                "--from",
+                "r",
+                "--cache-size",
+                "0",
+                "--frame-cache",
+                frame_cache,
+                "gold",
+            ],
+            1,
+        );
+        // Opening: the ref and the manifest, one GET each, and no HEAD at all.
+        assert_eq!(proxy.count("HEAD", ""), 0, "{:?}", proxy.log);
+        assert_eq!(proxy.count("GET", "/refs/gold"), 1, "{:?}", proxy.log);
+        assert_eq!(proxy.count("GET", "/snapshots/"), 1, "{:?}", proxy.log);
+        let url = served.urls[0].clone();
+        same_raw(&raw, &url);
+        let first = proxy.count("GET", "/packs/");
+        same_raw(&raw, &url);
+        let second = proxy.count("GET", "/packs/") - first;
+        println!("--frame-cache {frame_cache}: {first} pack GETs, then {second} reading again");
+        assert!(first > 0);
+        second_pass.push(second);
+        drop(served);
+    }
+    // 22 MiB of data through 1 MiB of memory and no disk cache: read again, fetched again. In
+    // 256 MiB it all stays: nothing is fetched twice.
+    assert!(second_pass[0] > 0, "{second_pass:?}");
+    assert_eq!(second_pass[1], 0, "{second_pass:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn restore_reads_through_the_frame_cache_it_is_given() {
+    let (dir, raw, moto, _src, dst) = pushed_disk("restore-frames", "vmnest-restore-frames");
+    let proxy = FaultProxy::start(moto.port, "NONE", Vec::new());
+    let mut gets = Vec::new();
+    for frame_cache in ["4K", "128M"] {
+        proxy.log.lock().unwrap().clear();
+        let out = dir.join(format!("restored-{frame_cache}.raw"));
+        run_ok(
+            crate::remote::st(&dst, Some(&proxy.endpoint()))
+                .args([
+                    "restore",
+                    "r",
+                    "gold",
+                    "-O",
+                    "raw",
+                    "--frame-cache",
+                    frame_cache,
+                ])
+                .arg(&out),
+        );
+        same_raw(&raw, &out.display().to_string());
+        gets.push(proxy.count("GET", "/packs/"));
+        assert_eq!(proxy.count("HEAD", ""), 0, "{:?}", proxy.log);
+        std::fs::remove_file(&out).unwrap();
+    }
+    println!(
+        "restore: {} pack GETs with --frame-cache 4K, {} with 128M",
+        gets[0], gets[1]
+    );
+    // A fetch brings up to 8 MiB of frames: in 1 MiB of memory most are gone before they are
+    // read, and fetched again.
+    assert!(gets[0] > 2 * gets[1], "{gets:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -296,6 +296,8 @@ pub struct FaultProxy {
     pub requests: Arc<AtomicU64>,
     /// Faults injected.
     pub injected: Arc<AtomicU64>,
+    /// The request line (`METHOD PATH HTTP/1.1`) of every request seen, in order.
+    pub log: Arc<Mutex<Vec<String>>>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -317,15 +319,16 @@ impl FaultProxy {
         let requests = Arc::new(AtomicU64::new(0));
         let injected = Arc::new(AtomicU64::new(0));
         let plan: Plan = Arc::new(Mutex::new((0, plan.into_iter().collect())));
-        let (r2, i2) = (requests.clone(), injected.clone());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (r2, i2, l2) = (requests.clone(), injected.clone(), log.clone());
         rt.spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
-                let (plan, r, i) = (plan.clone(), r2.clone(), i2.clone());
+                let (plan, r, i, l) = (plan.clone(), r2.clone(), i2.clone(), l2.clone());
                 tokio::spawn(async move {
-                    let _ = serve_conn(sock, upstream, method, plan, r, i).await;
+                    let _ = serve_conn(sock, upstream, method, plan, (r, i, l)).await;
                 });
             }
         });
@@ -333,8 +336,22 @@ impl FaultProxy {
             port,
             requests,
             injected,
+            log,
             _rt: rt,
         }
+    }
+
+    /// How many requests seen so far have a request line starting with `method` and whose
+    /// path contains `part`.
+    pub fn count(&self, method: &str, part: &str) -> usize {
+        let log = self.log.lock().expect("proxy log");
+        log.iter()
+            .filter(|l| {
+                l.strip_prefix(method)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .is_some_and(|rest| rest.split(' ').next().unwrap_or("").contains(part))
+            })
+            .count()
     }
 
     /// The endpoint URL.
@@ -385,14 +402,15 @@ async fn serve_conn(
     upstream: u16,
     method: &str,
     plan: Plan,
-    requests: Arc<AtomicU64>,
-    injected: Arc<AtomicU64>,
+    (requests, injected, log): (Arc<AtomicU64>, Arc<AtomicU64>, Arc<Mutex<Vec<String>>>),
 ) -> std::io::Result<()> {
     use tokio::io::AsyncWriteExt;
     let mut buf = Vec::new();
     // One request per connection: every answer says Connection: close.
     if let Some((head, req)) = read_request(&mut sock, &mut buf).await? {
         requests.fetch_add(1, Ordering::Relaxed);
+        let line = head.lines().next().unwrap_or("").to_string();
+        log.lock().expect("proxy log").push(line);
         let fault = {
             let mut g = plan.lock().expect("plan lock");
             if head.starts_with(&format!("{method} ")) {

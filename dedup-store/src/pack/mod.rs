@@ -66,7 +66,7 @@ mod store;
 
 pub use store::{OpenReport, PackStore};
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::Write;
@@ -913,6 +913,8 @@ struct CachedFrame {
 #[derive(Debug, Default)]
 struct CacheInner {
     map: HashMap<FrameKey, CachedFrame>,
+    /// The frames of `map` by the tick of their last use: the first is evicted first.
+    by_use: BTreeMap<u64, FrameKey>,
     /// Frames some reader is decoding now.
     loading: HashSet<FrameKey>,
     bytes: usize,
@@ -937,6 +939,20 @@ pub fn frame_cache_bytes() -> usize {
     FRAME_CACHE_LIMIT.load(Ordering::Relaxed)
 }
 
+impl CacheInner {
+    /// Frame `key`, if cached, now its most recently used.
+    fn touch(&mut self, key: FrameKey) -> Option<std::sync::Arc<Vec<u8>>> {
+        self.tick += 1;
+        let tick = self.tick;
+        let e = self.map.get_mut(&key)?;
+        let old = std::mem::replace(&mut e.tick, tick);
+        let plain = e.plain.clone();
+        self.by_use.remove(&old);
+        self.by_use.insert(tick, key);
+        Some(plain)
+    }
+}
+
 impl FrameCache {
     /// A cache holding at most `max_bytes` of plaintext.
     pub fn new(max_bytes: usize) -> FrameCache {
@@ -949,11 +965,13 @@ impl FrameCache {
 
     pub(crate) fn get(&self, key: FrameKey) -> Option<std::sync::Arc<Vec<u8>>> {
         let mut g = self.inner.lock().ok()?;
-        g.tick += 1;
-        let tick = g.tick;
-        let e = g.map.get_mut(&key)?;
-        e.tick = tick;
-        Some(e.plain.clone())
+        g.touch(key)
+    }
+
+    /// Whether frame `key` is cached, without counting it as a use (read-ahead looks with it,
+    /// so that looking does not change which frames go first).
+    pub(crate) fn contains(&self, key: FrameKey) -> bool {
+        self.inner.lock().is_ok_and(|g| g.map.contains_key(&key))
     }
 
     pub(crate) fn insert(&self, key: FrameKey, frame: std::sync::Arc<Vec<u8>>) {
@@ -975,9 +993,11 @@ impl FrameCache {
         };
         if let Some(old) = g.map.insert(key, entry) {
             g.bytes -= old.plain.len();
+            g.by_use.remove(&old.tick);
         }
+        g.by_use.insert(tick, key);
         while g.bytes > self.max_bytes {
-            let Some(victim) = g.map.iter().min_by_key(|(_, v)| v.tick).map(|(k, _)| *k) else {
+            let Some((_, victim)) = g.by_use.pop_first() else {
                 break;
             };
             if let Some(v) = g.map.remove(&victim) {
@@ -997,11 +1017,8 @@ impl FrameCache {
             return load();
         };
         loop {
-            g.tick += 1;
-            let tick = g.tick;
-            if let Some(e) = g.map.get_mut(&key) {
-                e.tick = tick;
-                return Ok(e.plain.clone());
+            if let Some(hit) = g.touch(key) {
+                return Ok(hit);
             }
             if g.loading.insert(key) {
                 break;
@@ -1025,7 +1042,7 @@ impl FrameCache {
 
     /// Whether chunk `id` at `offset..offset + len` of the cached frame `plain` (this very
     /// decoded copy) has been checked against its id.
-    fn is_checked(
+    pub(crate) fn is_checked(
         &self,
         key: FrameKey,
         plain: &std::sync::Arc<Vec<u8>>,
@@ -1039,7 +1056,7 @@ impl FrameCache {
     }
 
     /// Records that `chunk` of the cached frame `plain` matched its id.
-    fn mark_checked(
+    pub(crate) fn mark_checked(
         &self,
         key: FrameKey,
         plain: &std::sync::Arc<Vec<u8>>,

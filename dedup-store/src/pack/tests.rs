@@ -700,3 +700,34 @@ fn a_sealed_frame_in_the_table_must_fit_its_lengths() {
         f.plain_len + crate::crypt::SEAL_OVERHEAD as u32
     );
 }
+
+#[test]
+fn frame_cache_evicts_least_recently_used_and_a_peek_is_no_use() {
+    let cache = FrameCache::new(300);
+    let pack = PackId([7; 32]);
+    let frame = |n: u8| std::sync::Arc::new(vec![n; 100]);
+    for n in 0..3u8 {
+        cache.insert((pack, u32::from(n)), frame(n));
+    }
+    // 0 used again, 1 only looked at: 1 is now the least recently used.
+    assert_eq!(cache.get((pack, 0)).unwrap()[0], 0);
+    assert!(cache.contains((pack, 1)));
+    cache.insert((pack, 3), frame(3));
+    assert!(!cache.contains((pack, 1)));
+    assert!(cache.contains((pack, 0)) && cache.contains((pack, 2)));
+    // Replacing a frame keeps one entry of it; the next two inserts evict 2, then 0.
+    cache.insert((pack, 3), frame(9));
+    assert_eq!(cache.bytes(), 300);
+    cache.insert((pack, 4), frame(4));
+    assert!(!cache.contains((pack, 2)));
+    cache.insert((pack, 5), frame(5));
+    assert!(!cache.contains((pack, 0)));
+    assert_eq!(cache.get((pack, 3)).unwrap()[0], 9);
+    assert_eq!(cache.bytes(), 300);
+    // Many frames through a small cache: the bound holds and eviction follows use order.
+    for n in 10..2000u32 {
+        cache.insert((pack, n), frame(1));
+        assert!(cache.bytes() <= 300);
+    }
+    assert!(cache.contains((pack, 1999)) && !cache.contains((pack, 1996)));
+}

@@ -3,7 +3,9 @@
 //! A chunk is located through the remote's index objects ([`Remote::refresh_index`]), its frame
 //! is fetched with a range GET, checked (frame header against the frame table, CRC-32C,
 //! decompressed length) and the chunk's BLAKE3 compared with its id: a damaged object is an
-//! error naming it, never wrong data. A miss fetches the frame *and the frames after it* in the
+//! error naming it, never wrong data. A chunk is hashed once while its frame stays cached (the
+//! cache remembers which chunks of the frame matched), at its first read, not at every read: a
+//! random reader hashes only what it reads, and the readers' threads share the hashing. A miss fetches the frame *and the frames after it* in the
 //! same pack (up to [`RemoteReadOptions::fetch_window`] stored bytes) in one request, since a
 //! pack holds an image's chunks mostly in address order. Decoded frames go to a bounded memory
 //! cache and, when configured, their stored bytes to a bounded directory
@@ -78,6 +80,11 @@ pub struct ReadStats {
     pub disk_hits: AtomicUsize,
     /// Frames in the disk cache that failed their checks (and were fetched again).
     pub disk_bad: AtomicUsize,
+    /// Frames decoded and checked (fetched, or read back from the disk cache).
+    pub frames_decoded: AtomicUsize,
+    /// Chunks hashed against their ids: once per chunk while its frame stays cached, not once
+    /// per read.
+    pub chunks_checked: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -176,6 +183,37 @@ impl RemoteChunks {
         &self.inner.stats
     }
 
+    /// Calls `f` with chunk `id`'s bytes inside its cached frame (no copy of the chunk), hashed
+    /// against `id` first unless they were since the frame was cached.
+    fn with_chunk<R>(&self, id: &ChunkId, f: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
+        let inner = &self.inner;
+        let Some((pack, loc, info)) = inner.remote.locate(id) else {
+            return Err(Error::Remote {
+                object: inner.remote.url().to_string(),
+                reason: format!("chunk {id} is in no pack the remote's index objects list"),
+            });
+        };
+        let plain = inner.frame(pack, &info, loc.frame)?;
+        let key = (pack, loc.frame);
+        let chunk = (loc.offset, loc.len, *id);
+        if inner.check_ids && inner.cache.is_checked(key, &plain, chunk) {
+            let s = loc.offset as usize;
+            if let Some(data) = s
+                .checked_add(loc.len as usize)
+                .and_then(|e| plain.get(s..e))
+            {
+                return f(data);
+            }
+        }
+        let object = inner.object(&pack);
+        let data =
+            inner.check_chunk(&object, &info, loc.frame, id, (loc.offset, loc.len), &plain)?;
+        if inner.check_ids {
+            inner.cache.mark_checked(key, &plain, chunk);
+        }
+        f(data)
+    }
+
     /// Bytes in the disk cache, if there is one.
     pub fn disk_cache_bytes(&self) -> Option<u64> {
         self.inner.disk.as_ref().map(DiskFrameCache::bytes)
@@ -205,12 +243,9 @@ impl Inner {
         let bytes = disk.get(&pack, n, FRAME_HEADER_LEN + u64::from(f.stored_len))?;
         let object = format!("frame cache copy of {}", self.object(&pack));
         let (h, stored) = bytes.split_at(FRAME_HEADER_LEN as usize);
-        let plain = check_frame_header(&object, n, f, h)
-            .and_then(|()| decode_frame(&object, n, f, stored, self.remote.keys().as_deref()));
-        match plain {
+        match self.decode(&object, info, n, h, stored) {
             Ok(p) => {
                 self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                let p = Arc::new(p);
                 self.cache.insert((pack, n), p.clone());
                 Some(p)
             }
@@ -220,6 +255,66 @@ impl Inner {
                 None
             }
         }
+    }
+
+    /// Frame `n` of a pack (`info`) from its header `h` and stored bytes: the header checked
+    /// against the frame table, the body checked (CRC-32C, or the seal) and decoded. Its chunks
+    /// are hashed against their ids each at its first read ([`RemoteChunks`]' `with_chunk`).
+    fn decode(
+        &self,
+        object: &str,
+        info: &RemotePack,
+        n: u32,
+        h: &[u8],
+        stored: &[u8],
+    ) -> Result<Arc<Vec<u8>>> {
+        let Some(f) = info.frames.get(n as usize) else {
+            return Err(Error::corrupt(object, 0, format!("no frame {n}")));
+        };
+        check_frame_header(object, n, f, h)?;
+        let plain = decode_frame(object, n, f, stored, self.remote.keys().as_deref())?;
+        self.stats.frames_decoded.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(plain))
+    }
+
+    /// Hashes chunk `id` at `offset..offset + len` of frame `n` (decoded: `plain`) against its
+    /// id: the bytes, or an error naming the object, frame and chunk.
+    #[allow(clippy::too_many_arguments)]
+    fn check_chunk<'a>(
+        &self,
+        object: &str,
+        info: &RemotePack,
+        n: u32,
+        id: &ChunkId,
+        (offset, len): (u32, u32),
+        plain: &'a [u8],
+    ) -> Result<&'a [u8]> {
+        let at = info.frames.get(n as usize).map_or(0, |f| f.offset);
+        let s = offset as usize;
+        let Some(data) = s.checked_add(len as usize).and_then(|e| plain.get(s..e)) else {
+            return Err(Error::corrupt(
+                object,
+                at,
+                format!("chunk {id} runs past frame {n}"),
+            ));
+        };
+        if self.check_ids {
+            self.stats.chunks_checked.fetch_add(1, Ordering::Relaxed);
+            if self.hasher().id(data) != *id {
+                return Err(Error::corrupt(
+                    object,
+                    at,
+                    format!("chunk {id} in frame {n} does not match its id"),
+                ));
+            }
+        }
+        Ok(data)
+    }
+
+    fn hasher(&self) -> crate::crypt::IdHasher {
+        self.remote
+            .keys()
+            .map_or(crate::crypt::IdHasher::Plain, |k| k.hasher())
     }
 
     /// Claims frames `first..` of `pack` that are neither cached nor being fetched, within
@@ -235,7 +330,7 @@ impl Inner {
         let mut g = self.lock_inflight();
         // Being fetched, or landed since the caller looked: the caller waits (not at all in
         // the second case) and looks again.
-        if g.contains(&(pack, first)) || self.cache.get((pack, first)).is_some() {
+        if g.contains(&(pack, first)) || self.cache.contains((pack, first)) {
             return None;
         }
         let start = info.frames.get(first as usize)?.offset;
@@ -243,10 +338,7 @@ impl Inner {
         for (i, f) in info.frames.iter().enumerate().skip(first as usize + 1) {
             let i = i as u32;
             let f_end = f.offset + FRAME_HEADER_LEN + u64::from(f.stored_len);
-            if f_end - start > window
-                || g.contains(&(pack, i))
-                || self.cache.get((pack, i)).is_some()
-            {
+            if f_end - start > window || g.contains(&(pack, i)) || self.cache.contains((pack, i)) {
                 break;
             }
             last = i;
@@ -296,9 +388,7 @@ impl Inner {
                     format!("frame {n} cut short"),
                 ));
             };
-            check_frame_header(&object, n, f, h)?;
-            let keys = self.remote.keys();
-            let plain = Arc::new(decode_frame(&object, n, f, stored, keys.as_deref())?);
+            let plain = self.decode(&object, info, n, h, stored)?;
             self.cache.insert((pack, n), plain.clone());
             if let Some(d) = &self.disk {
                 d.put(&pack, n, &bytes[at..stop]);
@@ -356,7 +446,7 @@ impl Inner {
         if self.read_ahead == 0 {
             return;
         }
-        if n > 0 && self.cache.get((pack, n - 1)).is_none() {
+        if n > 0 && !self.cache.contains((pack, n - 1)) {
             return;
         }
         // The first frame after n not in memory, within one read-ahead window.
@@ -371,7 +461,7 @@ impl Inner {
             if f.offset - base > self.read_ahead {
                 return;
             }
-            if self.cache.get((pack, next)).is_none() {
+            if !self.cache.contains((pack, next)) {
                 break;
             }
             next += 1;
@@ -433,35 +523,11 @@ impl ChunkStore for RemoteChunks {
     }
 
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let inner = &self.inner;
-        let Some((pack, loc, info)) = inner.remote.locate(id) else {
-            return Err(Error::Remote {
-                object: inner.remote.url().to_string(),
-                reason: format!("chunk {id} is in no pack the remote's index objects list"),
-            });
-        };
-        let plain = inner.frame(pack, &info, loc.frame)?;
-        let s = loc.offset as usize;
-        let object = inner.object(&pack);
-        let Some(data) = s
-            .checked_add(loc.len as usize)
-            .and_then(|e| plain.get(s..e))
-        else {
-            return Err(Error::corrupt(
-                object,
-                0,
-                format!("chunk {id} runs past frame {}", loc.frame),
-            ));
-        };
-        if inner.check_ids && self.id_hasher().id(data) != *id {
-            let at = info.frames.get(loc.frame as usize).map_or(0, |f| f.offset);
-            return Err(Error::corrupt(
-                object,
-                at,
-                format!("chunk {id} in frame {} does not match its id", loc.frame),
-            ));
-        }
-        Ok(data.to_vec())
+        self.with_chunk(id, |data| Ok(data.to_vec()))
+    }
+
+    fn read_into(&self, id: &ChunkId, len: usize, from: usize, dst: &mut [u8]) -> Result<()> {
+        self.with_chunk(id, |data| crate::chunk::copy_part(id, data, len, from, dst))
     }
 
     fn contains(&self, id: &ChunkId) -> Result<bool> {

@@ -7,17 +7,19 @@
 //! reads back (header against the frame table, CRC-32C, decompressed length, chunk hashes) and
 //! drops a bad one, which is then fetched again. Files are written to a temporary name and
 //! renamed, without fsync: a frame lost or cut short by a crash fails its checks and is
-//! re-fetched, so no ordering is needed for correctness. The bound counts file bytes; the least
+//! re-fetched, so no ordering is needed for correctness. A temporary file is locked while it is
+//! written, and opening the cache removes only temporaries nobody holds (a crash's leftovers),
+//! never those of another process filling the same directory. The bound counts file bytes; the least
 //! recently used frames go first, and a frame is admitted only after room was made for it, so
 //! the directory never holds more than the bound (plus, transiently, one frame being written).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::Result;
-use crate::pack::{PackId, io_err};
+use crate::pack::{PackId, create_locked_temp, io_err, remove_stale_temp, temp_path};
 
 #[derive(Debug, Default)]
 struct State {
@@ -106,6 +108,11 @@ impl DiskFrameCache {
                 Some(m) if m.is_file() && is_frame_name(&name) => {
                     let when = m.modified().unwrap_or(std::time::UNIX_EPOCH);
                     found.push((when, name, m.len()));
+                }
+                // A frame being written, by this cache's `put` in another process (or another
+                // cache of this one) holds a lock on it: only a crash's leftover goes.
+                Some(m) if m.is_file() && name.ends_with(".tmp") => {
+                    remove_stale_temp(&ent.path());
                 }
                 _ => {
                     let _ = std::fs::remove_file(ent.path());
@@ -211,9 +218,13 @@ impl DiskFrameCache {
             st.by_use.insert(tick, name.clone());
             st.total += len;
         }
-        let tmp = self.dir.join(format!("{name}.tmp-{}", std::process::id()));
-        let done =
-            std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, self.dir.join(&name)));
+        // Locked while written, so that another process opening the cache leaves it alone.
+        let tmp = temp_path(&self.dir, "frame");
+        let done = create_locked_temp(&tmp, "create cached frame").and_then(|mut f| {
+            f.write_all(bytes)
+                .and_then(|()| std::fs::rename(&tmp, self.dir.join(&name)))
+                .map_err(io_err(&tmp, "write cached frame"))
+        });
         if done.is_err() {
             let _ = std::fs::remove_file(&tmp);
             self.lock().forget(&name);
@@ -294,6 +305,40 @@ mod tests {
         want.push(format!("{}.tmp-1", name_of(&a, 7)));
         want.sort();
         assert_eq!(left, want);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn opening_removes_abandoned_temporaries_and_leaves_those_being_written() {
+        let dir = image_format::scratch::path("dfc", "temps");
+        let p = PackId::from_hex(&"ef".repeat(32)).unwrap();
+        let first = DiskFrameCache::open(&dir, 1 << 20).unwrap();
+        first.put(&p, 0, &[5; 100]);
+        // A frame another opener is writing (its lock held), and one a crash abandoned.
+        let busy = temp_path(&dir, "frame");
+        let held = create_locked_temp(&busy, "create").unwrap();
+        let stale = temp_path(&dir, "frame");
+        drop(create_locked_temp(&stale, "create").unwrap());
+        std::fs::write(dir.join("stranger"), b"x").unwrap();
+        let second = DiskFrameCache::open(&dir, 1 << 20).unwrap();
+        assert!(busy.exists(), "a temporary being written was removed");
+        assert!(!stale.exists(), "an abandoned temporary stayed");
+        assert!(!dir.join("stranger").exists());
+        // Both openers see the frame the first wrote; the second writes one the first can
+        // read, through the same kind of locked temporary.
+        assert_eq!(second.get(&p, 0, 100).unwrap(), vec![5; 100]);
+        second.put(&p, 1, &[6; 50]);
+        assert_eq!(
+            std::fs::read(dir.join(name_of(&p, 1))).unwrap(),
+            vec![6; 50]
+        );
+        // Once its writer is gone, the temporary is a leftover like any other.
+        drop(held);
+        drop(DiskFrameCache::open(&dir, 1 << 20).unwrap());
+        assert!(!busy.exists());
+        let left = std::fs::read_dir(&dir).unwrap().flatten().count();
+        assert_eq!(left, 2, "only the two frames are left");
+        drop((first, second));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

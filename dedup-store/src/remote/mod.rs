@@ -295,6 +295,21 @@ pub(crate) struct RemotePack {
     pub(crate) len: u64,
 }
 
+/// A snapshot found on a remote ([`Remote::resolve`]).
+#[derive(Debug)]
+pub struct RemoteSnapshot {
+    /// The name it was found under (for `@HEX`, the name its manifest records).
+    pub name: String,
+    /// Its id.
+    pub id: SnapshotId,
+    /// Whether it is the name's current snapshot on the remote.
+    pub is_head: bool,
+    /// The manifest's bytes as stored (they hash to `id`).
+    pub bytes: Bytes,
+    /// The manifest, parsed (and opened, on an encrypted remote).
+    pub manifest: Manifest,
+}
+
 /// The remote's chunk set, from its index objects.
 #[derive(Debug, Default)]
 pub(crate) struct RemoteIndex {
@@ -759,17 +774,51 @@ impl Remote {
     }
 
     /// The whole of object `rel`, which must be at most `cap` bytes; None when it does not exist.
+    /// One GET: the size the answer declares is checked before its body is read, and no more
+    /// than `cap` bytes of the body are read whatever it declared.
     pub(crate) async fn get_small(&self, rel: &str, cap: u64) -> Result<Option<Bytes>> {
-        let Some(size) = self.head(rel).await? else {
-            return Ok(None);
-        };
-        if size > cap {
-            return Err(self.err(rel, format!("{size} bytes, more than {cap}")));
+        let key = self.key(rel);
+        let got = self
+            .retry(rel, || async {
+                let answer = match self.os.get(&key).await {
+                    Ok(a) => a,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                let size = answer.meta.size;
+                if size > cap {
+                    return Ok(Some(Err(format!("{size} bytes, more than {cap}"))));
+                }
+                let mut body = Vec::with_capacity(size as usize);
+                let mut parts = answer.into_stream();
+                while let Some(part) = parts.next().await {
+                    let part = part?;
+                    if (body.len() + part.len()) as u64 > size {
+                        return Ok(Some(Err(format!(
+                            "more bytes than the {size} its answer declared"
+                        ))));
+                    }
+                    body.extend_from_slice(&part);
+                }
+                if body.len() as u64 != size {
+                    return Ok(Some(Err(format!(
+                        "{} bytes where its answer declared {size}",
+                        body.len()
+                    ))));
+                }
+                Ok(Some(Ok(Bytes::from(body))))
+            })
+            .await?;
+        match got {
+            None => Ok(None),
+            Some(Err(why)) => Err(self.err(rel, why)),
+            Some(Ok(b)) => {
+                self.traffic
+                    .bytes_down
+                    .fetch_add(b.len() as u64, Ordering::Relaxed);
+                Ok(Some(b))
+            }
         }
-        if size == 0 {
-            return Ok(Some(Bytes::new()));
-        }
-        self.get_range(rel, 0..size).await.map(Some)
     }
 
     /// Writes object `rel` (replacing it), paced by the bandwidth limit.
@@ -932,9 +981,9 @@ impl Remote {
     }
 
     /// Finds a snapshot on the remote: `NAME` (its ref), `NAME@HEX` (a snapshot of that name by
-    /// an id prefix of at least 4 hex digits), `@HEX` (any). Returns the name, the id and
-    /// whether it is the name's current snapshot there.
-    pub fn resolve(&self, spec: &str) -> Result<(String, SnapshotId, bool)> {
+    /// an id prefix of at least 4 hex digits), `@HEX` (any). Returns it with its manifest, which
+    /// is fetched once, here.
+    pub fn resolve(&self, spec: &str) -> Result<RemoteSnapshot> {
         let (name, sel) = match spec.split_once('@') {
             Some((n, s)) => (n, Some(s)),
             None => (spec, None),
@@ -952,7 +1001,14 @@ impl Remote {
                         self.name
                     ))
                 })?;
-                Ok((name.to_string(), id, true))
+                let (bytes, manifest) = self.manifest_there(&id)?;
+                Ok(RemoteSnapshot {
+                    name: name.to_string(),
+                    id,
+                    is_head: true,
+                    bytes,
+                    manifest,
+                })
             }
             Some(prefix) => {
                 let prefix = prefix.to_ascii_lowercase();
@@ -973,17 +1029,27 @@ impl Remote {
                         self.name
                     )));
                 };
-                let (_, m) = self
-                    .manifest(id)?
-                    .ok_or_else(|| self.err(&format!("snapshots/{}", id.to_hex()), "vanished"))?;
+                let (bytes, manifest) = self.manifest_there(id)?;
                 let name = if name.is_empty() {
-                    m.name.clone()
+                    manifest.name.clone()
                 } else {
                     name.to_string()
                 };
-                Ok((name, *id, head == Some(*id)))
+                Ok(RemoteSnapshot {
+                    name,
+                    id: *id,
+                    is_head: head == Some(*id),
+                    bytes,
+                    manifest,
+                })
             }
         }
+    }
+
+    /// [`Remote::manifest`] of a snapshot that must be there (a ref or a listing named it).
+    fn manifest_there(&self, id: &SnapshotId) -> Result<(Bytes, Manifest)> {
+        self.manifest(id)?
+            .ok_or_else(|| self.err(&format!("snapshots/{}", id.to_hex()), "not found"))
     }
 
     /// Re-reads the remote's chunk set: lists `index/`, fetches index objects not cached yet

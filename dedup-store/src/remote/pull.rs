@@ -100,18 +100,25 @@ pub fn pull_with(
     remote.check_keys(store.root(), store.config().encryption.as_ref())?;
     remote.set_keys(store.keys().cloned());
     remote.refresh_index()?;
-    let (name, id, is_head) = remote.resolve(spec)?;
+    let found = remote.resolve(spec)?;
+    let (name, id, is_head) = (found.name, found.id, found.is_head);
     let mut report = PullReport {
         snapshot: format!("{name}@{}", id.short()),
         ..Default::default()
     };
     let mut chain = Vec::new();
     let mut next = Some(id);
+    // The snapshot's own manifest came with it: not fetched twice.
+    let mut first = Some((found.bytes, found.manifest));
     while let Some(s) = next {
         if store.has_manifest(&s) || chain.len() >= MAX_LINEAGE {
             break;
         }
-        match remote.manifest(&s)? {
+        let got = match first.take() {
+            Some(m) => Some(m),
+            None => remote.manifest(&s)?,
+        };
+        match got {
             Some((bytes, m)) => {
                 next = m.parent;
                 chain.push((s, bytes, m));

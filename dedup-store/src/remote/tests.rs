@@ -295,9 +295,12 @@ fn lazy_reads_fetch_ahead_once_and_reuse_the_disk_cache() {
     let read = |read_ahead: u64| {
         let r = remote_at(&dst, &dir.join("remote"));
         r.refresh_index().unwrap();
-        let (name, id, _) = r.resolve("disk").unwrap();
-        let (_, manifest) = r.manifest(&id).unwrap().unwrap();
-        let snap = Resolved { name, id, manifest };
+        let found = r.resolve("disk").unwrap();
+        let snap = Resolved {
+            name: found.name,
+            id: found.id,
+            manifest: found.manifest,
+        };
         let options = RemoteReadOptions {
             memory_cache: 64 << 20,
             disk_cache: Some((cache.clone(), 64 << 20)),
@@ -345,6 +348,125 @@ fn lazy_reads_fetch_ahead_once_and_reuse_the_disk_cache() {
     assert_eq!(s.disk_bad.load(Relaxed), 1, "{s:?}");
     assert_eq!(s.fetches.load(Relaxed), 1, "{s:?}");
     assert_eq!(s.disk_hits.load(Relaxed), files - 1, "{s:?}");
+}
+
+/// A store holding one 2 MiB disk `disk`, pushed to a directory remote; an empty store with
+/// that remote, its index refreshed, and the disk's bytes.
+fn pushed_for_reading(name: &str) -> (PathBuf, Arc<Remote>, Vec<u8>) {
+    let dir = tmp(name);
+    let src = Store::create(&dir.join("src"), Default::default()).unwrap();
+    let data = xorshift_bytes(17, 2 << 20);
+    commit_disk(&src, "disk", &data);
+    let remote = remote_at(&src, &dir.join("remote"));
+    push(&src, &remote, &all_refs(&src), &PushOptions::default()).unwrap();
+    let dst = Store::create(&dir.join("dst"), Default::default()).unwrap();
+    let r = remote_at(&dst, &dir.join("remote"));
+    r.refresh_index().unwrap();
+    (dir, r, data)
+}
+
+#[test]
+fn a_frame_is_checked_once_and_reads_of_it_are_not_hashed_again() {
+    use crate::store::Resolved;
+    use crate::store::disk::StoredDisk;
+    use image_format::BlockDevice;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let (dir, r, data) = pushed_for_reading("remote-check-once");
+    let found = r.resolve("disk").unwrap();
+    let snap = Resolved {
+        name: found.name,
+        id: found.id,
+        manifest: found.manifest,
+    };
+    let indexed: usize = r.with_index(|i| i.entries.values().map(|e| e.len()).sum());
+    let chunks = Arc::new(RemoteChunks::new(r.clone(), 64 << 20));
+    let disk = StoredDisk::open_remote(chunks.clone(), &snap, None).unwrap();
+    let s = chunks.stats();
+    let mut checked = Vec::new();
+    for _pass in 0..2 {
+        let mut out = vec![0u8; data.len()];
+        for (i, piece) in out.chunks_mut(4096).enumerate() {
+            disk.read_at(piece, (i as u64) * 4096).unwrap();
+        }
+        assert!(out == data, "read back differs");
+        checked.push((s.chunks_checked.load(Relaxed), s.fetches.load(Relaxed)));
+    }
+    // 512 reads of 4 KiB a pass: each chunk was hashed once, in the pass that fetched it.
+    let (hashed, fetched) = checked[0];
+    assert!(
+        hashed > 0 && hashed <= indexed,
+        "{hashed} hashes, {indexed} chunks"
+    );
+    assert_eq!(checked[1], checked[0], "the second pass fetched or hashed");
+    assert!(fetched >= 1);
+
+    // read_into copies the part asked for, and refuses a length the chunk does not have.
+    let (id, len) = r.with_index(|i| {
+        let (id, (_, loc)) = i.chunks.iter().max_by_key(|(_, (_, l))| l.len).unwrap();
+        (*id, loc.len as usize)
+    });
+    let whole = chunks.get(&id).unwrap();
+    assert_eq!(whole.len(), len);
+    let mut part = vec![0u8; 50];
+    chunks.read_into(&id, len, 100, &mut part).unwrap();
+    assert_eq!(part, whole[100..150]);
+    assert!(chunks.read_into(&id, len + 1, 0, &mut part).is_err());
+    assert!(chunks.read_into(&id, len, len - 10, &mut part).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_chunk_that_does_not_match_its_id_is_never_returned() {
+    let (dir, r, _) = pushed_for_reading("remote-bad-id");
+    // The index (as an untrusted remote could make it) places chunk `fake` where another chunk
+    // is: the frame's bytes are intact, only that id is wrong.
+    let fake = ChunkId([0x5a; 32]);
+    let (pack, loc, neighbour) = {
+        let mut g = r.index.write().unwrap();
+        let (&real, &(pack, loc)) = g.chunks.iter().max_by_key(|(_, (_, l))| l.len).unwrap();
+        g.chunks.remove(&real);
+        g.chunks.insert(fake, (pack, loc));
+        // Another chunk of the same frame, if any.
+        let neighbour = g
+            .chunks
+            .iter()
+            .find(|(id, (p, l))| **id != fake && *p == pack && l.frame == loc.frame)
+            .map(|(id, _)| *id);
+        (pack, loc, neighbour)
+    };
+    let chunks = RemoteChunks::new(r.clone(), 64 << 20);
+    let e = chunks.get(&fake).unwrap_err().to_string();
+    assert!(e.contains("does not match its id"), "{e}");
+    assert!(e.contains(&pack.file_name()), "{e}");
+    let mut part = vec![0u8; 16];
+    let e = chunks
+        .read_into(&fake, loc.len as usize, 0, &mut part)
+        .unwrap_err();
+    assert!(e.to_string().contains("does not match its id"), "{e}");
+    // The frame stays cached (its bytes are intact), but the chunk is never marked checked:
+    // each read hashes it again and fails; the other chunks of the frame read.
+    assert!(chunks.get(&fake).is_err());
+    let s = chunks.stats();
+    assert_eq!(s.fetches.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        s.chunks_checked.load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    if let Some(n) = neighbour {
+        assert_eq!(ChunkId::of(&chunks.get(&n).unwrap()), n);
+    }
+    // Without id checks (keyless walks), the same bytes are read.
+    let unchecked = RemoteChunks::with_options(
+        r.clone(),
+        RemoteReadOptions {
+            check_ids: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(unchecked.get(&fake).unwrap().len(), loc.len as usize);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
