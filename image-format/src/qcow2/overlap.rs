@@ -228,10 +228,15 @@ fn snapshot_table_len(img: &Qcow2Image) -> Result<u64> {
 
 /// The host clusters holding metadata, as disjoint cluster-aligned ranges keyed by their start.
 /// A cluster claimed twice (a corrupt image) keeps the kind that claimed it first.
+///
+/// It also records which L2 tables the in-place writer has checked whole (see `rw.rs`), so
+/// that its lock-free path takes one lock for both questions.
 #[derive(Debug)]
 pub(super) struct MetaMap {
     cs: u64,
     ranges: BTreeMap<u64, (u64, MetaKind)>,
+    /// Checked L2 tables: table offset -> the L1 index naming it.
+    checked: BTreeMap<u64, u64>,
 }
 
 /// A metadata range found where something else was to go.
@@ -259,6 +264,7 @@ impl MetaMap {
         MetaMap {
             cs: cluster_size,
             ranges: BTreeMap::new(),
+            checked: BTreeMap::new(),
         }
     }
 
@@ -288,9 +294,14 @@ impl MetaMap {
         }
     }
 
-    /// Releases the clusters of `[offset, offset + len)`, whatever claimed them.
+    /// Releases the clusters of `[offset, offset + len)`, whatever claimed them (and forgets
+    /// that an L2 table there was checked).
     pub(super) fn remove(&mut self, offset: u64, len: u64) {
         let (start, end) = self.clusters(offset, len);
+        let forget: Vec<u64> = self.checked.range(start..end).map(|(&t, _)| t).collect();
+        for t in forget {
+            self.checked.remove(&t);
+        }
         let taken: Vec<(u64, u64)> = self.overlapping(start, end).collect();
         for (s, e) in taken {
             let Some((_, kind)) = self.ranges.remove(&s) else {
@@ -318,21 +329,27 @@ impl MetaMap {
             .map(|(&s, &(e, _))| (s, e))
     }
 
-    /// The first metadata range meeting the clusters of `[offset, offset + len)`: O(log n).
+    /// The last metadata range meeting the clusters of `[offset, offset + len)`: one O(log n)
+    /// lookup, as the ranges are disjoint (the last one starting before the end meets the
+    /// range if any does).
     pub(super) fn find(&self, offset: u64, len: u64) -> Option<Overlap> {
         let (start, end) = self.clusters(offset, len.max(1));
-        let (&s, _) = self
-            .ranges
-            .range(..start)
-            .next_back()
-            .filter(|(_, (e, _))| *e > start)
-            .or_else(|| self.ranges.range(start..end).next())?;
-        let &(e, kind) = self.ranges.get(&s)?;
-        Some(Overlap {
+        let (&s, &(e, kind)) = self.ranges.range(..end).next_back()?;
+        (e > start).then_some(Overlap {
             kind,
             start: s,
             end: e,
         })
+    }
+
+    /// Whether the L2 table at `table` was checked as the table of L1 entry `l1_index`.
+    pub(super) fn is_checked(&self, table: u64, l1_index: u64) -> bool {
+        self.checked.get(&table) == Some(&l1_index)
+    }
+
+    /// Records that the L2 table at `table` was checked as the table of L1 entry `l1_index`.
+    pub(super) fn set_checked(&mut self, table: u64, l1_index: u64) {
+        self.checked.insert(table, l1_index);
     }
 
     /// Whether the cluster at `offset` is claimed by exactly the L2 table that starts there (the
@@ -374,8 +391,8 @@ mod tests {
         );
         assert_eq!(m.find(0xa00, 512), None);
         assert_eq!(m.find(0x200, 512), None);
-        // A range covering several claims finds the first.
-        assert_eq!(m.find(0, 0x2000).map(|o| o.start), Some(0x400));
+        // A range covering several claims finds one of them.
+        assert_eq!(m.find(0, 0x2000).map(|o| o.start), Some(0x800));
         assert_eq!(m.len(), 3);
     }
 

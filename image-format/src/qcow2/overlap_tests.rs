@@ -274,7 +274,7 @@ fn other_clusters_of_a_corrupt_table_stay_writable() {
     let dev = open_rw(&img);
     dev.write_at(&[0x22; CS as usize], 2 * CS).unwrap();
     dev.write_at(&[0x33; CS as usize], 0).unwrap();
-    assert!(!dev.writer.as_ref().unwrap().is_checked(l.l2, 0));
+    assert!(!dev.writer.as_ref().unwrap().meta().is_checked(l.l2, 0));
     let mut buf = vec![0u8; 3 * CS as usize];
     dev.read_at(&mut buf, 0).unwrap();
     assert!(buf[..CS as usize].iter().all(|&b| b == 0x33));
@@ -351,7 +351,10 @@ fn many_allocating_writes_pass_their_own_overlap_check() {
         "{} ranges",
         w.meta().len()
     );
-    assert!(w.is_checked(dev.l1.read().unwrap()[0] & OFFSET_MASK, 0));
+    assert!(
+        w.meta()
+            .is_checked(dev.l1.read().unwrap()[0] & OFFSET_MASK, 0)
+    );
     let mut back = vec![0u8; size as usize];
     dev.read_at(&mut back, 0).unwrap();
     assert!(back == model, "read back differs");

@@ -78,13 +78,10 @@ pub(super) struct Writer {
     per_block: u64,
     refcount_bits: u32,
     /// The clusters holding metadata: guest data never goes there (changed only with `state`
-    /// held).
+    /// held). With them, the L2 tables of the active L1 whose every entry was found to name
+    /// clusters of its own (refcount 1 where copied, no other entry of the table, not
+    /// metadata, inside the file): the lock-free in-place path writes only through these.
     meta: RwLock<MetaMap>,
-    /// L2 tables of the active L1 whose every copied entry was found to name a cluster of its
-    /// own (refcount 1, no other entry of the table, not metadata, inside the file); the
-    /// lock-free in-place path writes only through these. Keyed by table offset, with the L1
-    /// index that names it.
-    checked_tables: RwLock<HashMap<u64, u64>>,
 }
 
 #[derive(Debug)]
@@ -176,7 +173,6 @@ pub(super) fn open_writer(img: &Qcow2Image) -> Result<Writer> {
         per_block: cs * 8 / u64::from(refcount_bits),
         refcount_bits,
         meta: RwLock::new(meta),
-        checked_tables: RwLock::new(HashMap::new()),
     })
 }
 
@@ -228,27 +224,6 @@ impl Writer {
 
     fn meta_mut(&self) -> RwLockWriteGuard<'_, MetaMap> {
         self.meta.write().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Whether the L2 table at `table` was checked as the table of L1 entry `l1_index`.
-    pub(super) fn is_checked(&self, table: u64, l1_index: u64) -> bool {
-        self.checked_tables
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&table)
-            == Some(&l1_index)
-    }
-
-    /// Records (`Some`) or forgets (`None`) that the L2 table at `table` was checked.
-    fn set_checked(&self, table: u64, l1_index: Option<u64>) {
-        let mut map = self
-            .checked_tables
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        match l1_index {
-            Some(i) => map.insert(table, i),
-            None => map.remove(&table),
-        };
     }
 }
 
@@ -317,8 +292,9 @@ impl Qcow2Image {
         let (l1_index, _, _) = self.geometry.split(off);
         let l1_entry = self.l1_entry(l1_index)?;
         let table_off = l1_entry & OFFSET_MASK;
+        let meta = w.meta();
         // A table not yet checked goes through the metadata path once, which checks it.
-        if l1_entry & COPIED == 0 || table_off == 0 || !w.is_checked(table_off, l1_index) {
+        if l1_entry & COPIED == 0 || table_off == 0 || !meta.is_checked(table_off, l1_index) {
             return Ok(false);
         }
         let table = self.l2_table(table_off)?;
@@ -338,11 +314,12 @@ impl Qcow2Image {
             else {
                 return Ok(false);
             };
-            self.check_data_target(w, pos - in_cluster, host, cs, at)?;
+            self.check_data_target(&meta, pos - in_cluster, host, cs, at)?;
             let n = (cs - in_cluster).min(end - pos);
             hosts.push((host + in_cluster, (pos - off) as usize, n as usize));
             pos += n;
         }
+        drop(meta);
         for (host, start, n) in hosts {
             self.file.write_all_at(&data[start..start + n], host)?;
         }
@@ -353,7 +330,7 @@ impl Qcow2Image {
     /// (by the L2 entry at `at`) when that lies past the end of the file or on metadata.
     fn check_data_target(
         &self,
-        w: &Writer,
+        meta: &MetaMap,
         guest: u64,
         host: u64,
         len: u64,
@@ -362,7 +339,7 @@ impl Qcow2Image {
         let file_len = self.file.len();
         let problem = if host >= file_len {
             format!("lies past the end of the file ({file_len:#x})")
-        } else if let Some(o) = w.meta().find(host, len) {
+        } else if let Some(o) = meta.find(host, len) {
             format!("overlaps {o}")
         } else {
             return Ok(());
@@ -401,11 +378,11 @@ impl Qcow2Image {
                 prealloc: Some(host),
             } => host,
             Cluster::Compressed { host, len } => {
-                return self.check_data_target(w, guest, host, len, at);
+                return self.check_data_target(&w.meta(), guest, host, len, at);
             }
             _ => return Ok(()),
         };
-        self.check_data_target(w, guest, host, cs, at)?;
+        self.check_data_target(&w.meta(), guest, host, cs, at)?;
         let rc = self.refcount(w, st, host / cs)?;
         let copied = entry & COPIED != 0;
         let problem = if rc == 0 {
@@ -521,7 +498,7 @@ impl Qcow2Image {
         let mut table: Vec<u64> = self.l2_table(table_off)?.to_vec();
         // Check every cluster the request touches before anything is written; a table seen for
         // the first time is checked whole, so that later writes can take the in-place path.
-        let checked = w.is_checked(table_off, l1_index);
+        let checked = w.meta().is_checked(table_off, l1_index);
         let dups = (!checked).then(|| self.hosts_of(&table, table_off));
         let mut pos = off & !(cs - 1);
         while pos < off + len {
@@ -537,7 +514,7 @@ impl Qcow2Image {
         if let Some(dups) = &dups
             && self.table_is_sound(w, st, l1_index, table_off, &table, dups)?
         {
-            w.set_checked(table_off, Some(l1_index));
+            w.meta_mut().set_checked(table_off, l1_index);
         }
         let mut frees = Vec::new();
         let mut synced_before_link = false;
@@ -971,7 +948,6 @@ impl Qcow2Image {
         if rc == 1 {
             // Whatever it held is gone: it may now take guest data.
             w.meta_mut().remove(idx * self.cs(), self.cs());
-            w.set_checked(idx * self.cs(), None);
             st.free_hint = st.free_hint.min(idx);
             self.file.punch_hole(idx * self.cs(), self.cs())?;
         }
