@@ -414,7 +414,7 @@ impl Qcow2Image {
     ) -> Result<bool> {
         let base = l1_index * self.geometry.bytes_per_l2();
         for (i, &entry) in table.iter().enumerate() {
-            let guest = base + ((i as u64) << self.geometry.cluster_bits);
+            let guest = base.saturating_add((i as u64) << self.geometry.cluster_bits);
             match self.check_entry(w, st, guest, entry, table_off + i as u64 * 8, Some(dups)) {
                 Ok(()) => {}
                 Err(e) if e.is_corruption() => return Ok(false),
