@@ -36,6 +36,19 @@
 //! lock exclusively once, after the entry that named the cluster is gone, so no request still
 //! uses the old host offset.
 //!
+//! # Overlap check
+//!
+//! L1 and L2 entries are untrusted: at a writable open [`super::overlap::walk`] (the walker
+//! `check` uses) fills a [`MetaMap`] with every metadata cluster. Before a request touches a
+//! cluster on the metadata path, the cluster must lie inside the file, hold no metadata, be
+//! referenced, and, where the copied flag is set, have refcount 1 and no other entry of its
+//! table naming it; the L2 table must be exactly an L2 table of the map. Otherwise the whole
+//! request is refused with a corruption error before anything is written. A table that passes
+//! whole is marked checked; the in-place path only writes through checked tables and looks each
+//! host cluster up in the map again. New L2 tables, refcount blocks and refcount tables are
+//! added to the map, freed clusters removed, and the allocator refuses a "free" cluster the map
+//! holds.
+//!
 //! # Limits
 //!
 //! Images with extended L2 entries (subclusters), dirty or corrupt images, images whose backing
