@@ -296,6 +296,55 @@ fn writes_to_a_read_only_export_fail() {
 }
 
 #[test]
+fn a_guest_write_aimed_at_qcow2_metadata_fails_with_eio_and_changes_nothing() {
+    let dir = scratch("nbd-qcow2-overlap");
+    let disk = dir.join("crafted.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&disk), "64M"]);
+    run_ok(Command::new(require("qemu-io")).args([
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x11 0 128k",
+        s(&disk),
+    ]));
+    // The L2 entry of guest cluster 1 (64 KiB clusters) now names the first refcount block,
+    // copied flag set: a write there would overwrite the refcounts.
+    let bytes = std::fs::read(&disk).unwrap();
+    let be64 =
+        |off: u64| u64::from_be_bytes(bytes[off as usize..off as usize + 8].try_into().unwrap());
+    let l1 = be64(40);
+    let l2 = be64(l1) & 0x00ff_ffff_ffff_fe00;
+    let block = be64(be64(48));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(&(block | 1 << 63).to_be_bytes(), l2 + 8)
+            .unwrap();
+    }
+    let before = hash_file(&disk);
+    let served = Served::start(&dir, &["--rw", s(&disk)], 1);
+    let out = run(Command::new(require("qemu-io")).args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x22 65536 4096",
+        "-c",
+        "flush",
+        &served.urls[0],
+    ]));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Input/output error"), "{text}");
+    let want = format!("at host offset {block:#x} overlaps the refcount block");
+    let log = served.log_when(|log| log.contains(&want));
+    assert!(log.contains(&want), "{log}");
+    assert!(log.contains(&disk.display().to_string()), "{log}");
+    assert!(log.contains("guest offset 0x10000"), "{log}");
+    drop(served);
+    assert_eq!(hash_file(&disk), before, "the file changed");
+}
+
+#[test]
 fn nbdinfo_lists_exports_and_maps_like_vmnest_map() {
     let dir = scratch("nbd-nbdinfo");
     let (raw, qcow2, vmdk) = pattern_images(&dir);

@@ -20,7 +20,8 @@
 //! disagree with the refcount (active tables only) are corruptions.
 //!
 //! Every distinct L2 table is read once, whatever the number of L1 tables naming it, and the
-//! work and memory are capped ([`MAX_CHECK_CLUSTERS`], [`MAX_CHECK_L1_ENTRIES`]).
+//! work and memory are capped ([`MAX_CHECK_CLUSTERS`],
+//! [`super::overlap::MAX_SNAPSHOT_L1_ENTRIES`]).
 
 use std::collections::HashMap;
 
@@ -30,14 +31,11 @@ use crate::image::CheckReport;
 use super::Qcow2Image;
 use super::io::read_table;
 use super::map::{COPIED, Cluster, OFFSET_MASK, decode_l2};
+use super::overlap::{Found, walk};
 use super::rw::get_refcount;
 
 /// Cap on the host clusters a check tracks (two counters each): larger files are refused.
 pub const MAX_CHECK_CLUSTERS: u64 = 1 << 24;
-/// Cap on L1 entries walked over all snapshots together.
-pub const MAX_CHECK_L1_ENTRIES: u64 = 64 << 20;
-/// Cap on the entries of one bitmap table.
-pub const MAX_BITMAP_TABLE_ENTRIES: u32 = 1 << 22;
 /// Problems listed one by one; more are summarised in one last entry.
 pub const MAX_LISTED_PROBLEMS: usize = 1000;
 
@@ -168,55 +166,29 @@ pub(super) fn check(img: &Qcow2Image) -> Result<CheckReport> {
     // Stored refcounts, and the references of the refcount structures themselves.
     let stored = stored_refcounts(img, &mut c, file_clusters);
 
-    c.add("qcow2 header", 0, cs, META, 1);
-    c.add(
-        "qcow2 L1 table",
-        h.l1_table_offset,
-        u64::from(h.l1_size) * 8,
-        META,
-        1,
-    );
-    if h.nb_snapshots > 0 {
-        let len = snapshot_table_len(img)?;
-        c.add("qcow2 snapshot table", h.snapshots_offset, len, META, 1);
-    }
-
-    // L2 tables named by the active L1 and every snapshot's L1: (all references, active ones).
-    // Snapshot L1 tables are read one at a time and dropped.
+    // The header, L1 tables (and the L2 tables they name), refcount table, snapshot table and
+    // bitmaps: the walk the in-place writer's overlap check uses too.
     let stored_of = |off: u64| stored.get((off / cs) as usize).copied().unwrap_or(0);
     let mut l2_refs: HashMap<u64, (u32, u32)> = HashMap::new();
-    count_l1(
-        &mut c,
-        &mut l2_refs,
-        h.l1_table_offset,
-        &img.l1.read().unwrap_or_else(|e| e.into_inner()),
-        Some(&stored_of),
-    );
-    let mut walked = 0u64;
-    for s in &img.snapshots {
-        walked = walked.saturating_add(u64::from(s.l1_size));
-        if walked > MAX_CHECK_L1_ENTRIES {
-            return Err(
-                Error::unsupported("checking snapshots with this many L1 entries")
-                    .in_file(img.file.path()),
-            );
-        }
-        let len = u64::from(s.l1_size) * 8;
-        c.add("qcow2 snapshot L1 table", s.l1_table_offset, len, META, 1);
-        match read_table(
-            &img.file,
-            s.l1_table_offset,
-            len as usize,
-            "qcow2 snapshot L1 table",
-        ) {
-            Ok(t) => count_l1(&mut c, &mut l2_refs, s.l1_table_offset, &t, None),
-            Err(e) => c.corruption(
-                "qcow2 snapshot L1 table",
-                Some(s.l1_table_offset),
-                e.to_string(),
-            ),
-        }
-    }
+    walk(img, &mut |found| match found {
+        Found::Range { kind, offset, len } => c.add(kind.name(), offset, len, META, 1),
+        Found::L1 {
+            offset,
+            entries,
+            active,
+        } => count_l1(
+            &mut c,
+            &mut l2_refs,
+            offset,
+            entries,
+            active.then_some(&stored_of as &dyn Fn(u64) -> u64),
+        ),
+        Found::Problem {
+            structure,
+            offset,
+            message,
+        } => c.corruption(structure, Some(offset), message),
+    })?;
 
     // Each distinct L2 table once.
     let g = img.geometry;
@@ -296,8 +268,6 @@ pub(super) fn check(img: &Qcow2Image) -> Result<CheckReport> {
         }
     }
 
-    bitmap_references(img, &mut c);
-
     // Compare.
     let mut highest = None;
     let mut extra_leaks = 0u64;
@@ -347,38 +317,14 @@ pub(super) fn check(img: &Qcow2Image) -> Result<CheckReport> {
     Ok(report)
 }
 
-/// Byte length of the snapshot table, re-reading each entry's sizes.
-fn snapshot_table_len(img: &Qcow2Image) -> Result<u64> {
-    let mut at = img.header.snapshots_offset;
-    let mut total = 0u64;
-    for _ in 0..img.header.nb_snapshots {
-        let fixed = img.file.read_vec(
-            at,
-            super::header::SNAPSHOT_FIXED_LEN,
-            "qcow2 snapshot table",
-        )?;
-        let sizes =
-            super::header::snapshot_sizes(&fixed, at).map_err(|e| e.in_file(img.file.path()))?;
-        total = total.saturating_add(sizes.entry_len());
-        at = at.saturating_add(sizes.entry_len());
-    }
-    Ok(total)
-}
-
 /// Reads the refcount table and blocks; counts their own references; returns the stored
 /// refcount of every cluster of the file.
 fn stored_refcounts(img: &Qcow2Image, c: &mut Counter<'_>, file_clusters: u64) -> Vec<u64> {
     let h = &img.header;
     let cs = c.cs;
     let mut stored = vec![0u64; file_clusters as usize];
+    // The table's own clusters are counted by the walk.
     let rt_len = u64::from(h.refcount_table_clusters) * cs;
-    c.add(
-        "qcow2 refcount table",
-        h.refcount_table_offset,
-        rt_len,
-        META,
-        1,
-    );
     let table = match read_table(
         &img.file,
         h.refcount_table_offset,
@@ -432,56 +378,6 @@ fn stored_refcounts(img: &Qcow2Image, c: &mut Counter<'_>, file_clusters: u64) -
         }
     }
     stored
-}
-
-fn bitmap_references(img: &Qcow2Image, c: &mut Counter<'_>) {
-    let Some(ext) = &img.ext.bitmaps else {
-        return;
-    };
-    c.add(
-        "qcow2 bitmap directory",
-        ext.directory_offset,
-        ext.directory_size,
-        META,
-        1,
-    );
-    for b in &img.bitmaps {
-        if b.table_size > MAX_BITMAP_TABLE_ENTRIES {
-            c.corruption(
-                "qcow2 bitmap directory",
-                Some(ext.directory_offset),
-                format!("bitmap {:?} table too large", b.name),
-            );
-            continue;
-        }
-        let len = u64::from(b.table_size) * 8;
-        c.add("qcow2 bitmap table", b.table_offset, len, META, 1);
-        match read_table(
-            &img.file,
-            b.table_offset,
-            len as usize,
-            "qcow2 bitmap table",
-        ) {
-            Ok(t) => {
-                for (i, e) in t.iter().enumerate() {
-                    let off = e & OFFSET_MASK;
-                    if off != 0 {
-                        if off & (c.cs - 1) != 0 {
-                            let at = b.table_offset + i as u64 * 8;
-                            c.corruption(
-                                "qcow2 bitmap table",
-                                Some(at),
-                                format!("offset {off:#x} unaligned"),
-                            );
-                        } else {
-                            c.add("qcow2 bitmap data", off, c.cs, META, 1);
-                        }
-                    }
-                }
-            }
-            Err(e) => c.corruption("qcow2 bitmap table", Some(b.table_offset), e.to_string()),
-        }
-    }
 }
 
 #[cfg(test)]

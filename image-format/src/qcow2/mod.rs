@@ -32,6 +32,9 @@ mod check;
 pub mod header;
 mod io;
 pub mod map;
+mod overlap;
+#[cfg(test)]
+mod overlap_tests;
 mod rw;
 pub mod write;
 
@@ -204,12 +207,7 @@ impl Qcow2Image {
             }
             Some(name) => Backing::NotOpened(name.clone()),
         };
-        let writer = if file.is_writable() {
-            Some(rw::open_writer(&file, &header, &backing)?)
-        } else {
-            None
-        };
-        Ok(Qcow2Image {
+        let mut img = Qcow2Image {
             l2_cache: io::L2Cache::new(header.cluster_size()),
             file,
             header,
@@ -217,13 +215,17 @@ impl Qcow2Image {
             geometry,
             l1: RwLock::new(l1),
             in_flight: RwLock::new(()),
-            writer,
+            writer: None,
             last_compressed: Mutex::new(None),
             backing_name,
             backing,
             snapshots,
             bitmaps,
-        })
+        };
+        if img.file.is_writable() {
+            img.writer = Some(rw::open_writer(&img)?);
+        }
+        Ok(img)
     }
 
     /// Loads (through the cache) the L2 table at `offset`.

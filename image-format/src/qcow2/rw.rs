@@ -36,6 +36,19 @@
 //! lock exclusively once, after the entry that named the cluster is gone, so no request still
 //! uses the old host offset.
 //!
+//! # Overlap check
+//!
+//! L1 and L2 entries are untrusted: at a writable open [`super::overlap::walk`] (the walker
+//! `check` uses) fills a [`MetaMap`] with every metadata cluster. Before a request touches a
+//! cluster on the metadata path, the cluster must lie inside the file, hold no metadata, be
+//! referenced, and, where the copied flag is set, have refcount 1 and no other entry of its
+//! table naming it; the L2 table must be exactly an L2 table of the map. Otherwise the whole
+//! request is refused with a corruption error before anything is written. A table that passes
+//! whole is marked checked; the in-place path only writes through checked tables and looks each
+//! host cluster up in the map again. New L2 tables, refcount blocks and refcount tables are
+//! added to the map, freed clusters removed, and the allocator refuses a "free" cluster the map
+//! holds.
+//!
 //! # Limits
 //!
 //! Images with extended L2 entries (subclusters), dirty or corrupt images, images whose backing
@@ -45,14 +58,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::blockdev::{BlockDevice, BlockDeviceMut, check_range};
 use crate::error::{Error, Result};
-use crate::file::ImageFile;
 
-use super::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use super::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::map::{COPIED, Cluster, L2_COMPRESSED, L2_ZERO, OFFSET_MASK, decode_l2};
+use super::overlap::{Found, MetaKind, MetaMap, walk};
 use super::{Backing, Qcow2Image};
 
 /// Refcount blocks kept in memory (they are written through, so this only bounds reads).
@@ -77,6 +90,11 @@ pub(super) struct Writer {
     /// Entries per refcount block.
     per_block: u64,
     refcount_bits: u32,
+    /// The clusters holding metadata: guest data never goes there (changed only with `state`
+    /// held). With them, the L2 tables of the active L1 whose every entry was found to name
+    /// clusters of its own (refcount 1 where copied, no other entry of the table, not
+    /// metadata, inside the file): the lock-free in-place path writes only through these.
+    meta: RwLock<MetaMap>,
 }
 
 #[derive(Debug)]
@@ -99,8 +117,10 @@ enum Op<'a> {
     Discard,
 }
 
-/// Validates that `header` can be written in place and loads the refcount table.
-pub(super) fn open_writer(file: &ImageFile, h: &Header, backing: &Backing) -> Result<Writer> {
+/// Validates that `img` can be written in place, loads the refcount table and finds the
+/// clusters that hold metadata.
+pub(super) fn open_writer(img: &Qcow2Image) -> Result<Writer> {
+    let (file, h, backing) = (&img.file, &img.header, &img.backing);
     let path = file.path();
     let refuse = |reason: String| Error::ReadOnly {
         path: path.to_path_buf(),
@@ -148,6 +168,7 @@ pub(super) fn open_writer(file: &ImageFile, h: &Header, backing: &Backing) -> Re
             .in_file(path));
         }
     }
+    let meta = metadata_map(img, &rt)?;
     if h.version >= 3 && h.autoclear_features != 0 {
         file.write_all_at(&0u64.to_be_bytes(), HEADER_AUTOCLEAR)?;
         file.sync_data()?;
@@ -164,12 +185,58 @@ pub(super) fn open_writer(file: &ImageFile, h: &Header, backing: &Backing) -> Re
         failed: AtomicBool::new(false),
         per_block: cs * 8 / u64::from(refcount_bits),
         refcount_bits,
+        meta: RwLock::new(meta),
     })
+}
+
+/// The metadata clusters of `img` whose refcount table is `rt`. The fixed structures claim
+/// their clusters first, then refcount blocks, then L2 tables, so that a table entry aimed at
+/// another structure leaves that structure's kind in the map (and the write is refused).
+fn metadata_map(img: &Qcow2Image, rt: &[u64]) -> Result<MetaMap> {
+    let cs = img.header.cluster_size();
+    let mut meta = MetaMap::new(cs);
+    let mut l2_tables = Vec::new();
+    let mut problem = None;
+    walk(img, &mut |found| match found {
+        Found::Range { kind, offset, len } => meta.insert(kind, offset, len),
+        Found::L1 { entries, .. } => l2_tables.extend(
+            entries
+                .iter()
+                .map(|e| e & OFFSET_MASK)
+                .filter(|&off| off != 0 && off & (cs - 1) == 0),
+        ),
+        Found::Problem {
+            structure,
+            offset,
+            message,
+        } => {
+            problem.get_or_insert((structure, offset, message));
+        }
+    })?;
+    if let Some((structure, offset, message)) = problem {
+        // Where its metadata lies is not known: guest writes could land on it.
+        return Err(Error::corrupt(structure, offset, message).in_file(img.file.path()));
+    }
+    for &b in rt.iter().filter(|&&b| b != 0) {
+        meta.insert(MetaKind::RefcountBlock, b, cs);
+    }
+    for off in l2_tables {
+        meta.insert(MetaKind::L2Table, off, cs);
+    }
+    Ok(meta)
 }
 
 impl Writer {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn meta(&self) -> RwLockReadGuard<'_, MetaMap> {
+        self.meta.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn meta_mut(&self) -> RwLockWriteGuard<'_, MetaMap> {
+        self.meta.write().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -212,7 +279,7 @@ impl Qcow2Image {
                 other => other,
             };
             if let Op::Write(data) = piece
-                && self.write_in_place(data, pos)?
+                && self.write_in_place(w, data, pos)?
             {
                 done += n;
                 continue;
@@ -232,13 +299,15 @@ impl Qcow2Image {
 
     /// Writes `data` at guest `off` (inside one L2 table) if every cluster it touches is a normal
     /// cluster with refcount 1; returns false (having written nothing) otherwise.
-    fn write_in_place(&self, data: &[u8], off: u64) -> Result<bool> {
+    fn write_in_place(&self, w: &Writer, data: &[u8], off: u64) -> Result<bool> {
         let _in_flight = self.in_flight.read().unwrap_or_else(|e| e.into_inner());
         let cs = self.cs();
         let (l1_index, _, _) = self.geometry.split(off);
         let l1_entry = self.l1_entry(l1_index)?;
         let table_off = l1_entry & OFFSET_MASK;
-        if l1_entry & COPIED == 0 || table_off == 0 {
+        let meta = w.meta();
+        // A table not yet checked goes through the metadata path once, which checks it.
+        if l1_entry & COPIED == 0 || table_off == 0 || !meta.is_checked(table_off, l1_index) {
             return Ok(false);
         }
         let table = self.l2_table(table_off)?;
@@ -258,31 +327,136 @@ impl Qcow2Image {
             else {
                 return Ok(false);
             };
-            self.check_data_target(host, at)?;
+            self.check_data_target(&meta, pos - in_cluster, host, cs, at)?;
             let n = (cs - in_cluster).min(end - pos);
             hosts.push((host + in_cluster, (pos - off) as usize, n as usize));
             pos += n;
         }
+        drop(meta);
         for (host, start, n) in hosts {
             self.file.write_all_at(&data[start..start + n], host)?;
         }
         Ok(true)
     }
 
-    /// Refuses guest data aimed at the header or the L1 table (a corrupt L2 entry).
-    fn check_data_target(&self, host: u64, at: u64) -> Result<()> {
+    /// Refuses guest data of the cluster at guest offset `guest` aimed at `[host, host + len)`
+    /// (by the L2 entry at `at`) when that lies past the end of the file or on metadata.
+    fn check_data_target(
+        &self,
+        meta: &MetaMap,
+        guest: u64,
+        host: u64,
+        len: u64,
+        at: u64,
+    ) -> Result<()> {
+        let file_len = self.file.len();
+        let problem = if host >= file_len {
+            format!("lies past the end of the file ({file_len:#x})")
+        } else if let Some(o) = meta.find(host, len) {
+            format!("overlaps {o}")
+        } else {
+            return Ok(());
+        };
+        Err(self.bad_entry(at, guest, host, &problem))
+    }
+
+    fn bad_entry(&self, at: u64, guest: u64, host: u64, problem: &str) -> Error {
+        Error::corrupt(
+            "qcow2 L2 table",
+            at,
+            format!("data cluster of guest offset {guest:#x} at host offset {host:#x} {problem}"),
+        )
+        .in_file(self.file.path())
+    }
+
+    /// Checks the clusters the L2 entry `entry` (at `at`, for the guest cluster at `guest`)
+    /// names before a write, zeroing or discard touches them: inside the file, not metadata,
+    /// referenced, and, when the copied flag says the entry is their only user, with refcount
+    /// 1 and named by no other entry of its table (`dups`, when the table is not checked yet).
+    fn check_entry(
+        &self,
+        w: &Writer,
+        st: &mut State,
+        guest: u64,
+        entry: u64,
+        at: u64,
+        dups: Option<&HashMap<u64, [u64; 2]>>,
+    ) -> Result<()> {
         let cs = self.cs();
-        let l1_start = self.header.l1_table_offset & !(cs - 1);
-        let l1_end = self.header.l1_table_offset + u64::from(self.header.l1_size) * 8;
-        if host == 0 || (host >= l1_start && host < l1_end) {
-            return Err(Error::corrupt(
-                "qcow2 L2 table",
-                at,
-                format!("data cluster {host:#x} overlaps the header or the L1 table"),
-            )
-            .in_file(self.file.path()));
+        let cluster =
+            decode_l2(&self.geometry, entry, 0, at).map_err(|e| e.in_file(self.file.path()))?;
+        let host = match cluster {
+            Cluster::Normal { host }
+            | Cluster::Zero {
+                prealloc: Some(host),
+            } => host,
+            Cluster::Compressed { host, len } => {
+                return self.check_data_target(&w.meta(), guest, host, len, at);
+            }
+            _ => return Ok(()),
+        };
+        self.check_data_target(&w.meta(), guest, host, cs, at)?;
+        let rc = self.refcount(w, st, host / cs)?;
+        let copied = entry & COPIED != 0;
+        let problem = if rc == 0 {
+            "has refcount 0 (the allocator could hand it out again)".to_string()
+        } else if copied && rc != 1 {
+            format!("has refcount {rc} but the entry's copied flag says it has no other user")
+        } else if let Some(other) = dups
+            .filter(|_| copied)
+            .and_then(|d| d.get(&host))
+            .and_then(|pair| pair.iter().find(|&&o| o != at && o != u64::MAX))
+        {
+            format!("is also named by the L2 entry at {other:#x}")
+        } else {
+            return Ok(());
+        };
+        Err(self.bad_entry(at, guest, host, &problem))
+    }
+
+    /// Whether every entry of the L2 table `table` (at `table_off`, for L1 entry `l1_index`)
+    /// passes [`Self::check_entry`]; I/O errors are returned.
+    fn table_is_sound(
+        &self,
+        w: &Writer,
+        st: &mut State,
+        l1_index: u64,
+        table_off: u64,
+        table: &[u64],
+        dups: &HashMap<u64, [u64; 2]>,
+    ) -> Result<bool> {
+        let base = l1_index * self.geometry.bytes_per_l2();
+        for (i, &entry) in table.iter().enumerate() {
+            let guest = base.saturating_add((i as u64) << self.geometry.cluster_bits);
+            match self.check_entry(w, st, guest, entry, table_off + i as u64 * 8, Some(dups)) {
+                Ok(()) => {}
+                Err(e) if e.is_corruption() => return Ok(false),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// For each host cluster the entries of `table` (at `table_off`) name, the file offsets of
+    /// the first two entries naming it (`u64::MAX`: none).
+    fn hosts_of(&self, table: &[u64], table_off: u64) -> HashMap<u64, [u64; 2]> {
+        let mut hosts: HashMap<u64, [u64; 2]> = HashMap::new();
+        for (i, &entry) in table.iter().enumerate() {
+            let at = table_off + i as u64 * 8;
+            if let Ok(
+                Cluster::Normal { host }
+                | Cluster::Zero {
+                    prealloc: Some(host),
+                },
+            ) = decode_l2(&self.geometry, entry, 0, at)
+            {
+                let pair = hosts.entry(host).or_insert([at, u64::MAX]);
+                if pair[0] != at && pair[1] == u64::MAX {
+                    pair[1] = at;
+                }
+            }
+        }
+        hosts
     }
 
     fn l1_entry(&self, index: u64) -> Result<u64> {
@@ -335,6 +509,26 @@ impl Qcow2Image {
         }
         let table_off = self.writable_l2(w, st, l1_index)?;
         let mut table: Vec<u64> = self.l2_table(table_off)?.to_vec();
+        // Check every cluster the request touches before anything is written; a table seen for
+        // the first time is checked whole, so that later writes can take the in-place path.
+        let checked = w.meta().is_checked(table_off, l1_index);
+        let dups = (!checked).then(|| self.hosts_of(&table, table_off));
+        let mut pos = off & !(cs - 1);
+        while pos < off + len {
+            let (_, idx, _) = self.geometry.split(pos);
+            let at = table_off + idx * 8;
+            let entry = table.get(idx as usize).copied().ok_or_else(|| {
+                Error::corrupt("qcow2 L2 table", at, "index past the end of the table")
+                    .in_file(self.file.path())
+            })?;
+            self.check_entry(w, st, pos, entry, at, dups.as_ref())?;
+            pos += cs;
+        }
+        if let Some(dups) = &dups
+            && self.table_is_sound(w, st, l1_index, table_off, &table, dups)?
+        {
+            w.meta_mut().set_checked(table_off, l1_index);
+        }
         let mut frees = Vec::new();
         let mut synced_before_link = false;
         let mut changed: Option<(usize, usize)> = None;
@@ -392,7 +586,7 @@ impl Qcow2Image {
                 };
                 match cluster {
                     Cluster::Normal { host } if old & COPIED != 0 => {
-                        self.check_data_target(host, at)?;
+                        // Checked above, with every cluster of the request.
                         self.file.write_all_at(data, host + in_cluster)?;
                     }
                     _ => {
@@ -480,10 +674,15 @@ impl Qcow2Image {
             )
             .in_file(self.file.path()));
         }
+        let rc = if old != 0 {
+            self.check_l2_target(w, st, l1_index, l1_entry)?
+        } else {
+            0
+        };
         if old != 0 && l1_entry & COPIED != 0 {
             return Ok(old);
         }
-        if old != 0 && self.refcount(w, st, old / cs)? == 1 {
+        if old != 0 && rc == 1 {
             // Only the active L1 names it: the flag was merely stale.
             self.set_l1_entry(l1_index, old | COPIED)?;
             return Ok(old);
@@ -495,6 +694,7 @@ impl Qcow2Image {
             self.l2_table(old)?.to_vec()
         };
         let new = self.alloc_cluster(w, st)?;
+        w.meta_mut().insert(MetaKind::L2Table, new, cs);
         let bytes: Vec<u8> = content.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.file.write_all_at(&bytes, new)?;
         self.file.sync_data()?;
@@ -506,6 +706,65 @@ impl Qcow2Image {
             self.decref(w, st, old / cs)?;
         }
         Ok(new)
+    }
+
+    /// Refuses an L2 table (named by L1 entry `l1_index`, whose value is `l1_entry`) that lies
+    /// past the end of the file, on other metadata, or is shared although the copied flag says
+    /// otherwise. Returns its refcount.
+    fn check_l2_target(
+        &self,
+        w: &Writer,
+        st: &mut State,
+        l1_index: u64,
+        l1_entry: u64,
+    ) -> Result<u64> {
+        let cs = self.cs();
+        let table = l1_entry & OFFSET_MASK;
+        let file_len = self.file.len();
+        let mut rc = 0;
+        let problem = if table.saturating_add(cs) > file_len {
+            Some(format!("lies past the end of the file ({file_len:#x})"))
+        } else if !w.meta().is_l2_table(table) {
+            Some(match w.meta().find(table, cs) {
+                Some(o) => format!("overlaps {o}"),
+                None => "is not among the image's L2 tables".to_string(),
+            })
+        } else {
+            rc = self.refcount(w, st, table / cs)?;
+            match rc {
+                0 => Some("has refcount 0 (the allocator could hand it out again)".to_string()),
+                1 => None,
+                _ if l1_entry & COPIED != 0 => Some(format!(
+                    "has refcount {rc} but the L1 entry's copied flag says it has no other user"
+                )),
+                _ => None,
+            }
+        };
+        match problem {
+            None => Ok(rc),
+            Some(problem) => Err(Error::corrupt(
+                "qcow2 L1 table",
+                self.header.l1_table_offset + l1_index * 8,
+                format!(
+                    "L2 table of guest offset {:#x} at host offset {table:#x} {problem}",
+                    l1_index * self.geometry.bytes_per_l2()
+                ),
+            )
+            .in_file(self.file.path())),
+        }
+    }
+
+    /// Refuses to hand out cluster `idx`, which the refcounts call free, when it holds metadata.
+    fn check_free(&self, w: &Writer, idx: u64, len: u64) -> Result<()> {
+        match w.meta().find(idx * self.cs(), len) {
+            None => Ok(()),
+            Some(o) => Err(Error::corrupt(
+                "qcow2 refcount block",
+                idx * self.cs(),
+                format!("clusters the refcounts call free hold {o}"),
+            )
+            .in_file(self.file.path())),
+        }
     }
 
     /// Finds a free cluster, sets its refcount to 1 (written, not synced) and returns its
@@ -547,6 +806,7 @@ impl Qcow2Image {
             }
             st.free_hint = idx + 1;
             if self.refcount(w, st, idx)? == 0 {
+                self.check_free(w, idx, cs)?;
                 self.set_refcount(w, st, idx, 1)?;
                 return Ok(idx * cs);
             }
@@ -557,6 +817,7 @@ impl Qcow2Image {
     /// no block counted them), counting itself, and links it into the refcount table.
     fn new_refcount_block(&self, w: &Writer, st: &mut State, b: u64, idx: u64) -> Result<()> {
         let cs = self.cs();
+        self.check_free(w, idx, cs)?;
         let mut block = vec![0u8; cs as usize];
         put_refcount(&mut block, idx % w.per_block, w.refcount_bits, 1);
         self.file.write_all_at(&block, idx * cs)?;
@@ -564,6 +825,7 @@ impl Qcow2Image {
         self.file
             .write_all_at(&(idx * cs).to_be_bytes(), st.rt_offset + b * 8)?;
         st.rt[b as usize] = idx * cs;
+        w.meta_mut().insert(MetaKind::RefcountBlock, idx * cs, cs);
         cache_block(st, idx * cs, block);
         Ok(())
     }
@@ -589,6 +851,7 @@ impl Qcow2Image {
             ))
             .in_file(self.file.path()));
         }
+        self.check_free(w, first, (1 + clusters) * cs)?;
         let mut block = vec![0u8; cs as usize];
         for i in 0..=clusters {
             put_refcount(&mut block, i, w.refcount_bits, 1);
@@ -610,6 +873,11 @@ impl Qcow2Image {
         st.rt = table;
         st.rt_offset = table_off;
         st.rt_clusters = clusters;
+        {
+            let mut meta = w.meta_mut();
+            meta.insert(MetaKind::RefcountBlock, first * cs, cs);
+            meta.insert(MetaKind::RefcountTable, table_off, bytes);
+        }
         cache_block(st, first * cs, block);
         for c in 0..old_clusters {
             self.decref(w, st, old_off / cs + c)?;
@@ -691,6 +959,8 @@ impl Qcow2Image {
         }
         self.set_refcount(w, st, idx, rc - 1)?;
         if rc == 1 {
+            // Whatever it held is gone: it may now take guest data.
+            w.meta_mut().remove(idx * self.cs(), self.cs());
             st.free_hint = st.free_hint.min(idx);
             self.file.punch_hole(idx * self.cs(), self.cs())?;
         }

@@ -11,17 +11,194 @@
 
 use crate::image::CheckReport;
 
-use super::header::{DiskType, FOOTER_SIZE, Integrity, MAX_LOCATOR_BYTES, SECTOR};
+use super::header::{
+    DiskType, DynamicHeader, FOOTER_SIZE, Integrity, MAX_LOCATOR_BYTES, ParentLocator,
+    PlatformCode, SECTOR,
+};
+use super::map::BlockMap;
 use super::{Layout, Place, VhdImage};
 
 /// Cap on the problems of one kind listed; more are summarised in one line.
 const MAX_LISTED: usize = 100;
 
+/// A structure of a dynamic or differencing VHD that claims a range of the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Claimant {
+    FooterCopy,
+    DynamicHeader,
+    Table,
+    Locator(PlatformCode),
+    Block(u64),
+    Footer,
+}
+
+impl std::fmt::Display for Claimant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Claimant::FooterCopy => f.write_str("footer copy"),
+            Claimant::DynamicHeader => f.write_str("dynamic header"),
+            Claimant::Table => f.write_str("block allocation table"),
+            Claimant::Locator(code) => write!(f, "{} parent locator data", code.name()),
+            Claimant::Block(b) => write!(f, "block {b}"),
+            Claimant::Footer => f.write_str("footer"),
+        }
+    }
+}
+
 /// One range of the file that a structure claims.
-struct Claim {
-    start: u64,
-    end: u64,
-    what: String,
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Claim {
+    pub start: u64,
+    pub end: u64,
+    pub what: Claimant,
+}
+
+/// What [`survey`] finds wrong with the layout of a dynamic or differencing VHD.
+pub(super) enum Finding<'a> {
+    /// A parent locator's data lies outside the file's data.
+    LocatorOutside(&'a ParentLocator),
+    /// Block `block`, past the disk's end, is allocated at `sector`.
+    Leaked { block: u64, sector: u32 },
+    /// Block `block`'s bitmap and data, at `[start, end)`, run past the file's data (it is
+    /// left out of the overlap sweep).
+    Outside { block: u64, start: u64, end: u64 },
+    /// `claim` overlaps `prev`, which starts no later.
+    Overlap { claim: Claim, prev: Claim },
+}
+
+/// What [`survey`] counts.
+pub(super) struct Survey {
+    /// Blocks allocated inside the disk.
+    pub allocated: u64,
+    /// Blocks the disk uses.
+    pub in_use: u64,
+    /// The end of the furthest range claimed by anything but the footer.
+    pub claims_end: u64,
+}
+
+/// Where the footer at the end starts (the end of the file without one).
+fn footer_start(image: &VhdImage) -> u64 {
+    match image
+        .copies
+        .iter()
+        .find(|c| c.place != Place::Start && c.parsed.is_some())
+    {
+        Some(c) => c.offset,
+        None => image.file.len(),
+    }
+}
+
+/// Walks the ranges a dynamic or differencing VHD's structures claim (footer copy, dynamic
+/// header, BAT, parent locator data, blocks, footer) and reports each problem to `visit`. Used
+/// by `check` and by the in-place writer, which refuses to write blocks found here.
+pub(super) fn survey(
+    image: &VhdImage,
+    header: &DynamicHeader,
+    header_offset: u64,
+    map: &BlockMap,
+    visit: &mut dyn FnMut(Finding<'_>),
+) -> Survey {
+    let footer_start = footer_start(image);
+    let mut claims: Vec<Claim> = Vec::new();
+    if image
+        .copies
+        .iter()
+        .any(|c| c.place == Place::Start && c.parsed.is_some())
+    {
+        claims.push(Claim {
+            start: 0,
+            end: FOOTER_SIZE as u64,
+            what: Claimant::FooterCopy,
+        });
+    }
+    claims.push(Claim {
+        start: header_offset,
+        end: header_offset.saturating_add(1024),
+        what: Claimant::DynamicHeader,
+    });
+    claims.push(Claim {
+        start: map.table_offset(),
+        end: map
+            .table_offset()
+            .saturating_add(header.table_bytes().div_ceil(SECTOR) * SECTOR),
+        what: Claimant::Table,
+    });
+    for loc in &header.locators {
+        if loc.data_length == 0 {
+            continue;
+        }
+        let end = loc.data_offset.saturating_add(u64::from(loc.data_length));
+        if loc.data_length > MAX_LOCATOR_BYTES || end > footer_start {
+            visit(Finding::LocatorOutside(loc));
+            continue;
+        }
+        claims.push(Claim {
+            start: loc.data_offset,
+            end,
+            what: Claimant::Locator(loc.code),
+        });
+    }
+
+    let in_use = map.blocks_in_use();
+    let mut allocated = 0u64;
+    let mut outside_end = 0u64;
+    for (i, &entry) in map.entries().iter().enumerate() {
+        let block = i as u64;
+        let Some(start) = map.block_start(block) else {
+            continue;
+        };
+        if block >= in_use {
+            visit(Finding::Leaked {
+                block,
+                sector: entry,
+            });
+            continue;
+        }
+        allocated += 1;
+        let data_len = map
+            .block_size()
+            .min(map.disk_size() - block * map.block_size());
+        let end = start + map.bitmap_size() + data_len;
+        if end > footer_start {
+            visit(Finding::Outside { block, start, end });
+            outside_end = outside_end.max(end);
+            continue;
+        }
+        claims.push(Claim {
+            start,
+            end,
+            what: Claimant::Block(block),
+        });
+    }
+    let claims_end = claims
+        .iter()
+        .map(|c| c.end)
+        .max()
+        .unwrap_or(0)
+        .max(outside_end);
+
+    claims.push(Claim {
+        start: footer_start,
+        end: image.file.len(),
+        what: Claimant::Footer,
+    });
+    claims.sort_by_key(|c| (c.start, c.end));
+    let mut furthest: Option<Claim> = None;
+    for &claim in &claims {
+        if let Some(prev) = furthest
+            && claim.start < prev.end
+        {
+            visit(Finding::Overlap { claim, prev });
+        }
+        if furthest.is_none_or(|prev| claim.end > prev.end) {
+            furthest = Some(claim);
+        }
+    }
+    Survey {
+        allocated,
+        in_use,
+        claims_end,
+    }
 }
 
 pub(super) fn check(image: &VhdImage) -> CheckReport {
@@ -38,14 +215,6 @@ pub(super) fn check(image: &VhdImage) -> CheckReport {
             ),
         );
     }
-    let footer_start = match image
-        .copies
-        .iter()
-        .find(|c| c.place != Place::Start && c.parsed.is_some())
-    {
-        Some(c) => c.offset,
-        None => file_len,
-    };
     let Layout::Sparse {
         header,
         header_offset,
@@ -56,37 +225,14 @@ pub(super) fn check(image: &VhdImage) -> CheckReport {
         return report;
     };
 
-    let mut claims: Vec<Claim> = Vec::new();
-    if image
-        .copies
-        .iter()
-        .any(|c| c.place == Place::Start && c.parsed.is_some())
-    {
-        claims.push(Claim {
-            start: 0,
-            end: FOOTER_SIZE as u64,
-            what: "footer copy".into(),
-        });
-    }
-    claims.push(Claim {
-        start: *header_offset,
-        end: header_offset.saturating_add(1024),
-        what: "dynamic header".into(),
-    });
-    claims.push(Claim {
-        start: map.table_offset(),
-        end: map
-            .table_offset()
-            .saturating_add(header.table_bytes().div_ceil(SECTOR) * SECTOR),
-        what: "block allocation table".into(),
-    });
-    for loc in &header.locators {
-        if loc.data_length == 0 {
-            continue;
-        }
-        let end = loc.data_offset.saturating_add(u64::from(loc.data_length));
-        if loc.data_length > MAX_LOCATOR_BYTES || end > footer_start {
-            report.corruption(
+    let (mut outside, mut leaked, mut overlaps) = (0usize, 0usize, 0usize);
+    let survey = survey(
+        image,
+        header,
+        *header_offset,
+        map,
+        &mut |finding| match finding {
+            Finding::LocatorOutside(loc) => report.corruption(
                 "VHD parent locator",
                 Some(header_offset + 576 + 24 * loc.index as u64),
                 format!(
@@ -95,61 +241,48 @@ pub(super) fn check(image: &VhdImage) -> CheckReport {
                     loc.data_length,
                     loc.data_offset
                 ),
-            );
-            continue;
-        }
-        claims.push(Claim {
-            start: loc.data_offset,
-            end,
-            what: format!("{} parent locator data", loc.code.name()),
-        });
-    }
-
-    let in_use = map.blocks_in_use();
-    let mut allocated = 0u64;
-    let mut outside = 0usize;
-    let mut leaked = 0usize;
-    for (i, &entry) in map.entries().iter().enumerate() {
-        let block = i as u64;
-        let Some(start) = map.block_start(block) else {
-            continue;
-        };
-        let entry_offset = Some(map.table_offset() + 4 * block);
-        if block >= in_use {
-            leaked += 1;
-            if leaked <= MAX_LISTED {
-                report.leak(
+            ),
+            Finding::Leaked { block, sector } => {
+                leaked += 1;
+                if leaked <= MAX_LISTED {
+                    report.leak(
+                        "VHD block allocation table",
+                        Some(map.table_offset() + 4 * block),
+                        format!(
+                            "block {block} past the end of the disk is allocated at sector {sector}"
+                        ),
+                    );
+                }
+            }
+            Finding::Outside { block, start, end } => {
+                outside += 1;
+                if outside <= MAX_LISTED {
+                    report.corruption(
                     "VHD block allocation table",
-                    entry_offset,
+                    Some(map.table_offset() + 4 * block),
                     format!(
-                        "block {block} past the end of the disk is allocated at sector {entry}"
+                        "block {block} at {start:#x}..{end:#x} runs past the file's data, which \
+                         ends at {:#x}",
+                        footer_start(image)
                     ),
                 );
+                }
             }
-            continue;
-        }
-        allocated += 1;
-        let data_len = map
-            .block_size()
-            .min(map.disk_size() - block * map.block_size());
-        let end = start + map.bitmap_size() + data_len;
-        if end > footer_start {
-            outside += 1;
-            if outside <= MAX_LISTED {
-                report.corruption(
-                    "VHD block allocation table",
-                    entry_offset,
-                    format!("block {block} at {start:#x}..{end:#x} runs past the file's data, which ends at {footer_start:#x}"),
-                );
+            Finding::Overlap { claim, prev } => {
+                overlaps += 1;
+                if overlaps <= MAX_LISTED {
+                    report.corruption(
+                        "VHD block allocation table",
+                        Some(claim.start),
+                        format!(
+                            "{} at {:#x}..{:#x} overlaps {} at {:#x}..{:#x}",
+                            claim.what, claim.start, claim.end, prev.what, prev.start, prev.end
+                        ),
+                    );
+                }
             }
-            continue;
-        }
-        claims.push(Claim {
-            start,
-            end,
-            what: format!("block {block}"),
-        });
-    }
+        },
+    );
     summarise(&mut report, outside, "blocks outside the file", true);
     summarise(
         &mut report,
@@ -157,39 +290,10 @@ pub(super) fn check(image: &VhdImage) -> CheckReport {
         "allocated blocks past the disk's end",
         false,
     );
-
-    claims.push(Claim {
-        start: footer_start,
-        end: file_len,
-        what: "footer".into(),
-    });
-    claims.sort_by_key(|c| (c.start, c.end));
-    let mut overlaps = 0usize;
-    let mut furthest: Option<&Claim> = None;
-    for claim in &claims {
-        if let Some(prev) = furthest
-            && claim.start < prev.end
-        {
-            overlaps += 1;
-            if overlaps <= MAX_LISTED {
-                report.corruption(
-                    "VHD block allocation table",
-                    Some(claim.start),
-                    format!(
-                        "{} at {:#x}..{:#x} overlaps {} at {:#x}..{:#x}",
-                        claim.what, claim.start, claim.end, prev.what, prev.start, prev.end
-                    ),
-                );
-            }
-        }
-        if furthest.is_none_or(|prev| claim.end > prev.end) {
-            furthest = Some(claim);
-        }
-    }
     summarise(&mut report, overlaps, "overlapping structures", true);
 
-    report.allocated_clusters = Some(allocated);
-    report.total_clusters = Some(in_use);
+    report.allocated_clusters = Some(survey.allocated);
+    report.total_clusters = Some(survey.in_use);
     report.image_end_offset = Some(file_len);
     report
 }

@@ -62,6 +62,8 @@ mod check;
 pub mod header;
 mod io;
 pub mod map;
+#[cfg(test)]
+mod overlap_tests;
 mod rw;
 pub mod write;
 
@@ -365,12 +367,7 @@ impl VhdImage {
             ) => Some(open_parent(ctx, &file, header, *header_offset)?),
             _ => None,
         };
-        let writer = if file.is_writable() {
-            Some(rw::open_writer(&file, footer.disk_type, &copies, chosen)?)
-        } else {
-            None
-        };
-        Ok(VhdImage {
+        let mut image = VhdImage {
             file,
             footer,
             copies,
@@ -379,8 +376,12 @@ impl VhdImage {
             layout,
             parent,
             bitmaps: Mutex::new(io::BitmapCache::default()),
-            writer,
-        })
+            writer: None,
+        };
+        if image.file.is_writable() {
+            image.writer = Some(rw::open_writer(&image)?);
+        }
+        Ok(image)
     }
 
     /// The footer in use.

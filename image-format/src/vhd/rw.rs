@@ -14,16 +14,28 @@
 //!   qemu's) use the copy at offset 0. BAT entries only ever go from unallocated to allocated, so a block's host
 //!   offset never changes once a request has seen it. `write_zeroes` and `discard` punch holes
 //!   in allocated blocks' data and leave unallocated blocks alone (they read as zeros).
+//!
+//! # Overlap protection
+//!
+//! The BAT is untrusted: at a writable open the same survey `check` runs ([`survey`]) finds the
+//! allocated blocks whose bitmap and data overlap the footer copy, the dynamic header, the BAT,
+//! parent locator data, another block or the footer, or run past the file's data. A write,
+//! zeroing or discard touching one of them is refused whole (nothing written) with a
+//! corruption error naming the block, its BAT entry and host offset, what it overlaps, and
+//! the guest offset; the set is empty for a sound image, so the check costs one branch then. A
+//! new block is refused when some structure (a stray block past the end) already claims the
+//! place it would take.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use crate::blockdev::{BlockDeviceMut, check_range};
 use crate::error::{Error, Result};
-use crate::file::ImageFile;
 
+use super::check::{Claimant, Finding, survey};
 use super::header::{BAT_UNALLOCATED, DiskType, FOOTER_SIZE, SECTOR};
-use super::map::BlockLocation;
-use super::{FooterCopy, Layout, Place, VhdImage};
+use super::map::{BlockLocation, BlockMap};
+use super::{Layout, Place, VhdImage};
 
 /// The in-place write state of a VHD opened writable.
 #[derive(Debug)]
@@ -32,15 +44,18 @@ pub(super) struct Writer {
     footer: [u8; FOOTER_SIZE],
     /// Where the next block goes (the footer at the end sits there); behind the allocation lock.
     next_block: Mutex<u64>,
+    /// Allocated blocks whose bitmap and data overlap another structure or run past the file's
+    /// data (found by the same survey as `check`): never written.
+    bad_blocks: BTreeSet<u64>,
+    /// The end of the furthest range an existing structure claims: new blocks go after it.
+    claims_end: u64,
 }
 
-/// Checks that the image can be written in place and finds where new blocks go.
-pub(super) fn open_writer(
-    file: &ImageFile,
-    disk_type: DiskType,
-    copies: &[FooterCopy],
-    chosen: usize,
-) -> Result<Writer> {
+/// Checks that the image can be written in place, finds where new blocks go and which
+/// allocated blocks must not be written.
+pub(super) fn open_writer(image: &VhdImage) -> Result<Writer> {
+    let (file, disk_type) = (&image.file, image.footer.disk_type);
+    let (copies, chosen) = (&image.copies, image.chosen);
     if disk_type == DiskType::Differencing {
         return Err(Error::unsupported(
             "writing VHD differencing disks in place (only fixed and dynamic ones)",
@@ -54,10 +69,74 @@ pub(super) fn open_writer(
         Place::End | Place::EndOld => copy.offset.div_ceil(SECTOR) * SECTOR,
         Place::Start => file.len().div_ceil(SECTOR) * SECTOR,
     };
+    let mut bad_blocks = BTreeSet::new();
+    let mut claims_end = 0;
+    if let Layout::Sparse {
+        header,
+        header_offset,
+        map,
+    } = &image.layout
+    {
+        let found = survey(
+            image,
+            header,
+            *header_offset,
+            map,
+            &mut |finding| match finding {
+                Finding::Outside { block, .. } => {
+                    bad_blocks.insert(block);
+                }
+                Finding::Overlap { claim, prev } => {
+                    for c in [claim, prev] {
+                        if let Claimant::Block(b) = c.what {
+                            bad_blocks.insert(b);
+                        }
+                    }
+                }
+                Finding::LocatorOutside(_) | Finding::Leaked { .. } => {}
+            },
+        );
+        claims_end = found.claims_end;
+    }
     Ok(Writer {
         footer: copy.bytes,
         next_block: Mutex::new(next),
+        bad_blocks,
+        claims_end,
     })
+}
+
+/// Why block `block` of `image` (in the survey's words) must not be written.
+fn block_problem(image: &VhdImage, map: &BlockMap, block: u64) -> String {
+    let Layout::Sparse {
+        header,
+        header_offset,
+        ..
+    } = &image.layout
+    else {
+        return String::new();
+    };
+    let mut problem = None;
+    survey(image, header, *header_offset, map, &mut |finding| {
+        if problem.is_some() {
+            return;
+        }
+        problem = match finding {
+            Finding::Outside { block: b, end, .. } if b == block => {
+                Some(format!("runs past the file's data to {end:#x}"))
+            }
+            Finding::Overlap { claim, prev } => {
+                let other = match (claim.what, prev.what) {
+                    (Claimant::Block(b), _) if b == block => Some(prev),
+                    (_, Claimant::Block(b)) if b == block => Some(claim),
+                    _ => None,
+                };
+                other.map(|o| format!("overlaps the {} at {:#x}..{:#x}", o.what, o.start, o.end))
+            }
+            _ => None,
+        };
+    });
+    problem.unwrap_or_else(|| "overlaps another structure".into())
 }
 
 impl VhdImage {
@@ -75,6 +154,7 @@ impl VhdImage {
         let Layout::Sparse { map, .. } = &self.layout else {
             return self.file.write_all_at(data, off);
         };
+        self.check_blocks(w, map, off, data.len() as u64)?;
         let mut done = 0usize;
         while done < data.len() {
             let pos = off + done as u64;
@@ -92,6 +172,40 @@ impl VhdImage {
         Ok(())
     }
 
+    /// Refuses a request over `[off, off + len)` (before anything is written) when an allocated
+    /// block it touches overlaps another structure or runs past the file's data.
+    fn check_blocks(&self, w: &Writer, map: &BlockMap, off: u64, len: u64) -> Result<()> {
+        if w.bad_blocks.is_empty() {
+            return Ok(());
+        }
+        let mut pos = off;
+        while pos < off + len {
+            let loc = map.locate(pos, off + len - pos)?;
+            if let BlockLocation::Allocated {
+                block,
+                bitmap_offset,
+                ..
+            } = loc
+                && w.bad_blocks.contains(&block)
+            {
+                return Err(Error::corrupt(
+                    "VHD block allocation table",
+                    map.table_offset() + 4 * block,
+                    format!(
+                        "block {block} at host offset {bitmap_offset:#x} {}; guest offset \
+                         {pos:#x} is not written",
+                        block_problem(self, map, block)
+                    ),
+                )
+                .in_file(self.file.path()));
+            }
+            pos += match loc {
+                BlockLocation::Allocated { len, .. } | BlockLocation::Unallocated { len } => len,
+            };
+        }
+        Ok(())
+    }
+
     /// Allocates the block holding guest `pos` with `piece` written into it (another thread
     /// may have allocated it meanwhile: then the piece is written in place).
     fn allocate_block(&self, w: &Writer, pos: u64, piece: &[u8]) -> Result<()> {
@@ -104,6 +218,18 @@ impl VhdImage {
         }
         let block = pos / map.block_size();
         let start = *next;
+        if start < w.claims_end {
+            return Err(Error::corrupt(
+                "VHD block allocation table",
+                map.table_offset() + 4 * block,
+                format!(
+                    "block {block} would be allocated at host offset {start:#x}, but existing \
+                     structures reach {:#x}",
+                    w.claims_end
+                ),
+            )
+            .in_file(self.file.path()));
+        }
         let sector = u32::try_from(start / SECTOR)
             .ok()
             .filter(|&s| s != BAT_UNALLOCATED)
@@ -133,10 +259,11 @@ impl VhdImage {
     /// unallocated blocks already read as zeros.
     fn vhd_zero(&self, off: u64, len: u64) -> Result<()> {
         check_range(off, len, self.size)?;
-        self.vhd_writer()?;
+        let w = self.vhd_writer()?;
         let Layout::Sparse { map, .. } = &self.layout else {
             return self.file.zero_range(off, len);
         };
+        self.check_blocks(w, map, off, len)?;
         let mut pos = off;
         while pos < off + len {
             match map.locate(pos, off + len - pos)? {
