@@ -126,7 +126,7 @@ pub fn run_key(command: KeyCommand) -> Result<u8> {
         Some(&current),
         &mut || eprintln!("waiting for other users of the store to finish"),
     )
-    .with_context(|| format!("store {}", dir.display()))?;
+    .map_err(|e| crate::store_args::naming_store(&dir, e))?;
     let new = match (&args.new_key_file, &args.new_passphrase_file) {
         (Some(f), _) => KeySource::KeyFile(f.clone()),
         (None, Some(f)) => KeySource::Passphrase(

@@ -32,6 +32,17 @@ pub fn store_dir() -> PathBuf {
     STORE_DIR.get().cloned().unwrap_or_else(default_store_dir)
 }
 
+/// `e`, an error of the store at `dir`, with the store named in front unless its text names it
+/// already ("store S: store S is encrypted…" said it twice).
+pub fn naming_store(dir: &Path, e: dedup_store::Error) -> anyhow::Error {
+    let name = format!("store {}", dir.display());
+    if e.to_string().contains(&name) {
+        anyhow::Error::new(e)
+    } else {
+        anyhow::Error::new(e).context(name)
+    }
+}
+
 /// Opens the store, saying on stderr what was repaired after a crash.
 pub fn open_store(access: Access) -> Result<Arc<Store>> {
     let dir = store_dir();
@@ -50,7 +61,7 @@ pub fn open_store(access: Access) -> Result<Arc<Store>> {
             _ => eprintln!("vmnest: waiting for a gc of {} to finish", dir.display()),
         }
     })
-    .with_context(|| format!("store {}", dir.display()))?;
+    .map_err(|e| naming_store(&dir, e))?;
     let r = store.report();
     if !r.removed_temp.is_empty() {
         eprintln!(

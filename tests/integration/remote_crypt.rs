@@ -338,7 +338,10 @@ fn a_changed_passphrase_reaches_the_remote_with_the_next_push() {
     assert!(out.contains("under the new passphrase"), "{out}");
     let out = run(st(&src, &moto, old).arg("ls"));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong passphrase"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wrong passphrase"), "{err}");
+    // The error names the store once.
+    assert_eq!(err.matches(s(&src)).count(), 1, "{err}");
     let exported = dir.join("exported.raw");
     run_ok(st(&src, &moto, new).args(["export", "vm"]).arg(&exported));
     same(&raw, &exported);
