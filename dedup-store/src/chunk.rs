@@ -127,57 +127,45 @@ pub(crate) fn copy_part(
     Ok(())
 }
 
+/// Forwards every [`ChunkStore`] method through a pointer type to the store it points at.
+macro_rules! forward_chunk_store {
+    ($($(#[$doc:meta])* $ptr:ty;)*) => {$(
+        $(#[$doc])*
+        impl<T: ChunkStore + ?Sized> ChunkStore for $ptr {
+            fn put(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+                (**self).put(id, data)
+            }
+            fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+                (**self).get(id)
+            }
+            fn contains(&self, id: &ChunkId) -> Result<bool> {
+                (**self).contains(id)
+            }
+            fn flush(&self) -> Result<()> {
+                (**self).flush()
+            }
+            fn read_into(&self, id: &ChunkId, len: usize, from: usize, dst: &mut [u8]) -> Result<()> {
+                (**self).read_into(id, len, from, dst)
+            }
+            fn id_hasher(&self) -> IdHasher {
+                (**self).id_hasher()
+            }
+            fn put_meta(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+                (**self).put_meta(id, data)
+            }
+        }
+    )*};
+}
+
+forward_chunk_store! {
+    /// A borrowed store is a store: maps and builders take their store by value, borrowed or
+    /// shared.
+    &T;
+    /// A shared store is a store (long-lived readers such as a stored disk own one).
+    std::sync::Arc<T>;
+}
+
 /// A chunk store in memory, for tests and for staging.
-/// A borrowed store is a store: maps and builders take their store by value, borrowed or shared.
-impl<T: ChunkStore + ?Sized> ChunkStore for &T {
-    fn put(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
-        (**self).put(id, data)
-    }
-    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        (**self).get(id)
-    }
-    fn contains(&self, id: &ChunkId) -> Result<bool> {
-        (**self).contains(id)
-    }
-    fn flush(&self) -> Result<()> {
-        (**self).flush()
-    }
-    fn read_into(&self, id: &ChunkId, len: usize, from: usize, dst: &mut [u8]) -> Result<()> {
-        (**self).read_into(id, len, from, dst)
-    }
-    fn id_hasher(&self) -> IdHasher {
-        (**self).id_hasher()
-    }
-    fn put_meta(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
-        (**self).put_meta(id, data)
-    }
-}
-
-/// A shared store is a store (long-lived readers such as a stored disk own one).
-impl<T: ChunkStore + ?Sized> ChunkStore for std::sync::Arc<T> {
-    fn put(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
-        (**self).put(id, data)
-    }
-    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        (**self).get(id)
-    }
-    fn contains(&self, id: &ChunkId) -> Result<bool> {
-        (**self).contains(id)
-    }
-    fn flush(&self) -> Result<()> {
-        (**self).flush()
-    }
-    fn read_into(&self, id: &ChunkId, len: usize, from: usize, dst: &mut [u8]) -> Result<()> {
-        (**self).read_into(id, len, from, dst)
-    }
-    fn id_hasher(&self) -> IdHasher {
-        (**self).id_hasher()
-    }
-    fn put_meta(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
-        (**self).put_meta(id, data)
-    }
-}
-
 #[derive(Debug, Default)]
 pub struct MemoryChunkStore {
     chunks: RwLock<HashMap<ChunkId, Vec<u8>>>,
