@@ -42,6 +42,16 @@ pub(crate) fn qemu_ok(tool: &str, args: &[&str]) {
     assert!(out.status.success(), "{tool} {args:?}: {out:?}");
 }
 
+/// Creates the empty qcow2 image `img` of `size` (qemu-img's notation) with `cluster`-byte
+/// clusters, by qemu-img.
+pub(crate) fn qemu_qcow2(img: &Path, cluster: u64, size: &str) {
+    let cluster = format!("cluster_size={cluster}");
+    qemu_ok(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-o", &cluster, s(img), size],
+    );
+}
+
 /// Opens `path` writable with a driver's own `open` (for tests that need the concrete type).
 pub(crate) fn open_writable<T>(
     path: &Path,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::blockdev::{BlockDevice, BlockDeviceMut};
-use crate::crash_test::{open_writable, qemu, qemu_ok, s, scratch};
+use crate::crash_test::{open_writable, qemu, qemu_ok, qemu_qcow2, s, scratch};
 
 use super::Qcow2Image;
 use super::map::{COPIED, L2_COMPRESSED, L2_ZERO, OFFSET_MASK};
@@ -46,18 +46,7 @@ struct Layout {
 fn base_image(name: &str) -> (PathBuf, Layout) {
     let dir = scratch(name);
     let img = dir.join("disk.qcow2");
-    qemu_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            s(&img),
-            "16M",
-        ],
-    );
+    qemu_qcow2(&img, CS, "16M");
     qemu_ok(
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0x11 0 16k", s(&img)],
@@ -308,18 +297,7 @@ fn many_allocating_writes_pass_their_own_overlap_check() {
     let dir = scratch("qcow2-overlap-many");
     let img = dir.join("disk.qcow2");
     let size: u64 = 32 << 20;
-    qemu_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            s(&img),
-            "32M",
-        ],
-    );
+    qemu_qcow2(&img, 512, "32M");
     let rt_before = be64(&std::fs::read(&img).unwrap(), 48);
     let mut model = vec![0u8; size as usize];
     let dev = open_rw(&img);

@@ -1047,7 +1047,9 @@ impl Qcow2Image {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crash_test::{Scenario, crash_everywhere, open_writable, qemu, qemu_ok, s, scratch};
+    use crate::crash_test::{
+        Scenario, crash_everywhere, open_writable, qemu, qemu_ok, qemu_qcow2, s, scratch,
+    };
     use std::path::Path;
 
     fn qemu_img(args: &[&str]) -> std::process::Output {
@@ -1096,16 +1098,7 @@ mod tests {
     fn refcounts_claiming_everything_past_the_file_end_are_a_corruption() {
         let dir = scratch("qcow2-rw-garbage-refcounts");
         let img = dir.join("bad.qcow2");
-        let out = qemu_img(&[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            s(&img),
-            "64M",
-        ]);
-        assert!(out.status.success(), "{out:?}");
+        qemu_qcow2(&img, 512, "64M");
         // A 600-cluster refcount table (covering 9.8 million clusters) whose every entry names
         // one block that counts every cluster as used.
         let bytes = std::fs::read(&img).unwrap();
