@@ -203,6 +203,15 @@ fn an_encrypted_store_replicates_only_ciphertext_and_comes_back_with_the_passphr
     let pulled = dir.join("pulled.raw");
     run_ok(st(&dst, &moto, p).args(["export", "vm"]).arg(&pulled));
     same(&raw, &pulled);
+    // Pulled map nodes stay metadata: pushed on, the next remote is walked without a key.
+    let onward = dir.join("onward");
+    run_ok(st(&dst, &moto, p).args(["remote", "add", "o", s(&onward)]));
+    run_ok(st(&dst, &moto, p).args(["push", "o", "vm"]));
+    let out = run_ok(st(&dst, &moto, None).args(["verify", "--remote", "o"]));
+    assert!(
+        out.contains("no key was given") && out.contains(": ok"),
+        "{out}"
+    );
     let log = run_ok(st(&dst, &moto, p).args(["log", "vm", "--output", "json"]));
     // The sealed origin opened back (`log` shows origins, not labels).
     assert!(log.contains(ORIGIN_DIR), "{log}");
@@ -229,7 +238,12 @@ fn an_encrypted_store_replicates_only_ciphertext_and_comes_back_with_the_passphr
     let served = Served::start_cmd(st(&dst, &moto, p), &dir, &["--from", "r", "vm"], 1);
     same_raw(&raw, &served.urls[0]);
     drop(served);
-    for f in files_under(&dst.join("remotes")) {
+    let cached = files_under(&dst.join("remotes"));
+    assert!(
+        cached.iter().any(|f| s(f).contains("/cache/frames/")),
+        "no frame was cached: {cached:?}"
+    );
+    for f in cached {
         assert_absent(s(&f), &std::fs::read(&f).unwrap(), &needles);
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -55,12 +55,6 @@ impl ChunkStore for Layered<'_> {
     fn put(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
         self.local.put(id, data)
     }
-    fn put_meta(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
-        self.local.put_meta(id, data)
-    }
-    fn id_hasher(&self) -> crate::crypt::IdHasher {
-        self.local.id_hasher()
-    }
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
         if self.local.contains(id)? {
             self.local.get(id)
@@ -165,18 +159,25 @@ pub fn pull_with(
         // then serves the chunks after it, and no two fetchers read the same frames.
         // Each id's place on the remote, looked up once (None: not indexed there; its fetch
         // reports it).
-        let mut placed: Vec<(Option<Place>, ChunkId)> = want
+        let mut placed: Vec<(Option<Place>, ChunkId, bool)> = want
             .iter()
             .map(|id| {
                 let at = remote.locate(id);
                 if let Some((_, l, _)) = &at {
                     total += u64::from(l.len);
                 }
-                (at.map(|(p, l, _)| (p, l.frame, l.offset)), *id)
+                // Map nodes sit in metadata frames on the remote: they stay metadata here,
+                // so that what this store pushes on can be walked without its key.
+                let meta = at.as_ref().is_some_and(|(_, l, pack)| {
+                    pack.frames
+                        .get(l.frame as usize)
+                        .is_some_and(|f| f.flags & crate::pack::FLAG_META != 0)
+                });
+                (at.map(|(p, l, _)| (p, l.frame, l.offset)), *id, meta)
             })
             .collect();
         placed.sort();
-        let want: Vec<ChunkId> = placed.iter().map(|(_, id)| *id).collect();
+        let want: Vec<(ChunkId, bool)> = placed.iter().map(|(_, id, m)| (*id, *m)).collect();
         let tick = |n: u64| {
             let now = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
             if let Some(p) = progress {
@@ -184,7 +185,7 @@ pub fn pull_with(
             }
         };
         tick(0);
-        let mut groups: Vec<&[ChunkId]> = Vec::new();
+        let mut groups: Vec<&[(ChunkId, bool)]> = Vec::new();
         let mut start = 0;
         for i in 1..=want.len() {
             let pack = |k: usize| placed[k].0.map(|(p, _, _)| p);
@@ -203,10 +204,14 @@ pub fn pull_with(
                         while let Some(group) =
                             groups.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
                         {
-                            for id in *group {
+                            for (id, meta) in *group {
                                 let data = rc.get(id)?;
                                 bytes += data.len() as u64;
-                                local.put(*id, &data)?;
+                                if *meta {
+                                    local.put_meta(*id, &data)?;
+                                } else {
+                                    local.put(*id, &data)?;
+                                }
                                 tick(data.len() as u64);
                             }
                         }
