@@ -121,6 +121,8 @@ pub struct Qcow2Image {
     backing_name: Option<String>,
     backing: Backing,
     snapshots: Vec<Snapshot>,
+    /// Bytes of the snapshot table (its entries' lengths, summed when they were read).
+    snapshot_table_len: u64,
     bitmaps: Vec<Bitmap>,
 }
 
@@ -195,7 +197,7 @@ impl Qcow2Image {
             header.l1_size as usize * 8,
             "qcow2 L1 table",
         )?;
-        let snapshots = read_snapshots(&file, &header)?;
+        let (snapshots, snapshot_table_len) = read_snapshots(&file, &header)?;
         let bitmaps = match &ext.bitmaps {
             Some(b) => read_bitmaps(&file, b)?,
             None => Vec::new(),
@@ -220,6 +222,7 @@ impl Qcow2Image {
             backing_name,
             backing,
             snapshots,
+            snapshot_table_len,
             bitmaps,
         };
         if img.file.is_writable() {
@@ -352,7 +355,8 @@ impl Qcow2Image {
     }
 }
 
-fn read_snapshots(file: &ImageFile, h: &Header) -> Result<Vec<Snapshot>> {
+/// The snapshots, and the table's length in bytes.
+fn read_snapshots(file: &ImageFile, h: &Header) -> Result<(Vec<Snapshot>, u64)> {
     let mut out = Vec::new();
     let mut at = h.snapshots_offset;
     let mut total = 0u64;
@@ -379,7 +383,7 @@ fn read_snapshots(file: &ImageFile, h: &Header) -> Result<Vec<Snapshot>> {
         );
         at = at.saturating_add(sizes.entry_len());
     }
-    Ok(out)
+    Ok((out, total))
 }
 
 fn read_bitmaps(file: &ImageFile, b: &header::BitmapsExtension) -> Result<Vec<Bitmap>> {

@@ -105,7 +105,7 @@ pub(super) fn walk(img: &Qcow2Image, visit: &mut dyn FnMut(Found<'_>)) -> Result
         visit(Found::Range {
             kind: MetaKind::SnapshotTable,
             offset: h.snapshots_offset,
-            len: snapshot_table_len(img)?,
+            len: img.snapshot_table_len,
         });
     }
     let mut walked = 0u64;
@@ -155,7 +155,31 @@ fn walk_bitmaps(img: &Qcow2Image, visit: &mut dyn FnMut(Found<'_>)) {
         offset: ext.directory_offset,
         len: ext.directory_size,
     });
+    // Bitmaps may name one table many times: each table's entries are read once (a table
+    // named again is still reported as a range, so a double claim shows), and all tables
+    // together hold at most MAX_BITMAP_TABLE_ENTRIES entries (real tables hold tens).
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
     for b in &img.bitmaps {
+        if !seen.insert(b.table_offset) {
+            visit(Found::Range {
+                kind: MetaKind::BitmapTable,
+                offset: b.table_offset,
+                len: u64::from(b.table_size.min(MAX_BITMAP_TABLE_ENTRIES)) * 8,
+            });
+            continue;
+        }
+        total = total.saturating_add(u64::from(b.table_size));
+        if total > u64::from(MAX_BITMAP_TABLE_ENTRIES) {
+            visit(Found::Problem {
+                structure: "qcow2 bitmap directory",
+                offset: ext.directory_offset,
+                message: format!(
+                    "bitmap tables hold more than {MAX_BITMAP_TABLE_ENTRIES} entries in all"
+                ),
+            });
+            return;
+        }
         if b.table_size > MAX_BITMAP_TABLE_ENTRIES {
             visit(Found::Problem {
                 structure: "qcow2 bitmap directory",
@@ -206,24 +230,6 @@ fn walk_bitmaps(img: &Qcow2Image, visit: &mut dyn FnMut(Found<'_>)) {
             }
         }
     }
-}
-
-/// Byte length of the snapshot table, re-reading each entry's sizes.
-fn snapshot_table_len(img: &Qcow2Image) -> Result<u64> {
-    let mut at = img.header.snapshots_offset;
-    let mut total = 0u64;
-    for _ in 0..img.header.nb_snapshots {
-        let fixed = img.file.read_vec(
-            at,
-            super::header::SNAPSHOT_FIXED_LEN,
-            "qcow2 snapshot table",
-        )?;
-        let sizes =
-            super::header::snapshot_sizes(&fixed, at).map_err(|e| e.in_file(img.file.path()))?;
-        total = total.saturating_add(sizes.entry_len());
-        at = at.saturating_add(sizes.entry_len());
-    }
-    Ok(total)
 }
 
 /// The host clusters holding metadata, as disjoint cluster-aligned ranges keyed by their start.
