@@ -295,6 +295,12 @@ pub(crate) struct RemotePack {
     pub(crate) len: u64,
 }
 
+/// Whether the last component of `rel` is a temporary file's name (`pack::temp_path`).
+fn is_temp_name(rel: &str) -> bool {
+    let name = rel.rsplit('/').next().unwrap_or(rel);
+    name.starts_with("tmp-") && name.ends_with(".tmp")
+}
+
 /// A snapshot found on a remote ([`Remote::resolve`]).
 #[derive(Debug)]
 pub struct RemoteSnapshot {
@@ -697,6 +703,11 @@ impl Remote {
                     .strip_prefix(&format!("{}{dir}/", self.prefix))
                     .unwrap_or(&full)
                     .to_string();
+                // A directory remote's objects are written through temporaries beside them
+                // (`write_dir_object`): one in flight, or left by a crash, is not an object.
+                if self.dir.is_some() && is_temp_name(&rel) {
+                    continue;
+                }
                 out.push((rel, meta.size, meta.last_modified.timestamp_millis()));
             }
             Ok(out)

@@ -107,6 +107,13 @@ fn push_sends_only_what_changed_and_pull_reads_back_the_same() {
     let again = pull(&dst, &remote2, "disk").unwrap();
     assert_eq!(again.chunks_fetched, 0);
     assert!(verify_remote(&remote2).unwrap().is_clean());
+    // Temporaries a killed writer left beside the objects are not objects: no ref, no pack.
+    for (sub, bytes) in [("refs", &b"half"[..]), ("packs", &b""[..])] {
+        std::fs::write(dir.join("remote").join(sub).join("tmp-1-1.obj.tmp"), bytes).unwrap();
+    }
+    let remote3 = remote_at(&dst, &dir.join("remote"));
+    assert_eq!(remote3.refs().unwrap().keys().collect::<Vec<_>>(), ["disk"]);
+    assert!(verify_remote(&remote3).unwrap().is_clean());
 }
 
 #[test]
