@@ -58,13 +58,13 @@ pub const CIPHER: &str = "xchacha20poly1305";
 pub const DEFAULT_ARGON2_MEMORY_KIB: u32 = 64 << 10;
 /// Default argon2id time cost (passes).
 pub const DEFAULT_ARGON2_ITERATIONS: u32 = 6;
-/// Largest argon2id memory cost a config may ask for (KiB): an untrusted config must not make
-/// opening allocate without bound.
-pub const MAX_ARGON2_MEMORY_KIB: u32 = 4 << 20;
-/// Largest argon2id time cost a config may ask for.
-pub const MAX_ARGON2_ITERATIONS: u32 = 64;
-/// Largest argon2id parallelism a config may ask for.
-pub const MAX_ARGON2_LANES: u32 = 16;
+/// Largest argon2id memory cost a config may ask for (KiB): 16 times the default. A remote's
+/// `keys` object is untrusted, and its costs are paid before the tag can refuse anything.
+pub const MAX_ARGON2_MEMORY_KIB: u32 = 16 * DEFAULT_ARGON2_MEMORY_KIB;
+/// Largest argon2id time cost a config may ask for (about 3 times the default).
+pub const MAX_ARGON2_ITERATIONS: u32 = 16;
+/// Largest argon2id parallelism a config may ask for: vmnest always wraps with one lane.
+pub const MAX_ARGON2_LANES: u32 = 1;
 /// Longest passphrase or key file read.
 pub const MAX_SECRET_LEN: u64 = 4096;
 
@@ -573,6 +573,14 @@ fn master_key(
 
 /// `master` wrapped under a key derived from `pass` with argon2id at `costs`, fresh salt.
 fn wrap(master: &[u8; KEY_LEN], pass: &[u8], costs: Argon2Costs) -> Result<Kdf> {
+    // What opening accepts: a store wrapped at higher costs could never be opened.
+    if costs.memory_kib > MAX_ARGON2_MEMORY_KIB || costs.iterations > MAX_ARGON2_ITERATIONS {
+        return Err(Error::InvalidArgument(format!(
+            "argon2id costs of {} KiB and {} passes exceed the caps ({MAX_ARGON2_MEMORY_KIB} \
+             KiB, {MAX_ARGON2_ITERATIONS} passes)",
+            costs.memory_kib, costs.iterations
+        )));
+    }
     let salt: [u8; 16] = random_bytes()?;
     let lanes = 1;
     let kek = derive_kek(pass, &salt, costs.memory_kib, costs.iterations, lanes)?;

@@ -160,20 +160,37 @@ fn the_wrong_kind_of_key_is_a_clear_error() {
 fn an_encryption_section_with_huge_costs_or_bad_fields_is_refused() {
     let dir = std::path::Path::new("/stores/c");
     let (config, _) = Keys::create(&passphrase("p"), TEST_COSTS).unwrap();
-    let mut huge = config.clone();
-    if let Kdf::Argon2id { memory_kib, .. } = &mut huge.kdf {
-        *memory_kib = u32::MAX;
+    // Each cost one past its cap is refused before argon2 runs (at the caps themselves it
+    // would run, for seconds: not here).
+    for (memory, passes, lanes) in [
+        (MAX_ARGON2_MEMORY_KIB + 1, 1, 1),
+        (64, MAX_ARGON2_ITERATIONS + 1, 1),
+        (64, 1, MAX_ARGON2_LANES + 1),
+        (u32::MAX, 1, 1),
+    ] {
+        let mut huge = config.clone();
+        if let Kdf::Argon2id {
+            memory_kib,
+            iterations,
+            lanes: l,
+            ..
+        } = &mut huge.kdf
+        {
+            (*memory_kib, *iterations, *l) = (memory, passes, lanes);
+        }
+        let err = Keys::unlock(dir, &huge, &passphrase("p")).unwrap_err();
+        assert!(err.to_string().contains("out of bounds"), "{err}");
     }
-    let err = Keys::unlock(dir, &huge, &passphrase("p")).unwrap_err();
-    assert!(err.to_string().contains("out of bounds"), "{err}");
     let mut cut = config.clone();
     if let Kdf::Argon2id { wrapped_key, .. } = &mut cut.kdf {
         wrapped_key.truncate(10);
     }
-    assert!(Keys::unlock(dir, &cut, &passphrase("p")).is_err());
+    let err = Keys::unlock(dir, &cut, &passphrase("p")).unwrap_err();
+    assert!(err.to_string().contains("wrong length"), "{err}");
     let mut cipher = config;
     cipher.cipher = "rot13".into();
-    assert!(Keys::unlock(dir, &cipher, &passphrase("p")).is_err());
+    let err = Keys::unlock(dir, &cipher, &passphrase("p")).unwrap_err();
+    assert!(err.to_string().contains("unknown cipher"), "{err}");
 }
 
 fn manifest() -> Manifest {
