@@ -699,6 +699,34 @@ fn a_sealed_frame_in_the_table_must_fit_its_lengths() {
         f.stored_len,
         f.plain_len + crate::crypt::SEAL_OVERHEAD as u32
     );
+    // The frame table as parse_index sees it, with the first frame's entry edited (its crc
+    // over the index recomputed, so only the new checks can refuse it).
+    let bytes = std::fs::read(&p.path).unwrap();
+    let len = bytes.len() as u64;
+    let t = parse_trailer("p", &bytes[(len - TRAILER_LEN) as usize..], len).unwrap();
+    let index = &bytes[t.index_offset as usize..(t.index_offset + t.index_len) as usize];
+    let ftab = (t.n_chunks * ENTRY_LEN) as usize;
+    let edited = |stored_len: u32, flags: u32| {
+        let mut ix = index.to_vec();
+        ix[ftab + 12..ftab + 16].copy_from_slice(&stored_len.to_le_bytes());
+        ix[ftab + 16..ftab + 20].copy_from_slice(&flags.to_le_bytes());
+        let mut t = t;
+        t.index_crc = crc32c::crc32c(&ix);
+        parse_index("p", &t, &ix)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let seal = crate::crypt::SEAL_OVERHEAD as u32;
+    assert_eq!(edited(f.stored_len, f.flags), Ok(()));
+    // Longer than its plaintext and a seal.
+    let err = edited(f.plain_len + seal + 1, f.flags).unwrap_err();
+    assert!(err.contains("bad lengths"), "{err}");
+    // Sealed metadata is a contradiction (metadata frames are the unsealed ones).
+    let err = edited(f.stored_len, FLAG_SEALED | FLAG_META).unwrap_err();
+    assert!(err.contains("bad flags"), "{err}");
+    // Sealed and uncompressed: exactly its plaintext and a seal.
+    let err = edited(f.plain_len + seal - 1, FLAG_SEALED).unwrap_err();
+    assert!(err.contains("bad flags"), "{err}");
 }
 
 #[test]
