@@ -24,8 +24,13 @@ while [ $# -gt 0 ]; do
     *) echo "usage: $0 [--size 1G] [--runs 3] [--key-file]" >&2; exit 2 ;;
   esac
 done
-bin=${VMNEST_BIN:-$root/target/release/vmnest}
-[ -x "$bin" ] || (cd "$root" && cargo build --release -p vmnest)
+# A fresh release build unless VMNEST_BIN names another binary (an old one would be measured).
+if [ -n "${VMNEST_BIN:-}" ]; then
+  bin=$VMNEST_BIN
+else
+  (cd "$root" && cargo build --release -q -p vmnest)
+  bin=$root/target/release/vmnest
+fi
 work=$here/work/crypt
 mkdir -p "$work"
 disk=$work/disk.raw

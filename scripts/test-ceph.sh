@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The remote test suite against a real distributed object store: starts a single-node Ceph RADOS
 # Gateway (scripts/ceph-rgw.sh; installs Debian's radosgw, ceph-mon and ceph-osd when missing),
-# runs every integration test whose name starts with `remote` or `serve_from` against it
+# runs every integration test whose path contains `remote` or `serve_from` against it (the
+# remote, remote_gc, remote_crypt and serve_from modules, and mount's `mount --from` test)
 # (VMNEST_S3_ENDPOINT: the tests' S3 helper uses it instead of starting moto), then stops it.
 # scripts/test.sh runs this when VMNEST_HEAVY is set. Extra arguments go to the test binary.
 set -euo pipefail

@@ -236,7 +236,7 @@ fn restore_reads_through_the_frame_cache_it_is_given() {
         "restore: {} pack GETs with --frame-cache 4K, {} with 128M",
         gets[0], gets[1]
     );
-    // A fetch brings up to 8 MiB of frames: in 1 MiB of memory most are gone before they are
+    // A fetch brings up to 8 MiB of frames: in 4 KiB of memory most are gone before they are
     // read, and fetched again.
     assert!(gets[0] > 2 * gets[1], "{gets:?}");
     let _ = std::fs::remove_dir_all(&dir);
