@@ -36,7 +36,15 @@ pub fn store_dir() -> PathBuf {
 /// already ("store S: store S is encrypted…" said it twice).
 pub fn naming_store(dir: &Path, e: dedup_store::Error) -> anyhow::Error {
     let name = format!("store {}", dir.display());
-    if e.to_string().contains(&name) {
+    let text = e.to_string();
+    // The name itself, not a longer path that starts with it ("store /a" in "store /a/b").
+    let names_it = text.match_indices(&name).any(|(at, _)| {
+        text[at + name.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| c == ':' || c.is_whitespace())
+    });
+    if names_it {
         anyhow::Error::new(e)
     } else {
         anyhow::Error::new(e).context(name)
@@ -313,4 +321,30 @@ pub fn open_remote_stored(
 ) -> Result<Arc<StoredDisk>> {
     let (snap, chunks) = resolve_remote(remote, spec, frame_cache)?;
     Ok(Arc::new(StoredDisk::open_remote(chunks, &snap, member)?))
+}
+
+#[cfg(test)]
+mod naming_tests {
+    use super::*;
+
+    #[test]
+    fn a_store_error_names_the_store_once_and_never_drops_it() {
+        let err = |text: &str| dedup_store::Error::InvalidArgument(text.into());
+        let a = Path::new("/stores/a");
+        let shown = |e| format!("{:#}", naming_store(a, e));
+        assert_eq!(
+            shown(err("store /stores/a is encrypted")),
+            "store /stores/a is encrypted"
+        );
+        assert_eq!(
+            shown(err("wrong passphrase or key file for store /stores/a")),
+            "wrong passphrase or key file for store /stores/a"
+        );
+        // Another store whose path starts with this one's, or no store at all: named in front.
+        assert_eq!(
+            shown(err("store /stores/ab is encrypted")),
+            "store /stores/a: store /stores/ab is encrypted"
+        );
+        assert_eq!(shown(err("disk full")), "store /stores/a: disk full");
+    }
 }
