@@ -506,17 +506,13 @@ impl Keys {
     /// Unlocks the keys of the store at `store` (named in errors) whose config section is
     /// `config`, with `source`. A wrong passphrase or key file is [`Error::WrongKey`].
     pub fn unlock(store: &Path, config: &EncryptionConfig, source: &KeySource) -> Result<Keys> {
-        master_key(store, config, source).map(|master| Keys::from_master(&master))
+        unlocked_keys(store, config, source)
     }
 }
 
-/// The master key of the store at `store` (named in errors) whose config section is `config`,
-/// unwrapped with `source` and checked against the fingerprint.
-fn master_key(
-    store: &Path,
-    config: &EncryptionConfig,
-    source: &KeySource,
-) -> Result<[u8; KEY_LEN]> {
+/// The keys of the store at `store` (named in errors) whose config section is `config`: the
+/// master key unwrapped with `source`, checked against the fingerprint.
+fn unlocked_keys(store: &Path, config: &EncryptionConfig, source: &KeySource) -> Result<Keys> {
     let object = format!("{}/config", store.display());
     let bad = |why: &str| Error::corrupt(&object, 0, format!("encryption section: {why}"));
     if config.cipher != CIPHER {
@@ -565,10 +561,11 @@ fn master_key(
             )));
         }
     };
-    if Keys::from_master(&master).fingerprint != config.fingerprint {
+    let keys = Keys::from_master(&master);
+    if keys.fingerprint != config.fingerprint {
         return Err(wrong());
     }
-    Ok(master)
+    Ok(keys)
 }
 
 /// `master` wrapped under a key derived from `pass` with argon2id at `costs`, fresh salt.
