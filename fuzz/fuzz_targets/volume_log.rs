@@ -15,7 +15,9 @@ use dedup_store::store::volume::log::{self, RecordKind};
 use dedup_store::store::volume::overlay::{Overlay, Source};
 use libfuzzer_sys::fuzz_target;
 
-fn build(rest: &[u8], disk_size: u64, sealing: Option<&log::Sealing>) -> Vec<u8> {
+/// The log, and the payload of each record in order.
+fn build(rest: &[u8], disk_size: u64, sealing: Option<&log::Sealing>) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let mut payloads = Vec::new();
     let mut out = log::header(&SnapshotId([3; 32]), sealing.is_some()).to_vec();
     let (body, tail) = rest.split_at(rest.len() - rest.len() % 6);
     for g in body.chunks(6) {
@@ -40,6 +42,7 @@ fn build(rest: &[u8], disk_size: u64, sealing: Option<&log::Sealing>) -> Vec<u8>
                 log::seal_record(s, at, kind, off, len, &payload, &mut out).expect("sealing");
             }
         }
+        payloads.push(payload);
     }
     if let [cut, flip, ..] = tail {
         let at = log::LOG_HEADER_LEN as usize
@@ -50,7 +53,7 @@ fn build(rest: &[u8], disk_size: u64, sealing: Option<&log::Sealing>) -> Vec<u8>
             out.truncate(at.max(log::LOG_HEADER_LEN as usize));
         }
     }
-    out
+    (out, payloads)
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -65,26 +68,39 @@ fuzz_target!(|data: &[u8]| {
         base: SnapshotId([3; 32]),
     });
     let sealing = sealing.as_ref();
-    let bytes = if mode & 1 == 0 {
-        build(rest, disk_size, sealing)
+    let (bytes, payloads) = if mode & 1 == 0 {
+        let (b, p) = build(rest, disk_size, sealing);
+        (b, Some(p))
     } else {
         let mut b = log::header(&SnapshotId([3; 32]), sealing.is_some()).to_vec();
         b.extend_from_slice(rest);
-        b
+        (b, None)
     };
     let mut records = Vec::new();
-    let Ok(end) = log::scan(&bytes[..], "fuzz", disk_size, sealing, &mut |r| records.push(r)) else {
+    let Ok(end) = log::scan(&bytes[..], "fuzz", disk_size, sealing, &mut |r| {
+        records.push(r)
+    }) else {
         return;
     };
     assert_eq!(end.valid_end + end.torn_bytes, bytes.len() as u64);
     assert_eq!(end.records, records.len() as u64);
     let mut overlay = Overlay::default();
     let mut model: Vec<Option<Source>> = vec![None; disk_size as usize];
-    for r in &records {
+    for (i, r) in records.iter().enumerate() {
         assert!(r.len >= 1 && r.guest_off + r.len <= disk_size);
         if r.kind == RecordKind::Data {
             assert!(r.payload_at + r.len <= end.valid_end);
             assert_eq!(r.nonce.is_some(), sealing.is_some());
+            // An accepted record of a built log reads back as what was written: decrypted
+            // from its payload offset on, in a sealed log.
+            if let Some(payloads) = &payloads {
+                let at = r.payload_at as usize;
+                let mut got = bytes[at..at + r.len as usize].to_vec();
+                if let (Some(nonce), Some(s)) = (r.nonce, sealing) {
+                    s.keys.apply(&nonce, 0, &mut got);
+                }
+                assert_eq!(got, payloads[i], "record {i}");
+            }
         }
         let src = r.source();
         overlay.insert(r.guest_off, r.guest_off + r.len, src);
