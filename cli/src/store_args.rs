@@ -216,15 +216,7 @@ pub fn resolve_remote(
     remote.refresh_index()?;
     let found = remote.resolve(spec)?;
     let chunks = Arc::new(RemoteChunks::new(remote, frame_cache));
-    Ok((resolved(found), chunks))
-}
-
-fn resolved(found: dedup_store::remote::RemoteSnapshot) -> Resolved {
-    Resolved {
-        name: found.name,
-        id: found.id,
-        manifest: found.manifest,
-    }
+    Ok((Resolved::from(found), chunks))
 }
 
 /// The caches of a lazy reader of a remote (`serve --from`, `mount --from`).
@@ -304,7 +296,7 @@ fn lazy_reader(name: &str, caches: LazyCaches) -> Result<Arc<RemoteChunks>> {
 
 /// Finds snapshot `spec` on the remote `chunks` reads.
 fn resolve_on(chunks: &RemoteChunks, spec: &str) -> Result<Resolved> {
-    Ok(resolved(chunks.remote().resolve(spec)?))
+    Ok(Resolved::from(chunks.remote().resolve(spec)?))
 }
 
 /// What one miss of `serve --from` fetches at most: small, so that the first reply is quick;

@@ -295,6 +295,16 @@ pub(crate) struct RemotePack {
     pub(crate) len: u64,
 }
 
+impl From<RemoteSnapshot> for crate::store::Resolved {
+    fn from(found: RemoteSnapshot) -> Self {
+        crate::store::Resolved {
+            name: found.name,
+            id: found.id,
+            manifest: found.manifest,
+        }
+    }
+}
+
 /// Whether the last component of `rel` is a temporary file's name (`pack::temp_path`).
 fn is_temp_name(rel: &str) -> bool {
     let name = rel.rsplit('/').next().unwrap_or(rel);

@@ -303,11 +303,7 @@ fn lazy_reads_fetch_ahead_once_and_reuse_the_disk_cache() {
         let r = remote_at(&dst, &dir.join("remote"));
         r.refresh_index().unwrap();
         let found = r.resolve("disk").unwrap();
-        let snap = Resolved {
-            name: found.name,
-            id: found.id,
-            manifest: found.manifest,
-        };
+        let snap = Resolved::from(found);
         let options = RemoteReadOptions {
             memory_cache: 64 << 20,
             disk_cache: Some((cache.clone(), 64 << 20)),
@@ -381,11 +377,7 @@ fn a_frame_is_checked_once_and_reads_of_it_are_not_hashed_again() {
 
     let (dir, r, data) = pushed_for_reading("remote-check-once");
     let found = r.resolve("disk").unwrap();
-    let snap = Resolved {
-        name: found.name,
-        id: found.id,
-        manifest: found.manifest,
-    };
+    let snap = Resolved::from(found);
     let indexed: usize = r.with_index(|i| i.entries.values().map(|e| e.len()).sum());
     let chunks = Arc::new(RemoteChunks::new(r.clone(), 64 << 20));
     let disk = StoredDisk::open_remote(chunks.clone(), &snap, None).unwrap();
@@ -397,16 +389,25 @@ fn a_frame_is_checked_once_and_reads_of_it_are_not_hashed_again() {
             disk.read_at(piece, (i as u64) * 4096).unwrap();
         }
         assert!(out == data, "read back differs");
-        checked.push((s.chunks_checked.load(Relaxed), s.fetches.load(Relaxed)));
+        checked.push((
+            s.chunks_checked.load(Relaxed),
+            s.fetches.load(Relaxed),
+            s.frames_decoded.load(Relaxed),
+        ));
     }
     // 512 reads of 4 KiB a pass: each chunk was hashed once, in the pass that fetched it.
-    let (hashed, fetched) = checked[0];
+    let (hashed, fetched, decoded) = checked[0];
     assert!(
         hashed > 0 && hashed <= indexed,
         "{hashed} hashes, {indexed} chunks"
     );
     assert_eq!(checked[1], checked[0], "the second pass fetched or hashed");
     assert!(fetched >= 1);
+    // Every frame was decoded in the first pass (the cache holds them all), none again.
+    assert!(
+        decoded >= fetched,
+        "{decoded} frames decoded, {fetched} fetches"
+    );
 
     // read_into copies the part asked for, and refuses a length the chunk does not have.
     let (id, len) = r.with_index(|i| {
