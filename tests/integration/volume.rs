@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use vmnest_tests::*;
 
+use crate::store::st;
+
 /// A `vmnest serve --socket` child whose stdout lines arrive on a channel.
 struct Volserve {
     child: KilledOnDrop,
@@ -25,7 +27,7 @@ impl Volserve {
         let socket = dir.join("nbd.sock");
         let _ = std::fs::remove_file(&socket);
         let stderr = dir.join("volserve.stderr");
-        let mut cmd = store_cmd(store);
+        let mut cmd = st(store);
         cmd.args(["serve", "--rw", "--export-name", "vm"]);
         if unix {
             cmd.arg("--socket").arg(&socket);
@@ -79,26 +81,17 @@ impl Volserve {
     }
 }
 
-/// `vmnest --store STORE`, with the passphrase of the encrypted stores of these tests.
-fn store_cmd(store: &Path) -> Command {
-    crate::store::st(store)
-}
-
-/// A store holding `vm`, imported from a 16 MiB pattern raw image (returned).
-fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    setup_in(name, false)
-}
-
-/// [`setup`], of an encrypted store when `encrypted`.
-fn setup_in(name: &str, encrypted: bool) -> (PathBuf, PathBuf, PathBuf) {
+/// A store holding `vm`, imported from a 16 MiB pattern raw image (returned); encrypted when
+/// `encrypted`.
+fn setup(name: &str, encrypted: bool) -> (PathBuf, PathBuf, PathBuf) {
     let dir = scratch(name);
     let raw = dir.join("original.raw");
     write_pattern_raw(&raw, 16 << 20, 21);
     let store = dir.join("store");
     if encrypted {
-        run_ok(store_cmd(&store).args(["init", "--encrypt"]));
+        run_ok(st(&store).args(["init", "--encrypt"]));
     }
-    run_ok(store_cmd(&store).arg("import").arg(&raw).arg("vm"));
+    run_ok(st(&store).arg("import").arg(&raw).arg("vm"));
     (dir, store, raw)
 }
 
@@ -137,7 +130,7 @@ fn compare_stored(dir: &Path, store: &Path, bytes: &[u8], spec: &str) {
     let want = dir.join("want.raw");
     std::fs::write(&want, bytes).unwrap();
     run_ok(
-        store_cmd(store)
+        st(store)
             .args(["compare", "-f", "raw"])
             .arg(&want)
             .arg(spec),
@@ -145,13 +138,8 @@ fn compare_stored(dir: &Path, store: &Path, bytes: &[u8], spec: &str) {
 }
 
 /// [`setup`], with the original bytes and what [`PATCH`] makes of them.
-fn setup_patched(name: &str) -> (PathBuf, PathBuf, Vec<u8>, Vec<u8>) {
-    setup_patched_in(name, false)
-}
-
-/// [`setup_patched`], of an encrypted store when `encrypted`.
-fn setup_patched_in(name: &str, encrypted: bool) -> (PathBuf, PathBuf, Vec<u8>, Vec<u8>) {
-    let (dir, store, raw) = setup_in(name, encrypted);
+fn setup_patched(name: &str, encrypted: bool) -> (PathBuf, PathBuf, Vec<u8>, Vec<u8>) {
+    let (dir, store, raw) = setup(name, encrypted);
     let original = read_raw(&raw);
     let want = patched(&original);
     (dir, store, original, want)
@@ -183,21 +171,21 @@ plain_and_encrypted!(
 
 fn flushed_writes_survive_kill_9_and_commit_makes_a_new_snapshot_in(encrypted: bool) {
     let (dir, store, original, want) =
-        setup_patched_in(&format!("volume-kill9-{encrypted}"), encrypted);
+        setup_patched(&format!("volume-kill9-{encrypted}"), encrypted);
     let served = Volserve::start(&dir, &store, false, &["store:vm"]);
     qemu_io(&served.url, &PATCH);
     // The write log holds the client's bytes in the clear only in a plain store.
     assert_eq!(holds_run_of(&store.join("volumes/vm"), 0xab), !encrypted);
     // A second server (or a commit) cannot take the volume while it is held.
     let pid = served.child.0.id().to_string();
-    let busy = run(store_cmd(&store).args(["commit", "vm"]));
+    let busy = run(st(&store).args(["commit", "vm"]));
     let err = String::from_utf8_lossy(&busy.stderr);
     assert!(!busy.status.success());
     assert!(
         err.contains("volume vm is in use by another process") && err.contains(&pid),
         "{err}"
     );
-    let ls = run_ok(store_cmd(&store).args(["volume", "ls"]));
+    let ls = run_ok(st(&store).args(["volume", "ls"]));
     assert!(
         ls.contains("vm") && ls.contains(&format!("pid {pid}")),
         "{ls}"
@@ -211,22 +199,22 @@ fn flushed_writes_survive_kill_9_and_commit_makes_a_new_snapshot_in(encrypted: b
     compare_stored(&dir, &store, &original, "store:vm");
     served.kill9();
 
-    let out = run_ok(store_cmd(&store).args(["commit", "vm", "-m", "patched"]));
+    let out = run_ok(st(&store).args(["commit", "vm", "-m", "patched"]));
     let spec = out.trim();
     assert!(spec.starts_with("vm@") && spec.len() == 15, "{out}");
     let exported = dir.join("exported.raw");
-    run_ok(store_cmd(&store).args(["export", spec]).arg(&exported));
+    run_ok(st(&store).args(["export", spec]).arg(&exported));
     compare_with(&dir, &want, exported.to_str().unwrap());
     run_ok(
-        store_cmd(&store)
+        st(&store)
             .args(["export", "vm@~1", "--force"])
             .arg(&exported),
     );
     compare_with(&dir, &original, exported.to_str().unwrap());
-    let log = run_ok(store_cmd(&store).args(["log", "vm"]));
+    let log = run_ok(st(&store).args(["log", "vm"]));
     assert!(log.contains("commit volume vm"), "{log}");
     // The volume is rebased on the new snapshot with an empty log.
-    let ls = run_ok(store_cmd(&store).args(["volume", "ls", "--output", "json"]));
+    let ls = run_ok(st(&store).args(["volume", "ls", "--output", "json"]));
     let list: serde_json::Value = serde_json::from_str(&ls).unwrap();
     assert_eq!(list[0]["log_bytes"], 0, "{ls}");
     assert!(
@@ -235,7 +223,7 @@ fn flushed_writes_survive_kill_9_and_commit_makes_a_new_snapshot_in(encrypted: b
     );
     assert!(list[0]["in_use_by"].is_null());
     // Asking for the old snapshot over the existing volume is refused.
-    let again = run(store_cmd(&store).args([
+    let again = run(st(&store).args([
         "serve",
         "--rw",
         "--socket",
@@ -246,14 +234,14 @@ fn flushed_writes_survive_kill_9_and_commit_makes_a_new_snapshot_in(encrypted: b
     assert!(!again.status.success());
     assert!(err.contains("volume vm exists over vm@"), "{err}");
     // Discarded, the volume is gone.
-    run_ok(store_cmd(&store).args(["volume", "rm", "vm"]));
+    run_ok(st(&store).args(["volume", "rm", "vm"]));
     assert!(!store.join("volumes/vm").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn commit_on_disconnect_commits_when_qemu_io_disconnects() {
-    let (dir, store, original, want) = setup_patched("volume-disconnect");
+    let (dir, store, original, want) = setup_patched("volume-disconnect", false);
     let served = Volserve::start(
         &dir,
         &store,
@@ -272,13 +260,13 @@ fn commit_on_disconnect_commits_when_qemu_io_disconnects() {
         .unwrap_or_else(|| panic!("unexpected line {line:?}"));
     assert!(spec.starts_with("vm@"), "{line}");
     // Exactly one commit, from the writing connection.
-    let heads = run_ok(store_cmd(&store).args(["log", "vm"]));
+    let heads = run_ok(st(&store).args(["log", "vm"]));
     assert_eq!(heads.lines().count(), 2, "{heads}");
     compare_stored(&dir, &store, &want, "store:vm");
     compare_stored(&dir, &store, &original, "store:vm@~1");
     // The server goes on serving the rebased volume.
     compare_with(&dir, &want, &served.url);
-    let ls = run_ok(store_cmd(&store).arg("ls"));
+    let ls = run_ok(st(&store).arg("ls"));
     assert!(ls.contains("volume patch over vm@"), "{ls}");
     drop(served);
     let _ = std::fs::remove_dir_all(&dir);
@@ -286,19 +274,19 @@ fn commit_on_disconnect_commits_when_qemu_io_disconnects() {
 
 #[test]
 fn gc_keeps_the_base_of_a_volume_whose_name_was_removed() {
-    let (dir, store, original, want) = setup_patched("volume-gc");
+    let (dir, store, original, want) = setup_patched("volume-gc", false);
     let served = Volserve::start(&dir, &store, false, &["store:vm"]);
     qemu_io(&served.url, &PATCH);
     drop(served);
-    run_ok(store_cmd(&store).args(["rm", "vm"]));
-    let gc = run_ok(store_cmd(&store).args(["gc", "--output", "json"]));
+    run_ok(st(&store).args(["rm", "vm"]));
+    let gc = run_ok(st(&store).args(["gc", "--output", "json"]));
     let report: serde_json::Value = serde_json::from_str(&gc).unwrap();
     assert_eq!(report["removed_snapshots"], 0, "{gc}");
-    run_ok(store_cmd(&store).arg("verify"));
-    let du = run_ok(store_cmd(&store).arg("du"));
+    run_ok(st(&store).arg("verify"));
+    let du = run_ok(st(&store).arg("du"));
     assert!(du.contains("volume vm over vm@"), "{du}");
     // The volume still reads base + writes, and its commit brings the name back.
-    let out = run_ok(store_cmd(&store).args(["commit", "vm"]));
+    let out = run_ok(st(&store).args(["commit", "vm"]));
     assert!(out.trim().starts_with("vm@"), "{out}");
     compare_stored(&dir, &store, &want, "store:vm");
     compare_stored(&dir, &store, &original, "store:vm@~1");
@@ -307,7 +295,7 @@ fn gc_keeps_the_base_of_a_volume_whose_name_was_removed() {
 
 #[test]
 fn nbdcopy_with_four_connections_writes_a_volume_that_commits_once_all_disconnect() {
-    let (dir, store, _) = setup("volume-nbdcopy");
+    let (dir, store, _) = setup("volume-nbdcopy", false);
     let new = dir.join("new.raw");
     write_pattern_raw(&new, 16 << 20, 77);
     let served = Volserve::start(&dir, &store, true, &["--commit-on-disconnect", "store:vm"]);
