@@ -26,7 +26,7 @@
 //! new block is refused when some structure (a stray block past the end) already claims the
 //! place it would take.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::blockdev::{BlockDeviceMut, check_range};
@@ -45,8 +45,9 @@ pub(super) struct Writer {
     /// Where the next block goes (the footer at the end sits there); behind the allocation lock.
     next_block: Mutex<u64>,
     /// Allocated blocks whose bitmap and data overlap another structure or run past the file's
-    /// data (found by the same survey as `check`): never written.
-    bad_blocks: BTreeSet<u64>,
+    /// data (found by the same survey as `check`), with why in the survey's words: never
+    /// written.
+    bad_blocks: BTreeMap<u64, String>,
     /// The end of the furthest range an existing structure claims: new blocks go after it.
     claims_end: u64,
 }
@@ -69,7 +70,7 @@ pub(super) fn open_writer(image: &VhdImage) -> Result<Writer> {
         Place::End | Place::EndOld => copy.offset.div_ceil(SECTOR) * SECTOR,
         Place::Start => file.len().div_ceil(SECTOR) * SECTOR,
     };
-    let mut bad_blocks = BTreeSet::new();
+    let mut bad_blocks = BTreeMap::new();
     let mut claims_end = 0;
     if let Layout::Sparse {
         header,
@@ -83,13 +84,21 @@ pub(super) fn open_writer(image: &VhdImage) -> Result<Writer> {
             *header_offset,
             map,
             &mut |finding| match finding {
-                Finding::Outside { block, .. } => {
-                    bad_blocks.insert(block);
+                // The first reason found for a block is the one told.
+                Finding::Outside { block, end, .. } => {
+                    bad_blocks
+                        .entry(block)
+                        .or_insert_with(|| format!("runs past the file's data to {end:#x}"));
                 }
                 Finding::Overlap { claim, prev } => {
-                    for c in [claim, prev] {
+                    for (c, other) in [(claim, prev), (prev, claim)] {
                         if let Claimant::Block(b) = c.what {
-                            bad_blocks.insert(b);
+                            bad_blocks.entry(b).or_insert_with(|| {
+                                format!(
+                                    "overlaps the {} at {:#x}..{:#x}",
+                                    other.what, other.start, other.end
+                                )
+                            });
                         }
                     }
                 }
@@ -104,39 +113,6 @@ pub(super) fn open_writer(image: &VhdImage) -> Result<Writer> {
         bad_blocks,
         claims_end,
     })
-}
-
-/// Why block `block` of `image` (in the survey's words) must not be written.
-fn block_problem(image: &VhdImage, map: &BlockMap, block: u64) -> String {
-    let Layout::Sparse {
-        header,
-        header_offset,
-        ..
-    } = &image.layout
-    else {
-        return String::new();
-    };
-    let mut problem = None;
-    survey(image, header, *header_offset, map, &mut |finding| {
-        if problem.is_some() {
-            return;
-        }
-        problem = match finding {
-            Finding::Outside { block: b, end, .. } if b == block => {
-                Some(format!("runs past the file's data to {end:#x}"))
-            }
-            Finding::Overlap { claim, prev } => {
-                let other = match (claim.what, prev.what) {
-                    (Claimant::Block(b), _) if b == block => Some(prev),
-                    (_, Claimant::Block(b)) if b == block => Some(claim),
-                    _ => None,
-                };
-                other.map(|o| format!("overlaps the {} at {:#x}..{:#x}", o.what, o.start, o.end))
-            }
-            _ => None,
-        };
-    });
-    problem.unwrap_or_else(|| "overlaps another structure".into())
 }
 
 impl VhdImage {
@@ -186,7 +162,7 @@ impl VhdImage {
                 bitmap_offset,
                 ..
             } = loc
-                && w.bad_blocks.contains(&block)
+                && let Some(problem) = w.bad_blocks.get(&block)
             {
                 return Err(Error::corrupt(
                     "VHD block allocation table",
@@ -194,7 +170,7 @@ impl VhdImage {
                     format!(
                         "block {block} at host offset {bitmap_offset:#x} {}; guest offset \
                          {pos:#x} is not written",
-                        block_problem(self, map, block)
+                        problem
                     ),
                 )
                 .in_file(self.file.path()));
