@@ -300,6 +300,13 @@ impl MetaMap {
         }
     }
 
+    /// Whether anything claims a cluster of `[offset, offset + len)` or a checked L2 table
+    /// starts there: [`MetaMap::remove`] would change something.
+    pub(super) fn holds(&self, offset: u64, len: u64) -> bool {
+        let (start, end) = self.clusters(offset, len);
+        self.find(offset, len).is_some() || self.checked.range(start..end).next().is_some()
+    }
+
     /// Releases the clusters of `[offset, offset + len)`, whatever claimed them (and forgets
     /// that an L2 table there was checked).
     pub(super) fn remove(&mut self, offset: u64, len: u64) {

@@ -959,8 +959,12 @@ impl Qcow2Image {
         }
         self.set_refcount(w, st, idx, rc - 1)?;
         if rc == 1 {
-            // Whatever it held is gone: it may now take guest data.
-            w.meta_mut().remove(idx * self.cs(), self.cs());
+            // Whatever it held is gone: it may now take guest data. Plain data clusters were
+            // never in the map: no write lock for them (a large discard frees many).
+            let cluster = idx * self.cs();
+            if w.meta().holds(cluster, self.cs()) {
+                w.meta_mut().remove(cluster, self.cs());
+            }
             st.free_hint = st.free_hint.min(idx);
             self.file.punch_hole(idx * self.cs(), self.cs())?;
         }
