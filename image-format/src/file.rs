@@ -345,11 +345,19 @@ impl ImageFile {
     }
 
     /// Rewrites the file as a power cut could leave it: the synced state plus the unsynced
-    /// writes for which `keep(index)` is true, applied in their order. Disarms the recorder.
+    /// writes for which `keep(index)` is true, applied in their order. The power stays off:
+    /// every later operation through this handle fails (a writer dropped after the crash must
+    /// not write to what the crash left).
     pub(crate) fn simulate_crash(&self, mut keep: impl FnMut(usize) -> bool) {
-        let Some(rec) = self.faults.lock().unwrap().take() else {
+        let mut faults = self.faults.lock().unwrap();
+        let Some(rec) = faults.replace(fault::Recorder {
+            crashed: true,
+            ..Default::default()
+        }) else {
+            *faults = None;
             return;
         };
+        drop(faults);
         for (off, before, _) in rec.unsynced.iter().rev() {
             self.file.write_all_at(before, *off).unwrap();
         }

@@ -3,9 +3,11 @@
 //!
 //! The cache lock is held only to look up or insert a table (an `Arc`), never while reading
 //! from the file; two threads missing on the same table may both read it, which is harmless.
-//! An in-place writer replaces a table with [`L2Cache::put`] after writing it to the file; a
-//! load that started before a `put` is returned to its caller but not cached, so a table read
-//! from the file before the write can never replace the newer one.
+//! An in-place writer replaces a table with [`L2Cache::put`]; a load that started before a `put`
+//! is returned to its caller but not cached, so a table read from the file before the change can
+//! never replace the newer one. A table changed in memory but not yet written back is *pinned*
+//! ([`L2Cache::put_pinned`]): eviction passes it by until [`L2Cache::unpin`], so every reader
+//! sees the change although the file does not hold it yet.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,7 +31,8 @@ pub struct L2Cache {
 
 #[derive(Debug, Default)]
 struct CacheInner {
-    tables: HashMap<u64, (Arc<[u64]>, u64)>,
+    /// Table, last use, pinned.
+    tables: HashMap<u64, (Arc<[u64]>, u64, bool)>,
     tick: u64,
     /// Bumped by every [`L2Cache::put`].
     epoch: u64,
@@ -53,7 +56,7 @@ impl L2Cache {
             let mut inner = self.lock();
             inner.tick += 1;
             let tick = inner.tick;
-            if let Some((table, used)) = inner.tables.get_mut(&offset) {
+            if let Some((table, used, _)) = inner.tables.get_mut(&offset) {
                 *used = tick;
                 return Ok(Arc::clone(table));
             }
@@ -64,34 +67,52 @@ impl L2Cache {
         if inner.epoch != epoch {
             return Ok(table);
         }
-        if let Some((cached, _)) = inner.tables.get(&offset) {
+        if let Some((cached, _, _)) = inner.tables.get(&offset) {
             return Ok(Arc::clone(cached));
         }
-        self.insert(&mut inner, offset, Arc::clone(&table));
+        self.insert(&mut inner, offset, Arc::clone(&table), false);
         Ok(table)
     }
 
     /// Replaces (or adds) the table at `offset`, which the caller has just written to the file.
     pub fn put(&self, offset: u64, table: Arc<[u64]>) {
+        self.replace(offset, table, false);
+    }
+
+    /// Replaces (or adds) the table at `offset`, changed in memory only: it stays cached until
+    /// [`L2Cache::unpin`] (the caller bounds how many it pins).
+    pub fn put_pinned(&self, offset: u64, table: Arc<[u64]>) {
+        self.replace(offset, table, true);
+    }
+
+    /// Lets the table at `offset`, now written to the file, be evicted again.
+    pub fn unpin(&self, offset: u64) {
+        if let Some((_, _, pinned)) = self.lock().tables.get_mut(&offset) {
+            *pinned = false;
+        }
+    }
+
+    fn replace(&self, offset: u64, table: Arc<[u64]>, pinned: bool) {
         let mut inner = self.lock();
         inner.epoch += 1;
         inner.tables.remove(&offset);
-        self.insert(&mut inner, offset, table);
+        self.insert(&mut inner, offset, table, pinned);
     }
 
-    fn insert(&self, inner: &mut CacheInner, offset: u64, table: Arc<[u64]>) {
+    fn insert(&self, inner: &mut CacheInner, offset: u64, table: Arc<[u64]>, pinned: bool) {
         if inner.tables.len() >= self.capacity
             && let Some(oldest) = inner
                 .tables
                 .iter()
-                .min_by_key(|(_, (_, used))| *used)
+                .filter(|(_, (_, _, pinned))| !pinned)
+                .min_by_key(|(_, (_, used, _))| *used)
                 .map(|(k, _)| *k)
         {
             inner.tables.remove(&oldest);
         }
         inner.tick += 1;
         let tick = inner.tick;
-        inner.tables.insert(offset, (table, tick));
+        inner.tables.insert(offset, (table, tick, pinned));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
@@ -184,6 +205,38 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pinned_tables_outlive_eviction_until_unpinned() {
+        // Clusters so large that the cache holds its minimum of tables.
+        let cache = L2Cache::new(L2_CACHE_BYTES);
+        assert_eq!(cache.capacity, MIN_CACHED_TABLES);
+        let table = |v: u64| -> Arc<[u64]> { vec![v; 4].into() };
+        let not_loaded = || -> Result<Vec<u64>> { Ok(vec![u64::MAX; 4]) };
+        cache.put_pinned(0, table(1));
+        for off in 1..=10u64 {
+            cache.put(off * 1024, table(off + 100));
+        }
+        assert_eq!(
+            cache.get(0, not_loaded).unwrap()[0],
+            1,
+            "a pinned table was evicted"
+        );
+        assert_eq!(
+            cache.get(1024, not_loaded).unwrap()[0],
+            u64::MAX,
+            "nothing was evicted"
+        );
+        cache.unpin(0);
+        for off in 11..=20u64 {
+            cache.put(off * 1024, table(off + 100));
+        }
+        assert_eq!(
+            cache.get(0, not_loaded).unwrap()[0],
+            u64::MAX,
+            "unpinned, kept forever"
+        );
+    }
 
     #[test]
     fn raw_deflate_round_trips() {

@@ -26,7 +26,15 @@
 //!    before the old table is freed.
 //!
 //! The dirty bit is never set (no lazy refcounts): refcounts on disk are always at least right.
-//! [`BlockDeviceMut::flush`] is an `fdatasync`, which makes every acknowledged write durable.
+//!
+//! New L2 entries are not written at once: the changed table stays in memory (pinned in the L2
+//! cache, so reads see it) and its changed entries are written back together, after one
+//! `fdatasync` of everything they point at, at the next flush, before any cluster is freed, when
+//! more than [`MAX_DIRTY_ENTRIES`] entries or [`MAX_DIRTY_BYTES`] of tables wait, and when the
+//! image is dropped. Many allocating writes thus share one sync, as qemu's write-back metadata
+//! cache lets them; a crash in between leaves the new clusters counted but unnamed (leaks) and
+//! the unflushed writes unseen. [`BlockDeviceMut::flush`] writes back and then `fdatasync`s, which
+//! makes every acknowledged write durable.
 //!
 //! # Concurrency
 //!
@@ -56,7 +64,7 @@
 //! autoclear feature bits are cleared at a writable open, as the spec asks of a program that
 //! does not maintain them (persistent bitmaps then stop being trusted by qemu).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -70,6 +78,11 @@ use super::{Backing, Qcow2Image};
 
 /// Refcount blocks kept in memory (they are written through, so this only bounds reads).
 const MAX_CACHED_BLOCKS: usize = 256;
+/// L2 entries changed in memory before they are written back without waiting for a flush.
+const MAX_DIRTY_ENTRIES: usize = 4096;
+/// Bytes of L2 tables held changed in memory (pinned in the cache) before a write-back; at most
+/// half the cache.
+const MAX_DIRTY_BYTES: u64 = super::io::L2_CACHE_BYTES / 2;
 /// Header offset of `refcount_table_offset` (u64) followed by `refcount_table_clusters` (u32).
 const HEADER_REFCOUNT_TABLE: u64 = 48;
 /// Header offset of the autoclear feature bits (version 3).
@@ -107,6 +120,11 @@ struct State {
     blocks: HashMap<u64, Vec<u8>>,
     /// Cluster index where the search for a free cluster starts.
     free_hint: u64,
+    /// L2 tables changed since the last write-back (pinned in the cache meanwhile): the table
+    /// as it now is and the range of entries changed.
+    dirty: BTreeMap<u64, (Arc<[u64]>, usize, usize)>,
+    /// Entries changed since the last write-back (ranges summed).
+    dirty_entries: usize,
 }
 
 /// What a metadata-path request does to its range.
@@ -181,6 +199,8 @@ pub(super) fn open_writer(img: &Qcow2Image) -> Result<Writer> {
             rt,
             blocks: HashMap::new(),
             free_hint: 0,
+            dirty: BTreeMap::new(),
+            dirty_entries: 0,
         }),
         failed: AtomicBool::new(false),
         per_block: cs * 8 / u64::from(refcount_bits),
@@ -530,7 +550,6 @@ impl Qcow2Image {
             w.meta_mut().set_checked(table_off, l1_index);
         }
         let mut frees = Vec::new();
-        let mut synced_before_link = false;
         let mut changed: Option<(usize, usize)> = None;
         let end = off + len;
         let mut pos = off;
@@ -606,7 +625,6 @@ impl Qcow2Image {
                             }
                         };
                         self.file.write_all_at(&content, host)?;
-                        synced_before_link = true;
                         set_entry(&mut table, &mut changed, i, host | COPIED);
                     }
                 }
@@ -616,23 +634,50 @@ impl Qcow2Image {
         let Some((lo, hi)) = changed else {
             return Ok(());
         };
-        if synced_before_link {
-            self.file.sync_data()?;
-        }
-        let bytes: Vec<u8> = table[lo..=hi]
-            .iter()
-            .flat_map(|e| e.to_be_bytes())
-            .collect();
-        self.file.write_all_at(&bytes, table_off + lo as u64 * 8)?;
-        self.l2_cache.put(table_off, table.into());
+        // The new entries are written back later (see the module doc), in one go with others.
+        let table: Arc<[u64]> = table.into();
+        self.l2_cache.put_pinned(table_off, Arc::clone(&table));
+        let range = match st.dirty.remove(&table_off) {
+            Some((_, a, b)) => (a.min(lo), b.max(hi)),
+            None => (lo, hi),
+        };
+        st.dirty.insert(table_off, (table, range.0, range.1));
+        st.dirty_entries += hi - lo + 1;
         frees.retain(|&e| self.entry_holds_clusters(e));
         if !frees.is_empty() {
+            // An entry that stops naming a cluster is durable before the cluster can be reused.
+            self.write_back(st)?;
             self.file.sync_data()?;
             self.drain_in_flight();
             for e in frees {
                 self.release_entry(w, st, e)?;
             }
+        } else if st.dirty_entries > MAX_DIRTY_ENTRIES
+            || st.dirty.len() as u64 > (MAX_DIRTY_BYTES / cs).max(1)
+        {
+            self.write_back(st)?;
         }
+        Ok(())
+    }
+
+    /// Writes the L2 entries changed since the last write-back, after syncing what they point
+    /// at (new data clusters, their refcounts, new tables): a crash before this leaves the
+    /// clusters allocated but unnamed (leaks), never an entry naming unsynced bytes. The entries
+    /// themselves are durable at the next sync.
+    fn write_back(&self, st: &mut State) -> Result<()> {
+        if st.dirty.is_empty() {
+            return Ok(());
+        }
+        self.file.sync_data()?;
+        for (table_off, (table, lo, hi)) in std::mem::take(&mut st.dirty) {
+            let bytes: Vec<u8> = table[lo..=hi]
+                .iter()
+                .flat_map(|e| e.to_be_bytes())
+                .collect();
+            self.file.write_all_at(&bytes, table_off + lo as u64 * 8)?;
+            self.l2_cache.unpin(table_off);
+        }
+        st.dirty_entries = 0;
         Ok(())
     }
 
@@ -1032,8 +1077,34 @@ impl BlockDeviceMut for Qcow2Image {
     }
 
     fn flush(&self) -> Result<()> {
-        self.writer()?;
+        let w = self.writer()?;
+        {
+            let mut st = w.lock();
+            self.writer()?;
+            let r = self.write_back(&mut st);
+            if r.is_err() {
+                w.failed.store(true, Ordering::Release);
+            }
+            r?;
+        }
         self.file.sync_data()
+    }
+}
+
+impl Drop for Qcow2Image {
+    /// Writes back the L2 entries changed since the last flush, so that a closed image holds
+    /// every write made through it (a flush, which can report an error, is the way to be sure).
+    fn drop(&mut self) {
+        let Some(w) = &self.writer else {
+            return;
+        };
+        if w.failed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut st = w.lock();
+        if !st.dirty.is_empty() && self.write_back(&mut st).is_ok() {
+            let _ = self.file.sync_data();
+        }
     }
 }
 
@@ -1096,6 +1167,51 @@ mod tests {
             file: |img| &img.file,
             peer_check: qemu_check,
         }
+    }
+
+    /// What a second, read-only opening of the file reads at `off`.
+    fn read_from_file(path: &Path, off: u64, len: usize) -> Vec<u8> {
+        let img = crate::open(path, &crate::registry::OpenOptions::default()).unwrap();
+        let mut buf = vec![0u8; len];
+        img.read_at(&mut buf, off).unwrap();
+        buf
+    }
+
+    #[test]
+    fn new_entries_reach_the_file_at_flush_at_drop_and_past_the_bound() {
+        let dir = scratch("qcow2-rw-write-back");
+        let img = dir.join("disk.qcow2");
+        qemu_qcow2(&img, 512, "8M");
+        let dev = open_rw(&img);
+        dev.write_at(&[0xa1; 4096], 1 << 20).unwrap();
+        // The writer reads its own write; the file does not name the clusters yet.
+        let mut back = vec![0u8; 4096];
+        dev.read_at(&mut back, 1 << 20).unwrap();
+        assert_eq!(back, vec![0xa1; 4096]);
+        assert_eq!(read_from_file(&img, 1 << 20, 4096), vec![0; 4096]);
+        dev.flush().unwrap();
+        assert_eq!(read_from_file(&img, 1 << 20, 4096), vec![0xa1; 4096]);
+        qemu_check(&img).unwrap();
+
+        // Dropped without a flush: the entries are written back on the way out.
+        dev.write_at(&[0xb2; 512], 2 << 20).unwrap();
+        drop(dev);
+        assert_eq!(read_from_file(&img, 2 << 20, 512), vec![0xb2; 512]);
+        qemu_check(&img).unwrap();
+
+        // More new entries than the bound are written back without a flush.
+        let dev = open_rw(&img);
+        let n = MAX_DIRTY_ENTRIES as u64 + 1;
+        for i in 0..n {
+            dev.write_at(&[0xc3; 512], (3 << 20) + i * 1024).unwrap();
+        }
+        assert_eq!(read_from_file(&img, 3 << 20, 512), vec![0xc3; 512]);
+        dev.flush().unwrap();
+        assert_eq!(
+            read_from_file(&img, (3 << 20) + (n - 1) * 1024, 512),
+            vec![0xc3; 512]
+        );
+        qemu_check(&img).unwrap();
     }
 
     #[test]
