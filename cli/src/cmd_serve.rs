@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use dedup_store::store::disk::StoredDisk;
 use fuse_mount::nbd::{Export, PskKeys, Server, ServerOptions, Tls};
-use image_format::BlockDevice;
+use image_format::{BlockDevice, BlockDeviceMut};
 
 use crate::cmd_volume::open_volume_export;
 use crate::common::{OpenArgs, SourceOptions, open_source, open_source_mut};
@@ -118,6 +118,7 @@ pub fn run(args: Args) -> Result<u8> {
     }
     let mut exports = Vec::new();
     let mut volumes = Vec::new();
+    let mut files = Vec::new();
     let lazy = match &args.from {
         Some(remote) => Some(open_from(remote, &args, frame_cache)?),
         None => None,
@@ -148,7 +149,11 @@ pub fn run(args: Args) -> Result<u8> {
                 exports.push(v.export);
                 volumes.push(v.volume);
             }
-            _ => exports.push(open_export(spec, name, &args)?),
+            _ => {
+                let (export, device) = open_export(spec, name, &args)?;
+                exports.push(export);
+                files.extend(device.map(|d| (spec.clone(), d)));
+            }
         }
     }
     let tls = match (&args.tls_cert, &args.tls_key, &args.tls_psk) {
@@ -181,6 +186,11 @@ pub fn run(args: Args) -> Result<u8> {
     for v in &volumes {
         if let Err(e) = image_format::BlockDeviceMut::flush(v.as_ref()) {
             eprintln!("vmnest: volume {}: {e}", v.name());
+        }
+    }
+    for (spec, device) in &files {
+        if let Err(e) = device.flush() {
+            eprintln!("vmnest: {spec}: {e}");
         }
     }
     result
@@ -256,7 +266,12 @@ fn open_from(remote: &str, args: &Args, frame_cache: usize) -> Result<Vec<Arc<St
     Ok(disks)
 }
 
-fn open_export(spec: &str, name: String, args: &Args) -> Result<Export> {
+/// The export of an image file, and its writable device with `--rw`.
+fn open_export(
+    spec: &str,
+    name: String,
+    args: &Args,
+) -> Result<(Export, Option<Arc<dyn BlockDeviceMut>>)> {
     let how = SourceOptions {
         format: args.format.as_deref(),
         writable: false,
@@ -265,11 +280,15 @@ fn open_export(spec: &str, name: String, args: &Args) -> Result<Export> {
     let description = format!("{} image {spec}", image.format());
     if !args.rw {
         let device: Arc<dyn BlockDevice> = image;
-        return Ok(Export::read_only(name, device).with_description(description));
+        return Ok((
+            Export::read_only(name, device).with_description(description),
+            None,
+        ));
     }
     drop(image);
     let device = open_source_mut(spec, args.format.as_deref(), &args.open, "served")?;
-    Ok(Export::writable(name, device).with_description(description))
+    let export = Export::writable(name, Arc::clone(&device)).with_description(description);
+    Ok((export, Some(device)))
 }
 
 async fn serve(

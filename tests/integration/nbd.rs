@@ -450,6 +450,30 @@ fn nbdcopy_with_four_connections_copies_both_ways() {
     super::qcow2_rw::verify(&dir, &target, &read_raw(&raw), "nbdcopy-qcow2");
 }
 
+#[test]
+fn writes_never_flushed_are_in_the_qcow2_file_once_the_server_stops() {
+    let dir = scratch("nbd-unflushed");
+    let (raw, _, _) = pattern_images(&dir);
+    let size = std::fs::metadata(&raw).unwrap().len();
+    let target = dir.join("target.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&target), &size.to_string()]);
+    let mut served = Served::start(&dir, &["--rw", s(&target)], 1);
+    // No --flush: the client never asks for durability; the server holds new L2 entries.
+    run_ok(
+        Command::new(require("nbdcopy"))
+            .arg(&raw)
+            .arg(&served.urls[0]),
+    );
+    run_ok(
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(served.child.id().to_string()),
+    );
+    let status = served.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", served.log());
+    super::qcow2_rw::verify(&dir, &target, &read_raw(&raw), "unflushed");
+}
+
 /// `nbdcopy --connections 4 --flush SRC URL` into the one export `vmnest serve ARGS` serves.
 fn nbdcopy_into_export(dir: &Path, src: &Path, args: &[&str]) {
     let served = Served::start(dir, args, 1);
