@@ -20,6 +20,8 @@ pub struct ImageFile {
     /// Length in bytes: as opened, grown by writes past the end (in-place writers append).
     len: AtomicU64,
     writable: bool,
+    /// A regular file (not a block device): it can grow.
+    regular: bool,
     /// Bytes written since writeback was last started (see [`ImageFile::write_all_at`]).
     unflushed: AtomicU64,
     /// Start writeback as writes accumulate (off for outputs that will not be synced).
@@ -78,6 +80,7 @@ impl ImageFile {
             file,
             len: AtomicU64::new(len),
             writable,
+            regular: meta.file_type().is_file(),
             unflushed: AtomicU64::new(0),
             writeback: writable,
             #[cfg(test)]
@@ -220,6 +223,24 @@ impl ImageFile {
             Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(false),
             _ => Err(self.io_error("punch hole", off, err)),
         }
+    }
+
+    /// Grows a regular file to `len` bytes (a hole: reads as zeros) when it is shorter; returns
+    /// false, doing nothing, for a block device, which cannot grow.
+    pub fn extend_to(&self, len: u64) -> Result<bool> {
+        if !self.regular {
+            return Ok(false);
+        }
+        if len <= self.len() {
+            return Ok(true);
+        }
+        #[cfg(test)]
+        self.fault_point("extend", len, None, 0)?;
+        self.file
+            .set_len(len)
+            .map_err(|source| self.io_error("extend", len, source))?;
+        self.len.fetch_max(len, Ordering::AcqRel);
+        Ok(true)
     }
 
     /// Makes `[off, off + len)` read as zeros: punches a hole, or writes zeros (in bounded

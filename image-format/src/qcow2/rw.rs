@@ -528,7 +528,8 @@ impl Qcow2Image {
             }
         }
         let table_off = self.writable_l2(w, st, l1_index)?;
-        let mut table: Vec<u64> = self.l2_table(table_off)?.to_vec();
+        // Copied on the first change only (the cache and readers may hold it).
+        let mut table: Arc<[u64]> = self.l2_table(table_off)?;
         // Check every cluster the request touches before anything is written; a table seen for
         // the first time is checked whole, so that later writes can take the in-place path.
         let checked = w.meta().is_checked(table_off, l1_index);
@@ -609,14 +610,6 @@ impl Qcow2Image {
                         self.file.write_all_at(data, host + in_cluster)?;
                     }
                     _ => {
-                        let cstart = pos - in_cluster;
-                        let mut content = vec![0u8; cs as usize];
-                        if !whole {
-                            let visible = cs.min(self.size() - cstart) as usize;
-                            self.read_at(&mut content[..visible], cstart)?;
-                        }
-                        content[in_cluster as usize..(in_cluster + n) as usize]
-                            .copy_from_slice(data);
                         let host = match cluster {
                             Cluster::Zero { prealloc: Some(h) } if old & COPIED != 0 => h,
                             _ => {
@@ -624,7 +617,26 @@ impl Qcow2Image {
                                 self.alloc_cluster(w, st)?
                             }
                         };
-                        self.file.write_all_at(&content, host)?;
+                        if reads_zero
+                            && !whole
+                            && host >= self.file.len()
+                            && self.file.extend_to(host + cs)?
+                        {
+                            // A new cluster past the end of the file: the file grown over it
+                            // reads as zeros, so only the guest's bytes are written (qemu too
+                            // skips copying zeros on write).
+                            self.file.write_all_at(data, host + in_cluster)?;
+                        } else {
+                            let cstart = pos - in_cluster;
+                            let mut content = vec![0u8; cs as usize];
+                            if !whole {
+                                let visible = cs.min(self.size() - cstart) as usize;
+                                self.read_at(&mut content[..visible], cstart)?;
+                            }
+                            content[in_cluster as usize..(in_cluster + n) as usize]
+                                .copy_from_slice(data);
+                            self.file.write_all_at(&content, host)?;
+                        }
                         set_entry(&mut table, &mut changed, i, host | COPIED);
                     }
                 }
@@ -635,7 +647,6 @@ impl Qcow2Image {
             return Ok(());
         };
         // The new entries are written back later (see the module doc), in one go with others.
-        let table: Arc<[u64]> = table.into();
         self.l2_cache.put_pinned(table_off, Arc::clone(&table));
         let range = match st.dirty.remove(&table_off) {
             Some((_, a, b)) => (a.min(lo), b.max(hi)),
@@ -1017,8 +1028,8 @@ impl Qcow2Image {
     }
 }
 
-fn set_entry(table: &mut [u64], changed: &mut Option<(usize, usize)>, i: usize, value: u64) {
-    table[i] = value;
+fn set_entry(table: &mut Arc<[u64]>, changed: &mut Option<(usize, usize)>, i: usize, value: u64) {
+    Arc::make_mut(table)[i] = value;
     *changed = Some(match *changed {
         None => (i, i),
         Some((lo, hi)) => (lo.min(i), hi.max(i)),
