@@ -291,20 +291,53 @@ fn from_hex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+impl Drop for Keys {
+    fn drop(&mut self) {
+        self.wipe();
+    }
+}
+
+impl Drop for LogKeys {
+    fn drop(&mut self) {
+        self.wipe();
+    }
+}
+
+impl LogKeys {
+    fn wipe(&mut self) {
+        use zeroize::Zeroize;
+        self.stream.zeroize();
+        self.mac.zeroize();
+    }
+}
+
 impl Keys {
+    /// Overwrites the raw key bytes with zeros (at drop; the ciphers wipe their own keys).
+    fn wipe(&mut self) {
+        use zeroize::Zeroize;
+        self.master.zeroize();
+        self.id.zeroize();
+        self.manifest.zeroize();
+        self.log.wipe();
+    }
+
     /// The subkeys of `master`.
     pub fn from_master(master: &[u8; KEY_LEN]) -> Keys {
+        use zeroize::Zeroize;
         let id = blake3::derive_key(CONTEXT_ID, master);
-        let frame = blake3::derive_key(CONTEXT_FRAME, master);
+        let mut frame = blake3::derive_key(CONTEXT_FRAME, master);
         let manifest = blake3::derive_key(CONTEXT_MANIFEST, master);
+        let mut manifest_seal = blake3::derive_key(CONTEXT_MANIFEST_SEAL, &manifest);
         let fingerprint = to_hex(&blake3::derive_key(CONTEXT_FINGERPRINT, &id)[..16]);
+        let frame_cipher = XChaCha20Poly1305::new(&frame.into());
+        let manifest_cipher = XChaCha20Poly1305::new(&manifest_seal.into());
+        frame.zeroize();
+        manifest_seal.zeroize();
         Keys {
             master: *master,
             id,
-            frame: XChaCha20Poly1305::new(&frame.into()),
-            manifest_seal: XChaCha20Poly1305::new(
-                &blake3::derive_key(CONTEXT_MANIFEST_SEAL, &manifest).into(),
-            ),
+            frame: frame_cipher,
+            manifest_seal: manifest_cipher,
             manifest,
             log: LogKeys {
                 stream: blake3::derive_key(CONTEXT_LOG_STREAM, master),
@@ -437,7 +470,9 @@ impl Keys {
                     }
                     Err(e) => return Err(e),
                 };
+                let mut master = master;
                 let keys = Keys::from_master(&master);
+                zeroize::Zeroize::zeroize(&mut master);
                 Ok((
                     EncryptionConfig {
                         cipher: CIPHER.into(),
@@ -449,12 +484,14 @@ impl Keys {
                 ))
             }
             KeySource::Passphrase(pass) => {
-                let master: [u8; KEY_LEN] = random_bytes()?;
+                let mut master: [u8; KEY_LEN] = random_bytes()?;
                 let keys = Keys::from_master(&master);
+                let kdf = wrap(&master, pass, costs);
+                zeroize::Zeroize::zeroize(&mut master);
                 Ok((
                     EncryptionConfig {
                         cipher: CIPHER.into(),
-                        kdf: wrap(&master, pass, costs)?,
+                        kdf: kdf?,
                         fingerprint: keys.fingerprint.clone(),
                         generation: 0,
                     },
@@ -548,11 +585,14 @@ fn unlocked_keys(store: &Path, config: &EncryptionConfig, source: &KeySource) ->
             {
                 return Err(bad("argon2id costs are out of bounds"));
             }
-            let kek = derive_kek(pass, &salt, *memory_kib, *iterations, *lanes)
+            let mut kek = derive_kek(pass, &salt, *memory_kib, *iterations, *lanes)
                 .map_err(|e| bad(&e.to_string()))?;
-            let master =
-                open(&XChaCha20Poly1305::new(&kek.into()), WRAP_LABEL, &blob).ok_or_else(wrong)?;
-            master.try_into().map_err(|_| wrong())?
+            let unwrapper = XChaCha20Poly1305::new(&kek.into());
+            zeroize::Zeroize::zeroize(&mut kek);
+            let mut master = open(&unwrapper, WRAP_LABEL, &blob).ok_or_else(wrong)?;
+            let key: Option<[u8; KEY_LEN]> = master.as_slice().try_into().ok();
+            zeroize::Zeroize::zeroize(&mut master);
+            key.ok_or_else(wrong)?
         }
         (Kdf::Argon2id { .. }, KeySource::KeyFile(_)) => {
             return Err(Error::InvalidArgument(format!(
@@ -561,7 +601,9 @@ fn unlocked_keys(store: &Path, config: &EncryptionConfig, source: &KeySource) ->
             )));
         }
     };
+    let mut master = master;
     let keys = Keys::from_master(&master);
+    zeroize::Zeroize::zeroize(&mut master);
     if keys.fingerprint != config.fingerprint {
         return Err(wrong());
     }
@@ -580,8 +622,10 @@ fn wrap(master: &[u8; KEY_LEN], pass: &[u8], costs: Argon2Costs) -> Result<Kdf> 
     }
     let salt: [u8; 16] = random_bytes()?;
     let lanes = 1;
-    let kek = derive_kek(pass, &salt, costs.memory_kib, costs.iterations, lanes)?;
-    let blob = seal(&XChaCha20Poly1305::new(&kek.into()), WRAP_LABEL, master)?;
+    let mut kek = derive_kek(pass, &salt, costs.memory_kib, costs.iterations, lanes)?;
+    let wrapper = XChaCha20Poly1305::new(&kek.into());
+    zeroize::Zeroize::zeroize(&mut kek);
+    let blob = seal(&wrapper, WRAP_LABEL, master)?;
     Ok(Kdf::Argon2id {
         memory_kib: costs.memory_kib,
         iterations: costs.iterations,

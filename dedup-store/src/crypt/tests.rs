@@ -259,3 +259,21 @@ fn a_passphrase_file_gives_its_first_line_within_bounds() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn dropping_keys_wipes_their_raw_bytes() {
+    let mut keys = Keys::from_master(&[0x5a; KEY_LEN]);
+    assert!(keys.master != [0; KEY_LEN] && keys.id != [0; KEY_LEN]);
+    assert!(keys.manifest != [0; KEY_LEN] && keys.log.stream != [0; KEY_LEN]);
+    // What Drop runs.
+    keys.wipe();
+    for (name, bytes) in [
+        ("master", keys.master),
+        ("id", keys.id),
+        ("manifest", keys.manifest),
+        ("log stream", keys.log.stream),
+        ("log mac", keys.log.mac),
+    ] {
+        assert_eq!(bytes, [0; KEY_LEN], "{name} key left in memory");
+    }
+}

@@ -53,17 +53,8 @@ struct Secret(Vec<u8>);
 
 impl Drop for Secret {
     fn drop(&mut self) {
-        wipe(&mut self.0);
+        zeroize::Zeroize::zeroize(&mut self.0);
     }
-}
-
-/// Overwrites `bytes` with zeros in a way the optimizer keeps.
-fn wipe(bytes: &mut [u8]) {
-    for b in bytes.iter_mut() {
-        // SAFETY: `b` is a valid, aligned, exclusive reference to one byte.
-        unsafe { std::ptr::write_volatile(b, 0) };
-    }
-    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
 }
 
 /// The identities and keys of a key file.
@@ -102,7 +93,7 @@ impl PskKeys {
             Ok(_) => Self::parse(path, &bytes),
             Err(e) => Err(e),
         };
-        wipe(&mut bytes);
+        zeroize::Zeroize::zeroize(&mut bytes);
         parsed
     }
 
