@@ -156,35 +156,30 @@ fn walk_bitmaps(img: &Qcow2Image, visit: &mut dyn FnMut(Found<'_>)) {
         len: ext.directory_size,
     });
     // Bitmaps may name one table many times: each table's entries are read once (a table
-    // named again is still reported as a range, so a double claim shows), and all tables
-    // together hold at most MAX_BITMAP_TABLE_ENTRIES entries (real tables hold tens).
+    // named again is still reported as a range, so a double claim shows). All tables together,
+    // a repeated one as often as it is named, hold at most MAX_BITMAP_TABLE_ENTRIES entries
+    // (real tables hold tens): that bounds what is read and every range reported.
     let mut seen = std::collections::HashSet::new();
     let mut total = 0u64;
     for b in &img.bitmaps {
-        if !seen.insert(b.table_offset) {
-            visit(Found::Range {
-                kind: MetaKind::BitmapTable,
-                offset: b.table_offset,
-                len: u64::from(b.table_size.min(MAX_BITMAP_TABLE_ENTRIES)) * 8,
-            });
-            continue;
-        }
         total = total.saturating_add(u64::from(b.table_size));
         if total > u64::from(MAX_BITMAP_TABLE_ENTRIES) {
             visit(Found::Problem {
                 structure: "qcow2 bitmap directory",
                 offset: ext.directory_offset,
                 message: format!(
-                    "bitmap tables hold more than {MAX_BITMAP_TABLE_ENTRIES} entries in all"
+                    "bitmap tables hold more than {MAX_BITMAP_TABLE_ENTRIES} entries in all \
+                     (at bitmap {:?})",
+                    b.name
                 ),
             });
             return;
         }
-        if b.table_size > MAX_BITMAP_TABLE_ENTRIES {
-            visit(Found::Problem {
-                structure: "qcow2 bitmap directory",
-                offset: ext.directory_offset,
-                message: format!("bitmap {:?} table too large", b.name),
+        if !seen.insert(b.table_offset) {
+            visit(Found::Range {
+                kind: MetaKind::BitmapTable,
+                offset: b.table_offset,
+                len: u64::from(b.table_size) * 8,
             });
             continue;
         }
@@ -418,6 +413,18 @@ mod tests {
         assert!(m.find(0x20000, 512).is_none());
         assert!(m.is_l2_table(0x8000));
         assert!(!m.is_l2_table(0x10000));
+    }
+
+    #[test]
+    fn a_freed_table_is_no_longer_checked() {
+        let mut m = MetaMap::new(512);
+        m.insert(MetaKind::L2Table, 0x1000, 512);
+        m.set_checked(0x1000, 3);
+        assert!(m.is_checked(0x1000, 3) && !m.is_checked(0x1000, 4));
+        assert!(m.holds(0x1000, 512));
+        m.remove(0x1000, 512);
+        assert!(!m.is_checked(0x1000, 3), "a freed table stayed checked");
+        assert!(!m.holds(0x1000, 512));
     }
 
     #[test]

@@ -363,29 +363,37 @@ fn many_allocating_writes_pass_their_own_overlap_check() {
 #[test]
 fn bitmap_tables_are_walked_within_one_cap_for_all_of_them() {
     // Two bitmaps whose tables claim 3M entries each (24 MiB of zeros in a file grown to hold
-    // them): the walk reads the first, then stops at the cap for all tables together, and the
-    // writable open is refused saying so.
-    let dir = scratch("qcow2-overlap-bitmaps");
-    let img = dir.join("disk.qcow2");
-    qemu_qcow2(&img, CS, "64M");
-    for name in ["b0", "b1"] {
-        qemu_ok("qemu-img", &["bitmap", "--add", s(&img), name]);
+    // them), once as two tables and once as one table both name: the entries are counted as
+    // often as a table is named, and the writable open is refused at the cap for all together.
+    for shared in [false, true] {
+        let dir = scratch("qcow2-overlap-bitmaps");
+        let img = dir.join("disk.qcow2");
+        qemu_qcow2(&img, CS, "64M");
+        for name in ["b0", "b1"] {
+            qemu_ok("qemu-img", &["bitmap", "--add", s(&img), name]);
+        }
+        let dir_off = open_rw(&img).ext.bitmaps.as_ref().unwrap().directory_offset;
+        let bytes = std::fs::read(&img).unwrap();
+        let at = dir_off as usize;
+        let first_table = u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+        // Entries of 24 bytes and a 2-byte name, padded to 32.
+        for entry in [dir_off, dir_off + 32] {
+            patch(&img, entry + 8, &(3u32 << 20).to_be_bytes());
+        }
+        if shared {
+            patch(&img, dir_off + 32, &first_table.to_be_bytes());
+        }
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.set_len(64 << 20).unwrap();
+        drop(f);
+        let options = crate::registry::OpenOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let err = crate::open(&img, &options)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("entries in all"), "shared {shared}: {err}");
     }
-    let dir_off = open_rw(&img).ext.bitmaps.as_ref().unwrap().directory_offset;
-    // Entries of 24 bytes and a 2-byte name, padded to 32.
-    for entry in [dir_off, dir_off + 32] {
-        patch(&img, entry + 8, &(3u32 << 20).to_be_bytes());
-    }
-    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
-    f.set_len(64 << 20).unwrap();
-    drop(f);
-    let options = crate::registry::OpenOptions {
-        writable: true,
-        ..Default::default()
-    };
-    let err = crate::open(&img, &options)
-        .err()
-        .expect("refused")
-        .to_string();
-    assert!(err.contains("entries in all"), "{err}");
 }
