@@ -370,15 +370,17 @@ impl ImageFile {
     /// every later operation through this handle fails (a writer dropped after the crash must
     /// not write to what the crash left).
     pub(crate) fn simulate_crash(&self, mut keep: impl FnMut(usize) -> bool) {
-        let mut faults = self.faults.lock().unwrap();
-        let Some(rec) = faults.replace(fault::Recorder {
-            crashed: true,
-            ..Default::default()
-        }) else {
-            *faults = None;
-            return;
+        let rec = {
+            let mut faults = self.faults.lock().unwrap();
+            let Some(rec) = faults.take() else {
+                return;
+            };
+            *faults = Some(fault::Recorder {
+                crashed: true,
+                ..Default::default()
+            });
+            rec
         };
-        drop(faults);
         for (off, before, _) in rec.unsynced.iter().rev() {
             self.file.write_all_at(before, *off).unwrap();
         }

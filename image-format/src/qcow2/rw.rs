@@ -123,7 +123,7 @@ struct State {
     /// L2 tables changed since the last write-back (pinned in the cache meanwhile): the table
     /// as it now is and the range of entries changed.
     dirty: BTreeMap<u64, (Arc<[u64]>, usize, usize)>,
-    /// Entries changed since the last write-back (ranges summed).
+    /// The entries the ranges of `dirty` span, summed (what a write-back writes).
     dirty_entries: usize,
 }
 
@@ -304,17 +304,22 @@ impl Qcow2Image {
                 done += n;
                 continue;
             }
-            let mut st = w.lock();
-            // Another request may have failed while this one waited for the lock.
-            self.writer()?;
-            let r = self.modify(w, &mut st, piece, pos, n);
-            if r.is_err() {
-                w.failed.store(true, Ordering::Release);
-            }
-            r?;
+            self.with_state(w, |st| self.modify(w, st, piece, pos, n))?;
             done += n;
         }
         Ok(())
+    }
+
+    /// Runs the metadata update `f` under the writer's lock; a failure leaves the writer failed
+    /// (memory and file may disagree), and one that failed while this waited is refused.
+    fn with_state<T>(&self, w: &Writer, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+        let mut st = w.lock();
+        self.writer()?;
+        let r = f(&mut st);
+        if r.is_err() {
+            w.failed.store(true, Ordering::Release);
+        }
+        r
     }
 
     /// Writes `data` at guest `off` (inside one L2 table) if every cluster it touches is a normal
@@ -648,11 +653,14 @@ impl Qcow2Image {
         };
         // The new entries are written back later (see the module doc), in one go with others.
         self.l2_cache.put_pinned(table_off, Arc::clone(&table));
-        let range = match st.dirty.remove(&table_off) {
-            Some((_, a, b)) => (a.min(lo), b.max(hi)),
+        let (lo, hi) = match st.dirty.remove(&table_off) {
+            Some((_, a, b)) => {
+                st.dirty_entries -= b - a + 1;
+                (a.min(lo), b.max(hi))
+            }
             None => (lo, hi),
         };
-        st.dirty.insert(table_off, (table, range.0, range.1));
+        st.dirty.insert(table_off, (table, lo, hi));
         st.dirty_entries += hi - lo + 1;
         frees.retain(|&e| self.entry_holds_clusters(e));
         if !frees.is_empty() {
@@ -1089,15 +1097,7 @@ impl BlockDeviceMut for Qcow2Image {
 
     fn flush(&self) -> Result<()> {
         let w = self.writer()?;
-        {
-            let mut st = w.lock();
-            self.writer()?;
-            let r = self.write_back(&mut st);
-            if r.is_err() {
-                w.failed.store(true, Ordering::Release);
-            }
-            r?;
-        }
+        self.with_state(w, |st| self.write_back(st))?;
         self.file.sync_data()
     }
 }
