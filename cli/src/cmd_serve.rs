@@ -117,8 +117,8 @@ pub fn run(args: Args) -> Result<u8> {
         bail!("--commit-on-disconnect applies to store: sources only");
     }
     let mut exports = Vec::new();
-    let mut volumes = Vec::new();
-    let mut files = Vec::new();
+    // What clients may write, with how errors name it: flushed when the server stops.
+    let mut writable: Vec<(String, Arc<dyn BlockDeviceMut>)> = Vec::new();
     let lazy = match &args.from {
         Some(remote) => Some(open_from(remote, &args, frame_cache)?),
         None => None,
@@ -147,12 +147,12 @@ pub fn run(args: Args) -> Result<u8> {
                     args.commit_on_disconnect,
                 )?;
                 exports.push(v.export);
-                volumes.push(v.volume);
+                writable.push((format!("volume {}", v.volume.name()), v.volume));
             }
             _ => {
                 let (export, device) = open_export(spec, name, &args)?;
                 exports.push(export);
-                files.extend(device.map(|d| (spec.clone(), d)));
+                writable.extend(device.map(|d| (spec.clone(), d)));
             }
         }
     }
@@ -183,14 +183,9 @@ pub fn run(args: Args) -> Result<u8> {
         .context("starting the runtime")?;
     let result = runtime.block_on(serve(server, listen, args.socket, scheme));
     // Stopped by a signal: what clients wrote without a flush is made durable too.
-    for v in &volumes {
-        if let Err(e) = image_format::BlockDeviceMut::flush(v.as_ref()) {
-            eprintln!("vmnest: volume {}: {e}", v.name());
-        }
-    }
-    for (spec, device) in &files {
+    for (what, device) in &writable {
         if let Err(e) = device.flush() {
-            eprintln!("vmnest: {spec}: {e}");
+            eprintln!("vmnest: {what}: {e}");
         }
     }
     result
