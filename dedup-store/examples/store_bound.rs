@@ -17,8 +17,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::time::Instant;
+
+use dedup_store::chunk::is_zero_chunk;
+use dedup_store::chunker::cdc::GEAR;
+use dedup_store::chunker::fixed::FixedChunker;
 
 const CHUNK: usize = 16 << 10;
 const IMAGES: [&str; 4] = ["gold", "clone-pkgs", "clone-upgrade", "clone-config"];
@@ -60,10 +64,10 @@ fn args() -> Args {
     a
 }
 
-/// Three super-features of a chunk: a gear hash rolled over it, sampled where its low 3 bits
-/// are 0; for 12 fixed multipliers the maximum of the multiplied hash; the maxima folded 4 by 4.
+/// Three super-features of a chunk: the store's gear hash (the CDC's table) rolled over it,
+/// sampled where its low 3 bits are 0; for 12 fixed multipliers the maximum of the multiplied hash; the maxima folded 4 by 4.
 /// Chunks sharing a super-feature share most of their sampled windows.
-fn features(gear: &[u64; 256], c: &[u8]) -> [u64; 3] {
+fn features(c: &[u8]) -> [u64; 3] {
     const M: [u64; 12] = [
         0x9E37_79B9_7F4A_7C15,
         0xBF58_476D_1CE4_E5B9,
@@ -81,7 +85,7 @@ fn features(gear: &[u64; 256], c: &[u8]) -> [u64; 3] {
     let mut max = [0u64; 12];
     let mut h = 0u64;
     for (i, &b) in c.iter().enumerate() {
-        h = (h << 1).wrapping_add(gear[b as usize]);
+        h = (h << 1).wrapping_add(GEAR[b as usize]);
         if i < 32 || h & 7 != 0 {
             continue;
         }
@@ -146,14 +150,6 @@ fn mib(b: usize) -> f64 {
 
 fn main() {
     let a = args();
-    let mut gear = [0u64; 256];
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for g in gear.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *g = x;
-    }
     let mut seen: HashSet<[u8; 32]> = HashSet::new();
     // With --similar: every new chunk so far, and its super-features.
     let mut kept: Vec<Vec<u8>> = Vec::new();
@@ -167,7 +163,8 @@ fn main() {
     );
     for name in IMAGES {
         let path = format!("{}/{name}.raw", a.dir);
-        let mut f = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let f = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let size = f.metadata().expect("stat").len();
         let mut t = Tally::default();
         let mut framer = Framer {
             level: a.level,
@@ -175,19 +172,14 @@ fn main() {
             buf: Vec::new(),
         };
         let mut chunk = vec![0u8; CHUNK];
-        loop {
-            let mut n = 0;
-            while n < CHUNK {
-                match f.read(&mut chunk[n..]).expect("read") {
-                    0 => break,
-                    r => n += r,
-                }
-            }
-            if n == 0 {
-                break;
-            }
+        for range in FixedChunker::new(size, CHUNK as u64)
+            .expect("grid")
+            .chunks()
+        {
+            let n = (range.end - range.start) as usize;
+            f.read_exact_at(&mut chunk[..n], range.start).expect("read");
             let c = &chunk[..n];
-            if c.iter().all(|&b| b == 0) || !seen.insert(*blake3::hash(c).as_bytes()) {
+            if is_zero_chunk(c) || !seen.insert(*blake3::hash(c).as_bytes()) {
                 continue;
             }
             t.new_chunks += 1;
@@ -196,7 +188,7 @@ fn main() {
                 continue;
             }
             let start = Instant::now();
-            let sf = features(&gear, c);
+            let sf = features(c);
             let base = sf.iter().find_map(|f| by_feature.get(f)).copied();
             let mut delta = None;
             if let Some(b) = base {
