@@ -604,6 +604,14 @@ pub struct Trailer {
     pub index_crc: u32,
 }
 
+/// Whether the chunk at `loc` of a pack whose frame table is `frames` lies in a metadata frame
+/// (an encrypted store's map node, kept unsealed).
+pub fn in_meta_frame(frames: &[FrameInfo], loc: ChunkLoc) -> bool {
+    frames
+        .get(loc.frame as usize)
+        .is_some_and(|f| f.flags & FLAG_META != 0)
+}
+
 /// Parses the 64-byte trailer of a pack of `file_len` bytes; `object` names the pack in errors.
 pub fn parse_trailer(object: &str, bytes: &[u8], file_len: u64) -> Result<Trailer> {
     let at = file_len.saturating_sub(TRAILER_LEN);
@@ -1167,9 +1175,7 @@ impl PackReader {
 
     /// Whether the chunk at `loc` is in a metadata frame (an encrypted store's map node).
     pub fn is_meta(&self, loc: ChunkLoc) -> bool {
-        self.frames
-            .get(loc.frame as usize)
-            .is_some_and(|f| f.flags & FLAG_META != 0)
+        in_meta_frame(&self.frames, loc)
     }
 
     /// Where `id` is in this pack.

@@ -168,11 +168,9 @@ pub fn pull_with(
                 }
                 // Map nodes sit in metadata frames on the remote: they stay metadata here,
                 // so that what this store pushes on can be walked without its key.
-                let meta = at.as_ref().is_some_and(|(_, l, pack)| {
-                    pack.frames
-                        .get(l.frame as usize)
-                        .is_some_and(|f| f.flags & crate::pack::FLAG_META != 0)
-                });
+                let meta = at
+                    .as_ref()
+                    .is_some_and(|(_, l, pack)| crate::pack::in_meta_frame(&pack.frames, *l));
                 (at.map(|(p, l, _)| (p, l.frame, l.offset)), *id, meta)
             })
             .collect();
