@@ -207,15 +207,19 @@ impl Argon2Costs {
     }
 }
 
-/// The subkeys of an unlocked encrypted store.
+/// Raw key bytes, zeroed when dropped.
+type RawKey = zeroize::Zeroizing<[u8; KEY_LEN]>;
+
+/// The subkeys of an unlocked encrypted store (the raw ones wiped on drop, as the ciphers wipe
+/// theirs).
 #[derive(Clone)]
 pub struct Keys {
     /// Kept for [`Keys::change`] only.
-    master: [u8; KEY_LEN],
-    id: [u8; KEY_LEN],
+    master: RawKey,
+    id: RawKey,
     frame: XChaCha20Poly1305,
     manifest_seal: XChaCha20Poly1305,
-    manifest: [u8; KEY_LEN],
+    manifest: RawKey,
     log: LogKeys,
     fingerprint: String,
 }
@@ -232,8 +236,8 @@ pub const LOG_MAC_LEN: usize = 16;
 /// 4 MiB record would have to decrypt all of it.
 #[derive(Clone)]
 pub struct LogKeys {
-    stream: [u8; KEY_LEN],
-    mac: [u8; KEY_LEN],
+    stream: RawKey,
+    mac: RawKey,
 }
 
 impl std::fmt::Debug for LogKeys {
@@ -246,7 +250,7 @@ impl LogKeys {
     /// Encrypts or decrypts (the same operation) `buf`, which sits at byte `pos` of the payload
     /// of the record sealed under `nonce`.
     pub fn apply(&self, nonce: &[u8; NONCE_LEN], pos: u64, buf: &mut [u8]) {
-        let mut cipher = XChaCha20::new(&self.stream.into(), nonce.into());
+        let mut cipher = XChaCha20::new(&(*self.stream).into(), nonce.into());
         cipher.seek(pos);
         cipher.apply_keystream(buf);
     }
@@ -291,57 +295,24 @@ fn from_hex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-impl Drop for Keys {
-    fn drop(&mut self) {
-        self.wipe();
-    }
-}
-
-impl Drop for LogKeys {
-    fn drop(&mut self) {
-        self.wipe();
-    }
-}
-
-impl LogKeys {
-    fn wipe(&mut self) {
-        use zeroize::Zeroize;
-        self.stream.zeroize();
-        self.mac.zeroize();
-    }
-}
-
 impl Keys {
-    /// Overwrites the raw key bytes with zeros (at drop; the ciphers wipe their own keys).
-    fn wipe(&mut self) {
-        use zeroize::Zeroize;
-        self.master.zeroize();
-        self.id.zeroize();
-        self.manifest.zeroize();
-        self.log.wipe();
-    }
-
     /// The subkeys of `master`.
     pub fn from_master(master: &[u8; KEY_LEN]) -> Keys {
-        use zeroize::Zeroize;
-        let id = blake3::derive_key(CONTEXT_ID, master);
-        let mut frame = blake3::derive_key(CONTEXT_FRAME, master);
-        let manifest = blake3::derive_key(CONTEXT_MANIFEST, master);
-        let mut manifest_seal = blake3::derive_key(CONTEXT_MANIFEST_SEAL, &manifest);
-        let fingerprint = to_hex(&blake3::derive_key(CONTEXT_FINGERPRINT, &id)[..16]);
-        let frame_cipher = XChaCha20Poly1305::new(&frame.into());
-        let manifest_cipher = XChaCha20Poly1305::new(&manifest_seal.into());
-        frame.zeroize();
-        manifest_seal.zeroize();
+        let derive = |context: &str, key: &[u8]| RawKey::new(blake3::derive_key(context, key));
+        let id = derive(CONTEXT_ID, master);
+        let frame = derive(CONTEXT_FRAME, master);
+        let manifest = derive(CONTEXT_MANIFEST, master);
+        let manifest_seal = derive(CONTEXT_MANIFEST_SEAL, &manifest[..]);
+        let fingerprint = to_hex(&blake3::derive_key(CONTEXT_FINGERPRINT, &id[..])[..16]);
         Keys {
-            master: *master,
+            master: RawKey::new(*master),
             id,
-            frame: frame_cipher,
-            manifest_seal: manifest_cipher,
+            frame: XChaCha20Poly1305::new(&(*frame).into()),
+            manifest_seal: XChaCha20Poly1305::new(&(*manifest_seal).into()),
             manifest,
             log: LogKeys {
-                stream: blake3::derive_key(CONTEXT_LOG_STREAM, master),
-                mac: blake3::derive_key(CONTEXT_LOG_MAC, master),
+                stream: derive(CONTEXT_LOG_STREAM, master),
+                mac: derive(CONTEXT_LOG_MAC, master),
             },
             fingerprint,
         }
@@ -354,7 +325,7 @@ impl Keys {
 
     /// How this store computes chunk ids.
     pub fn hasher(&self) -> IdHasher {
-        IdHasher::Keyed(self.id)
+        IdHasher::Keyed(*self.id)
     }
 
     /// The key's fingerprint (hex), as the config records it.
@@ -511,11 +482,16 @@ impl Keys {
         new: &KeySource,
         costs: Argon2Costs,
     ) -> Result<EncryptionConfig> {
+        // The generation may come from a remote's keys object: no wrap to 0 (which would make
+        // every later push keep the remote's older wrapping).
+        let generation = current.generation.checked_add(1).ok_or_else(|| {
+            Error::InvalidArgument("the key's generation cannot go any higher".into())
+        })?;
         let kdf = match new {
             KeySource::Passphrase(pass) => wrap(&self.master, pass, costs)?,
             KeySource::KeyFile(path) => {
                 match read_key_file(path) {
-                    Ok(k) if k == self.master => {}
+                    Ok(k) if k == *self.master => {}
                     Ok(_) => {
                         return Err(Error::InvalidArgument(format!(
                             "key file {} holds another key",
@@ -536,7 +512,7 @@ impl Keys {
             cipher: CIPHER.into(),
             kdf,
             fingerprint: current.fingerprint.clone(),
-            generation: current.generation + 1,
+            generation,
         })
     }
 

@@ -261,19 +261,13 @@ fn a_passphrase_file_gives_its_first_line_within_bounds() {
 }
 
 #[test]
-fn dropping_keys_wipes_their_raw_bytes() {
-    let mut keys = Keys::from_master(&[0x5a; KEY_LEN]);
-    assert!(keys.master != [0; KEY_LEN] && keys.id != [0; KEY_LEN]);
-    assert!(keys.manifest != [0; KEY_LEN] && keys.log.stream != [0; KEY_LEN]);
-    // What Drop runs.
-    keys.wipe();
-    for (name, bytes) in [
-        ("master", keys.master),
-        ("id", keys.id),
-        ("manifest", keys.manifest),
-        ("log stream", keys.log.stream),
-        ("log mac", keys.log.mac),
-    ] {
-        assert_eq!(bytes, [0; KEY_LEN], "{name} key left in memory");
-    }
+fn a_key_change_at_the_last_generation_is_refused() {
+    let pass = KeySource::Passphrase(b"old".to_vec());
+    let (mut config, keys) = Keys::create(&pass, TEST_COSTS).unwrap();
+    config.generation = u64::MAX;
+    let err = keys
+        .change(&config, &KeySource::Passphrase(b"new".to_vec()), TEST_COSTS)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("generation"), "{err}");
 }
