@@ -267,7 +267,6 @@ fn a_key_change_at_the_last_generation_is_refused() {
     config.generation = u64::MAX;
     let err = keys
         .change(&config, &KeySource::Passphrase(b"new".to_vec()), TEST_COSTS)
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(err.to_string().contains("generation"), "{err}");
 }
