@@ -326,6 +326,37 @@ pub struct RemoteSnapshot {
     pub manifest: Manifest,
 }
 
+/// The body of `answer`, which must be exactly `want` bytes (`want` is bounded by the caller):
+/// a local file is read over the range asked; a stream is read no further than `want`, so a
+/// server that sends more is refused without its body being buffered. `Err(Some(n))`: only `n`
+/// bytes came; `Err(None)`: more than `want` came.
+async fn exact_body(
+    answer: object_store::GetResult,
+    want: u64,
+) -> object_store::Result<std::result::Result<Bytes, Option<usize>>> {
+    if let object_store::GetResultPayload::File(..) = &answer.payload {
+        let b = answer.bytes().await?;
+        return Ok(if b.len() as u64 == want {
+            Ok(b)
+        } else {
+            Err(Some(b.len()))
+        });
+    }
+    let mut body = Vec::with_capacity(want as usize);
+    let mut parts = answer.into_stream();
+    while let Some(part) = parts.next().await {
+        let part = part?;
+        if (body.len() + part.len()) as u64 > want {
+            return Ok(Err(None));
+        }
+        body.extend_from_slice(&part);
+    }
+    if body.len() as u64 != want {
+        return Ok(Err(Some(body.len())));
+    }
+    Ok(Ok(Bytes::from(body)))
+}
+
 /// The remote's chunk set, from its index objects.
 #[derive(Debug, Default)]
 pub(crate) struct RemoteIndex {
@@ -771,32 +802,38 @@ impl Remote {
         .await
     }
 
-    /// Bytes `range` of object `rel` (exactly that many, or an error).
+    /// Bytes `range` of object `rel` (exactly that many, or an error; a body longer than the
+    /// range is refused without being buffered).
     pub(crate) async fn get_range(&self, rel: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
         let key = self.key(rel);
         let want = range.end - range.start;
-        let b = self
-            .retry(rel, || self.os.get_range(&key, range.clone()))
+        let got = self
+            .retry(rel, || async {
+                let options = object_store::GetOptions {
+                    range: Some(range.clone().into()),
+                    ..Default::default()
+                };
+                exact_body(self.os.get_opts(&key, options).await?, want).await
+            })
             .await?;
+        let b = got.map_err(|len| {
+            self.err(
+                rel,
+                match len {
+                    Some(n) => format!("{n} bytes at {:#x} where {want} were asked", range.start),
+                    None => format!("more bytes at {:#x} than the {want} asked", range.start),
+                },
+            )
+        })?;
         self.traffic
             .bytes_down
             .fetch_add(b.len() as u64, Ordering::Relaxed);
-        if b.len() as u64 != want {
-            return Err(self.err(
-                rel,
-                format!(
-                    "{} bytes at {:#x} where {want} were asked",
-                    b.len(),
-                    range.start
-                ),
-            ));
-        }
         Ok(b)
     }
 
     /// The whole of object `rel`, which must be at most `cap` bytes; None when it does not exist.
     /// One GET: the size the answer declares is checked before its body is read, and no more
-    /// than `cap` bytes of the body are read whatever it declared.
+    /// than that size of the body is read whatever comes.
     pub(crate) async fn get_small(&self, rel: &str, cap: u64) -> Result<Option<Bytes>> {
         let key = self.key(rel);
         let got = self
@@ -810,24 +847,12 @@ impl Remote {
                 if size > cap {
                     return Ok(Some(Err(format!("{size} bytes, more than {cap}"))));
                 }
-                let mut body = Vec::with_capacity(size as usize);
-                let mut parts = answer.into_stream();
-                while let Some(part) = parts.next().await {
-                    let part = part?;
-                    if (body.len() + part.len()) as u64 > size {
-                        return Ok(Some(Err(format!(
-                            "more bytes than the {size} its answer declared"
-                        ))));
-                    }
-                    body.extend_from_slice(&part);
-                }
-                if body.len() as u64 != size {
-                    return Ok(Some(Err(format!(
-                        "{} bytes where its answer declared {size}",
-                        body.len()
-                    ))));
-                }
-                Ok(Some(Ok(Bytes::from(body))))
+                Ok(Some(exact_body(answer, size).await?.map_err(
+                    |len| match len {
+                        Some(n) => format!("{n} bytes where its answer declared {size}"),
+                        None => format!("more bytes than the {size} its answer declared"),
+                    },
+                )))
             })
             .await?;
         match got {

@@ -545,3 +545,38 @@ fn refreshing_the_index_leaves_another_process_s_cache_copy_being_written() {
     remote.refresh_index().unwrap();
     assert!(!busy.exists());
 }
+
+/// A streamed answer for `exact_body`, as an HTTP store returns it.
+fn streamed(
+    parts: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+) -> object_store::GetResult {
+    object_store::GetResult {
+        payload: object_store::GetResultPayload::Stream(parts),
+        meta: object_store::ObjectMeta {
+            location: object_store::path::Path::from("x"),
+            last_modified: Default::default(),
+            size: 8192,
+            e_tag: None,
+            version: None,
+        },
+        range: 0..8192,
+        attributes: Default::default(),
+        extensions: Default::default(),
+    }
+}
+
+#[test]
+fn a_body_is_read_no_further_than_the_bytes_expected() {
+    use futures::StreamExt;
+    let page = || Ok(Bytes::from_static(&[7u8; 4096]));
+    // A server that never stops sending: refused once past the size, not buffered on.
+    let endless = futures::stream::repeat_with(page).boxed();
+    let got = futures::executor::block_on(super::exact_body(streamed(endless), 8192)).unwrap();
+    assert_eq!(got, Err(None));
+    let short = futures::stream::iter([page()]).boxed();
+    let got = futures::executor::block_on(super::exact_body(streamed(short), 8192)).unwrap();
+    assert_eq!(got, Err(Some(4096)));
+    let exact = futures::stream::iter([page(), page()]).boxed();
+    let got = futures::executor::block_on(super::exact_body(streamed(exact), 8192)).unwrap();
+    assert_eq!(got.map(|b| b.len()), Ok(8192));
+}
