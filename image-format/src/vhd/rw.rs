@@ -32,10 +32,31 @@ use std::sync::{Arc, Mutex};
 use crate::blockdev::{BlockDeviceMut, check_range};
 use crate::error::{Error, Result};
 
-use super::check::{Claimant, Finding, survey};
+use super::check::{Claim, Claimant, Finding, survey};
 use super::header::{BAT_UNALLOCATED, DiskType, FOOTER_SIZE, SECTOR};
 use super::map::{BlockLocation, BlockMap};
 use super::{Layout, Place, VhdImage};
+
+/// Why a block of the BAT may not be written (the first reason the survey found), kept small:
+/// a crafted table can name millions of bad blocks, and few reasons are ever told.
+#[derive(Clone, Copy, Debug)]
+enum BadBlock {
+    /// It runs past the file's data, which ends at `end`.
+    Outside { end: u64 },
+    /// It overlaps this other claim.
+    Overlaps(Claim),
+}
+
+impl std::fmt::Display for BadBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BadBlock::Outside { end } => write!(f, "runs past the file's data to {end:#x}"),
+            BadBlock::Overlaps(o) => {
+                write!(f, "overlaps the {} at {:#x}..{:#x}", o.what, o.start, o.end)
+            }
+        }
+    }
+}
 
 /// The in-place write state of a VHD opened writable.
 #[derive(Debug)]
@@ -45,9 +66,8 @@ pub(super) struct Writer {
     /// Where the next block goes (the footer at the end sits there); behind the allocation lock.
     next_block: Mutex<u64>,
     /// Allocated blocks whose bitmap and data overlap another structure or run past the file's
-    /// data (found by the same survey as `check`), with why in the survey's words: never
-    /// written.
-    bad_blocks: BTreeMap<u64, String>,
+    /// data (found by the same survey as `check`), with why: never written.
+    bad_blocks: BTreeMap<u64, BadBlock>,
     /// The end of the furthest range an existing structure claims: new blocks go after it.
     claims_end: u64,
 }
@@ -86,19 +106,12 @@ pub(super) fn open_writer(image: &VhdImage) -> Result<Writer> {
             &mut |finding| match finding {
                 // The first reason found for a block is the one told.
                 Finding::Outside { block, end, .. } => {
-                    bad_blocks
-                        .entry(block)
-                        .or_insert_with(|| format!("runs past the file's data to {end:#x}"));
+                    bad_blocks.entry(block).or_insert(BadBlock::Outside { end });
                 }
                 Finding::Overlap { claim, prev } => {
                     for (c, other) in [(claim, prev), (prev, claim)] {
                         if let Claimant::Block(b) = c.what {
-                            bad_blocks.entry(b).or_insert_with(|| {
-                                format!(
-                                    "overlaps the {} at {:#x}..{:#x}",
-                                    other.what, other.start, other.end
-                                )
-                            });
+                            bad_blocks.entry(b).or_insert(BadBlock::Overlaps(other));
                         }
                     }
                 }
@@ -168,9 +181,8 @@ impl VhdImage {
                     "VHD block allocation table",
                     map.table_offset() + 4 * block,
                     format!(
-                        "block {block} at host offset {bitmap_offset:#x} {}; guest offset \
-                         {pos:#x} is not written",
-                        problem
+                        "block {block} at host offset {bitmap_offset:#x} {problem}; guest offset \
+                         {pos:#x} is not written"
                     ),
                 )
                 .in_file(self.file.path()));
