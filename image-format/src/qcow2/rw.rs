@@ -215,7 +215,8 @@ pub(super) fn open_writer(img: &Qcow2Image) -> Result<Writer> {
 fn metadata_map(img: &Qcow2Image, rt: &[u64]) -> Result<MetaMap> {
     let cs = img.header.cluster_size();
     let mut meta = MetaMap::new(cs);
-    let mut l2_tables = Vec::new();
+    // Each table once, however many L1 tables (active and snapshots') name it.
+    let mut l2_tables = std::collections::BTreeSet::new();
     let mut problem = None;
     walk(img, &mut |found| match found {
         Found::Range { kind, offset, len } => meta.insert(kind, offset, len),
