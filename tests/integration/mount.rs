@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use vmnest_tests::{qemu_img, require, run, run_ok, same_raw, scratch, vmnest};
+use vmnest_tests::{pattern_bytes, qemu_img, require, run, run_ok, same_raw, scratch, vmnest};
 
 const MIB: u64 = 1 << 20;
 
@@ -545,14 +545,28 @@ fn offline_patching_in(encrypted: bool) {
     run_ok(vmn().arg("import").arg(&raw).arg("vm"));
     let m = Mounted::by(vmn(), &dir, &["mount", "--rw", "store:vm"]);
     assert_eq!(m.names(), ["disk", "disk-part1", "disk-part5"]);
+    let mut blob = vec![0u8; 64 << 10];
+    pattern_bytes(&mut blob, 0, 7);
     {
         let lo = LoopMount::new(&m.file("disk-part1"), &dir.join("lo"), "loop");
         std::fs::write(lo.0.join("hello.txt"), "patched offline\n").unwrap();
         std::fs::create_dir(lo.0.join("etc")).unwrap();
         std::fs::write(lo.0.join("etc/motd"), "new file\n").unwrap();
+        std::fs::write(lo.0.join("blob.bin"), &blob).unwrap();
     }
     let out = m.umount();
     assert!(out.contains("committed vm@"), "{out}");
+    // The blob does not compress: a plain store holds it as it is, an encrypted one nowhere.
+    let held = crate::remote_crypt::files_under(&store).iter().any(|f| {
+        std::fs::read(f)
+            .unwrap()
+            .windows(4096)
+            .any(|w| w == &blob[..4096])
+    });
+    assert_eq!(
+        held, !encrypted,
+        "encrypted {encrypted}: the patched bytes in the store"
+    );
 
     let new = dir.join("vm2.raw");
     run_ok(vmn().arg("export").arg("vm").arg(&new));

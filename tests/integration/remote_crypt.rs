@@ -64,7 +64,7 @@ fn disk(path: &Path) {
     poke(path, 8 << 20, 4 << 20, 21);
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
