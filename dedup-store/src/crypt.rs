@@ -89,6 +89,11 @@ pub enum IdHasher {
 }
 
 impl IdHasher {
+    /// The hasher of a store with `keys` (keyed) or without (plain).
+    pub fn of(keys: Option<&Keys>) -> IdHasher {
+        keys.map_or(IdHasher::Plain, Keys::hasher)
+    }
+
     /// The id of `data`.
     pub fn id(&self, data: &[u8]) -> ChunkId {
         match self {

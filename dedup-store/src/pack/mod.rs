@@ -1138,7 +1138,7 @@ impl PackReader {
             entries,
             frames,
             frames_decoded: AtomicU64::new(0),
-            hasher: keys.as_ref().map_or(IdHasher::Plain, |k| k.hasher()),
+            hasher: IdHasher::of(keys.as_deref()),
             keys,
         })
     }
@@ -1307,7 +1307,7 @@ pub fn parse_pack_bytes(bytes: &[u8]) -> Result<usize> {
 
 /// [`parse_pack_bytes`] for a pack of an encrypted store (`keys`) or a plain one.
 pub fn parse_pack_bytes_keyed(bytes: &[u8], keys: Option<&Keys>) -> Result<usize> {
-    let hasher = keys.map_or(IdHasher::Plain, |k| k.hasher());
+    let hasher = IdHasher::of(keys);
     let name = "pack <memory>";
     let len = bytes.len() as u64;
     if len < HEADER_LEN + TRAILER_LEN {

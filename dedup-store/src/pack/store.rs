@@ -547,7 +547,7 @@ impl ChunkStore for PackStore {
     }
 
     fn id_hasher(&self) -> IdHasher {
-        self.keys.as_ref().map_or(IdHasher::Plain, |k| k.hasher())
+        IdHasher::of(self.keys.as_deref())
     }
 
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {

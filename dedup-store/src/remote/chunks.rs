@@ -312,9 +312,7 @@ impl Inner {
     }
 
     fn hasher(&self) -> crate::crypt::IdHasher {
-        self.remote
-            .keys()
-            .map_or(crate::crypt::IdHasher::Plain, |k| k.hasher())
+        crate::crypt::IdHasher::of(self.remote.keys().as_deref())
     }
 
     /// Claims frames `first..` of `pack` that are neither cached nor being fetched, within
@@ -535,10 +533,7 @@ impl ChunkStore for RemoteChunks {
     }
 
     fn id_hasher(&self) -> crate::crypt::IdHasher {
-        self.inner
-            .remote
-            .keys()
-            .map_or(crate::crypt::IdHasher::Plain, |k| k.hasher())
+        self.inner.hasher()
     }
 
     fn flush(&self) -> Result<()> {
