@@ -101,27 +101,22 @@ pub fn pull_with(
         ..Default::default()
     };
     let mut chain = Vec::new();
-    let mut next = Some(id);
     // The snapshot's own manifest came with it: not fetched twice.
-    let mut first = Some((found.bytes, found.manifest));
-    while let Some(s) = next {
+    let mut next = Some((id, Some((found.bytes, found.manifest))));
+    while let Some((s, known)) = next.take() {
         if store.has_manifest(&s) || chain.len() >= MAX_LINEAGE {
             break;
         }
-        let got = match first.take() {
-            Some(m) => Some(m),
+        let got = match known {
+            Some(k) => Some(k),
             None => remote.manifest(&s)?,
         };
-        match got {
-            Some((bytes, m)) => {
-                next = m.parent;
-                chain.push((s, bytes, m));
-            }
-            None if s == id => {
-                return Err(remote.err(&format!("snapshots/{}", s.to_hex()), "not found"));
-            }
-            None => break,
-        }
+        // A parent the remote lacks ends the lineage here.
+        let Some((bytes, m)) = got else {
+            break;
+        };
+        next = m.parent.map(|p| (p, None));
+        chain.push((s, bytes, m));
     }
     chain.reverse();
     let rc = RemoteChunks::new(remote.clone(), REMOTE_FRAME_CACHE);
